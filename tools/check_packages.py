@@ -1,0 +1,83 @@
+"""Lint for the monorepo's shape: component packages stay independent, copies stay identical.
+
+1. No component package (sd-vae, sd-clip, sd-unet, sd-samplers) imports a sibling; only
+   sd-pipeline composes them.
+2. A module whose first line is ``# Copied from pkg.module`` must equal that module, line for
+   line, apart from the marker (STYLE.md, convention 4).
+
+Exits 1 and names each violation. ``--fix`` rewrites drifted copies from their source.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ROOT / "packages"
+COMPONENTS = ("sd_vae", "sd_clip", "sd_unet", "sd_samplers")
+ALL = (*COMPONENTS, "sd_pipeline")
+MARKER = "# Copied from "
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def package_files(module: str):
+    dist = PACKAGES / module.replace("_", "-")
+    for sub in ("src", "tests"):
+        yield from sorted((dist / sub).rglob("*.py"))
+
+
+def check_independence() -> list[str]:
+    errors = []
+    for module in COMPONENTS:
+        for path in package_files(module):
+            for other in imported_modules(path) & (set(ALL) - {module}):
+                errors.append(f"{path.relative_to(ROOT)}: component {module} imports {other}")
+    return errors
+
+
+def check_copies(fix: bool = False) -> list[str]:
+    errors = []
+    for path in sorted(PACKAGES.glob("*/src/*/*.py")):
+        lines = path.read_text().splitlines(keepends=True)
+        if not lines or not lines[0].startswith(MARKER):
+            continue
+        source_name = lines[0][len(MARKER) :].split(":")[0].split()[0]
+        pkg, _, mod = source_name.partition(".")
+        source = PACKAGES / pkg.replace("_", "-") / "src" / pkg / f"{mod}.py"
+        if not source.is_file():
+            errors.append(
+                f"{path.relative_to(ROOT)}: copied from {source_name}, which does not exist"
+            )
+        elif fix:
+            path.write_text(lines[0] + source.read_text())
+        elif source.read_text() != "".join(lines[1:]):
+            errors.append(
+                f"{path.relative_to(ROOT)} has drifted from {source.relative_to(ROOT)}: "
+                "edit the source, then run `python tools/check_packages.py --fix`"
+            )
+    return errors
+
+
+def main() -> int:
+    errors = check_independence() + check_copies(fix="--fix" in sys.argv[1:])
+    for e in errors:
+        print(e, file=sys.stderr)
+    if not errors:
+        print("package independence and copied modules: ok")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
