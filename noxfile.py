@@ -46,12 +46,16 @@ def _install_package(session: nox.Session, name: str, extras: str = "[test]") ->
         session.install("--no-deps", *NO_DEPS_TEST_EXTRAS[name])
 
 
-def _package_params():
-    return [nox.param(name, id=name, tags=[tag]) for name, (tag, _) in PACKAGES.items()]
+def _package_params(tagged: bool):
+    """One parameter per package; the tests sessions carry the package's tag (`nox -t vae`)."""
+    return [
+        nox.param(name, id=name, tags=[tag] if tagged else [])
+        for name, (tag, _) in PACKAGES.items()
+    ]
 
 
 @nox.session
-@nox.parametrize("package", _package_params())
+@nox.parametrize("package", _package_params(tagged=True))
 def tests(session: nox.Session, package: str) -> None:
     """One package's fast test suite, in a virtualenv holding only what it declares."""
     _install_package(session, package)
@@ -60,7 +64,7 @@ def tests(session: nox.Session, package: str) -> None:
 
 
 @nox.session
-@nox.parametrize("package", _package_params())
+@nox.parametrize("package", _package_params(tagged=False))
 def parity(session: nox.Session, package: str) -> None:
     """The slow tests: full SD 1.5 size parity against diffusers/transformers/k-diffusion."""
     _install_package(session, package)
@@ -71,10 +75,11 @@ def parity(session: nox.Session, package: str) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff check and format check; component independence; copied modules in sync."""
-    session.install("ruff>=0.5")
+    session.install("ruff>=0.5", "pytest>=7")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("python", "tools/check_packages.py")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tools")
 
 
 @nox.session

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ROOT / "packages"
 COMPONENTS = ("sd_vae", "sd_clip", "sd_unet", "sd_samplers")
 ALL = (*COMPONENTS, "sd_pipeline")
 MARKER = "# Copied from "
@@ -32,39 +31,40 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def package_files(module: str):
-    dist = PACKAGES / module.replace("_", "-")
+def package_files(root: Path, module: str):
+    dist = root / "packages" / module.replace("_", "-")
     for sub in ("src", "tests"):
         yield from sorted((dist / sub).rglob("*.py"))
 
 
-def check_independence() -> list[str]:
+def check_independence(root: Path = ROOT) -> list[str]:
     errors = []
     for module in COMPONENTS:
-        for path in package_files(module):
+        for path in package_files(root, module):
             for other in imported_modules(path) & (set(ALL) - {module}):
-                errors.append(f"{path.relative_to(ROOT)}: component {module} imports {other}")
+                errors.append(f"{path.relative_to(root)}: component {module} imports {other}")
     return errors
 
 
-def check_copies(fix: bool = False) -> list[str]:
+def check_copies(root: Path = ROOT, fix: bool = False) -> list[str]:
     errors = []
-    for path in sorted(PACKAGES.glob("*/src/*/*.py")):
+    packages = root / "packages"
+    for path in sorted(packages.glob("*/src/*/*.py")):
         lines = path.read_text().splitlines(keepends=True)
         if not lines or not lines[0].startswith(MARKER):
             continue
         source_name = lines[0][len(MARKER) :].split(":")[0].split()[0]
         pkg, _, mod = source_name.partition(".")
-        source = PACKAGES / pkg.replace("_", "-") / "src" / pkg / f"{mod}.py"
+        source = packages / pkg.replace("_", "-") / "src" / pkg / f"{mod}.py"
         if not source.is_file():
             errors.append(
-                f"{path.relative_to(ROOT)}: copied from {source_name}, which does not exist"
+                f"{path.relative_to(root)}: copied from {source_name}, which does not exist"
             )
         elif fix:
             path.write_text(lines[0] + source.read_text())
         elif source.read_text() != "".join(lines[1:]):
             errors.append(
-                f"{path.relative_to(ROOT)} has drifted from {source.relative_to(ROOT)}: "
+                f"{path.relative_to(root)} has drifted from {source.relative_to(root)}: "
                 "edit the source, then run `python tools/check_packages.py --fix`"
             )
     return errors
