@@ -1,5 +1,13 @@
 """The Stable Diffusion KL autoencoder: images to latents and back."""
 
+from sd_vae._checkpoint import CheckpointError
 from sd_vae._version import __version__
+from sd_vae.autoencoder import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 
-__all__ = ["__version__"]
+__all__ = [
+    "AutoencoderKL",
+    "AutoencoderKLConfig",
+    "CheckpointError",
+    "DiagonalGaussianDistribution",
+    "__version__",
+]
