@@ -1,5 +1,7 @@
 """The CLIP BPE tokenizer and CLIP text encoder that turn a prompt into Stable Diffusion's conditioning."""
 
+from sd_clip._checkpoint import CheckpointError
 from sd_clip._version import __version__
+from sd_clip.text_model import CLIPTextConfig, CLIPTextModel
 
-__all__ = ["__version__"]
+__all__ = ["CLIPTextConfig", "CLIPTextModel", "CheckpointError", "__version__"]
