@@ -1,0 +1,45 @@
+"""One adapter from a noise-predicting (or v-predicting) model to a denoiser on the sigma scale."""
+
+from __future__ import annotations
+
+import torch
+
+from sd_samplers.schedule import NoiseSchedule
+
+__all__ = ["Denoiser"]
+
+PREDICTIONS = ("epsilon", "v")
+
+
+class Denoiser:
+    """D(x, sigma) ~ E[x_0 | x], for x = x_0 + sigma * eps, from the user's `model(x_t, t)`.
+
+    The model sees what it was trained on: x_t = x / sqrt(1 + sigma^2) on the variance-preserving
+    scale and t = schedule.sigma_to_t(sigma), a float tensor (B,) in [0, T-1]. It returns eps
+    (prediction="epsilon"), so D = x - sigma eps, or v = alpha eps - sqrt(1 - alpha_bar) x_0
+    (prediction="v"), so D = x / (1 + sigma^2) - v sigma / sqrt(1 + sigma^2). This is k-diffusion's
+    CompVisDenoiser / CompVisVDenoiser; the samplers only ever call `denoiser(x, sigma)`.
+    Extra keyword arguments are passed through to the model (conditioning, say).
+    """
+
+    def __init__(self, model, schedule: NoiseSchedule, prediction: str = "epsilon"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose from: epsilon, v")
+        self.model, self.schedule, self.prediction = model, schedule, prediction
+        self._log_sigmas: dict[torch.device, torch.Tensor] = {}
+
+    def t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The model's (fractional) timestep for each sigma, computed on sigma's device."""
+        log_sigmas = self._log_sigmas.get(sigma.device)
+        if log_sigmas is None:  # one copy per device, not one per call
+            log_sigmas = self._log_sigmas[sigma.device] = self.schedule.log_sigmas.to(sigma.device)
+        return self.schedule.sigma_to_t(sigma, log_sigmas)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        sigma = sigma.to(torch.float32)
+        s = sigma.view(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+        c_in = (s**2 + 1) ** -0.5
+        out = self.model(x * c_in, self.t(sigma), **kwargs)
+        if self.prediction == "epsilon":
+            return x - s * out
+        return x * c_in**2 - s * c_in * out
