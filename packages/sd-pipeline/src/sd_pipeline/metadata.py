@@ -1,0 +1,223 @@
+"""Generation parameters in the AUTOMATIC1111 ``parameters`` PNG text chunk, written and read.
+
+The format, as AUTOMATIC1111 writes it (and as ComfyUI, InvokeAI and image sites parse it)::
+
+    a red circle on a blue background
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 1, Size: 64x64, Model hash: 0a1b2c3d4e, Model: shapes
+
+The last line holds ``key: value`` pairs separated by commas (a value holding a comma or a colon
+is written as a JSON string); the lines before it are the prompt, then, from the line starting
+with ``Negative prompt:``, the negative prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+# Our sampler names (sd-samplers, after AUTOMATIC1111's) and the labels AUTOMATIC1111 writes.
+SAMPLER_LABELS = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "plms": "PLMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "lms": "LMS",
+    "dpm2": "DPM2",
+    "dpm2_a": "DPM2 a",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2s_a": "DPM++ 2S a",
+    "dpmpp_sde": "DPM++ SDE",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "unipc": "UniPC",
+}
+_NAMES_BY_LABEL = {label.lower(): name for name, label in SAMPLER_LABELS.items()}
+
+# One ``key: value`` pair of the last line; the value is a JSON string or runs to the next comma.
+_PARAM = re.compile(r'\s*([A-Za-z][\w \-/+.()]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def sampler_label(name: str) -> str:
+    """AUTOMATIC1111's label for a sampler name: ``dpmpp_2m_karras`` -> ``DPM++ 2M Karras``."""
+    base, karras = (name[: -len("_karras")], True) if name.endswith("_karras") else (name, False)
+    label = SAMPLER_LABELS.get(base, name)
+    return label + " Karras" if karras else label
+
+
+def sampler_name(label: str, schedule_type: str | None = None) -> str:
+    """Our sampler name for an AUTOMATIC1111 label (and its newer ``Schedule type`` field).
+
+    Unknown labels come back unchanged, so that the pipeline's error can name them.
+    """
+    text = label.strip()
+    karras = text.lower().endswith(" karras")
+    if karras:
+        text = text[: -len(" karras")]
+    if schedule_type and schedule_type.strip().lower() == "karras":
+        karras = True
+    if text.lower() in _NAMES_BY_LABEL:
+        name = _NAMES_BY_LABEL[text.lower()]
+    elif text in SAMPLER_LABELS or text.removesuffix("_karras") in SAMPLER_LABELS:
+        name = text  # already one of our names
+    else:
+        return label.strip()
+    return name + "_karras" if karras and not name.endswith("_karras") else name
+
+
+@dataclass
+class GenerationParameters:
+    """What produced an image: enough to generate it again with the same model."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "euler_a"
+    cfg_scale: float = 7.5
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    model_hash: str | None = None
+    model: str | None = None
+    denoising_strength: float | None = None
+    clip_skip: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # fields we do not use, kept verbatim
+
+    def to_text(self) -> str:
+        """The ``parameters`` chunk text, in AUTOMATIC1111's format."""
+        fields: dict[str, object] = {
+            "Steps": self.steps,
+            "Sampler": sampler_label(self.sampler),
+            "CFG scale": f"{self.cfg_scale:g}",
+        }
+        if self.seed is not None:
+            fields["Seed"] = self.seed
+        if self.width is not None and self.height is not None:
+            fields["Size"] = f"{self.width}x{self.height}"
+        if self.model_hash:
+            fields["Model hash"] = self.model_hash
+        if self.model:
+            fields["Model"] = self.model
+        if self.denoising_strength is not None:
+            fields["Denoising strength"] = f"{self.denoising_strength:g}"
+        if self.clip_skip is not None and self.clip_skip > 1:
+            fields["Clip skip"] = self.clip_skip
+        fields.update(self.extra)
+        last = ", ".join(f"{key}: {_quote(str(value))}" for key, value in fields.items())
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        lines.append(last)
+        return "\n".join(lines)
+
+    @classmethod
+    def from_text(cls, text: str) -> GenerationParameters:
+        """Parse an AUTOMATIC1111 ``parameters`` text (the inverse of ``to_text``)."""
+        lines = text.strip("\n").split("\n")
+        last = lines[-1] if lines else ""
+        pairs = {k.strip(): _unquote(v.strip()) for k, v in _PARAM.findall(last)}
+        if "Steps" in pairs:
+            lines = lines[:-1]
+        else:
+            pairs = {}
+        prompt, negative, in_negative = [], [], False
+        for line in lines:
+            if line.startswith("Negative prompt:"):
+                in_negative = True
+                line = line[len("Negative prompt:") :].lstrip()
+            (negative if in_negative else prompt).append(line)
+        params = cls(prompt="\n".join(prompt), negative_prompt="\n".join(negative))
+        if not pairs:
+            return params
+        try:
+            params.steps = int(pairs.pop("Steps"))
+            if "Sampler" in pairs:
+                params.sampler = sampler_name(
+                    pairs.pop("Sampler"), pairs.pop("Schedule type", None)
+                )
+            if "CFG scale" in pairs:
+                params.cfg_scale = float(pairs.pop("CFG scale"))
+            if "Seed" in pairs:
+                params.seed = int(pairs.pop("Seed"))
+            if "Size" in pairs:
+                width, height = pairs.pop("Size").lower().split("x")
+                params.width, params.height = int(width), int(height)
+            params.model_hash = pairs.pop("Model hash", None)
+            params.model = pairs.pop("Model", None)
+            if "Denoising strength" in pairs:
+                params.denoising_strength = float(pairs.pop("Denoising strength"))
+            if "Clip skip" in pairs:
+                params.clip_skip = int(pairs.pop("Clip skip"))
+        except ValueError as e:
+            raise ValueError(f"malformed generation parameters {last!r}: {e}") from e
+        params.extra = pairs
+        return params
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False) if ("," in value or ":" in value) else value
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value[1:-1]
+    return value
+
+
+def read_parameters(path: str | os.PathLike) -> GenerationParameters:
+    """The generation parameters stored in a PNG's ``parameters`` text chunk."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            text = im.info.get("parameters")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such image file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from e
+    if not isinstance(text, str):
+        raise ValueError(
+            f"{path}: carries no generation parameters (no 'parameters' text chunk); "
+            "give a PNG written by sd-generate or AUTOMATIC1111"
+        )
+    return GenerationParameters.from_text(text)
+
+
+def save_image(
+    image: Image.Image,
+    path: str | os.PathLike,
+    parameters: GenerationParameters | str | None = None,
+) -> Path:
+    """Write an image atomically (no partial file on error); PNGs carry ``parameters``.
+
+    The format follows the suffix (PNG, JPEG, WebP, ...); only PNG stores the parameters.
+    """
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file type {path.suffix!r}; use .png")
+    options = {}
+    if fmt == "PNG" and parameters is not None:
+        info = PngImagePlugin.PngInfo()
+        text = parameters if isinstance(parameters, str) else parameters.to_text()
+        info.add_text("parameters", text)
+        options["pnginfo"] = info
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=fmt, **options)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
