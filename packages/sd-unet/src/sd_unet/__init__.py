@@ -1,5 +1,7 @@
 """The conditional denoising UNet of Stable Diffusion."""
 
+from sd_unet._checkpoint import CheckpointError
 from sd_unet._version import __version__
+from sd_unet.unet import UNet, UNetConfig
 
-__all__ = ["__version__"]
+__all__ = ["CheckpointError", "UNet", "UNetConfig", "__version__"]

@@ -1,0 +1,380 @@
+"""The conditional denoising UNet of Stable Diffusion, in one file that reads top to bottom.
+
+Module and parameter names are those of the original CompVis/LDM code, so a checkpoint's
+``model.diffusion_model.*`` tensors load with a prefix strip (see ``weights.py``).
+
+    eps = unet(latents, timesteps, context)   # (B, 4, h, w), (B,) or a number, (B, 77, 768)
+
+Speed notes (CPU): every activation-sized op that can work in place does (SiLU, residual adds,
+the time embedding add, GEGLU's product), and the model runs in ``channels_last`` when its
+weights are (``unet.to(memory_format=torch.channels_last)``, which ``from_checkpoint`` does on
+the CPU): then the 1x1 projections around the transformers are free views rather than copies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps (B,) -> (B, dim): cos, then sin."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / half
+    )
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=eps)
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x, inplace=True)  # always applied to a fresh tensor, never to a block's input
+
+
+class SiLU(nn.Module):
+    """SiLU in place: it only ever follows a GroupNorm, whose output nothing else reads."""
+
+    def forward(self, x):
+        return _silu(x)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, plus the projected time embedding, then GroupNorm-SiLU-conv, plus x."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            group_norm(groups, channels, 1e-5),
+            SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            group_norm(groups, out_channels, 1e-5),
+            SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        if channels == out_channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        h += self.emb_layers(emb)[:, :, None, None].to(h.dtype)
+        h = self.out_layers(h)
+        return h.add_(self.skip_connection(x))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x (B, T, C) over context (B, S, D), or over itself."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, T, C)
+
+
+class GEGLU(nn.Module):
+    """A linear layer to twice the width; one half gated by the GELU of the other."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return F.gelu(gate).mul_(h)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(
+            GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the context, feed-forward; each pre-norm, residual."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, head_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = self.attn1(self.norm1(x)).add_(x)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm, project in, transformer blocks over the H*W tokens, project out, plus x.
+
+    The projections are 1x1 convolutions in SD 1.x and linear layers in SD 2.x.
+    """
+
+    def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int,
+                 groups: int, linear: bool):  # fmt: skip
+        super().__init__()
+        inner = heads * head_dim
+        self.linear = linear
+        self.norm = group_norm(groups, channels, 1e-6)
+        if linear:
+            self.proj_in = nn.Linear(channels, inner)
+            self.proj_out = nn.Linear(inner, channels)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, context_dim, heads, head_dim) for _ in range(depth)
+        )
+
+    def forward(self, x, context):
+        H, W = x.shape[-2:]
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # (B, HW, C): a view when x is channels_last
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).unflatten(2, (H, W))  # (B, C, H, W)
+        if not self.linear:
+            h = self.proj_out(h)
+        return h.add_(x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of blocks, each given what it takes: the time embedding, the context, or neither."""
+
+    def forward(self, x, emb, context):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The UNet's architecture, in the CompVis config's terms (``model.params.unet_config``)."""
+
+    in_channels: int = 4  # 9 for the inpainting UNet: latents, mask, masked-image latents
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors with attention
+    num_heads: int = 8  # SD 1.x: a fixed number of heads per level ...
+    num_head_channels: int = -1  # ... SD 2.x: a fixed head width (64), so heads vary per level
+    transformer_depth: int = 1
+    context_dim: int = 768  # CLIP ViT-L/14 text width; 1024 for SD 2.x's OpenCLIP ViT-H/14
+    use_linear_in_transformer: bool = False  # SD 2.x: linear proj_in/proj_out, not 1x1 convs
+    norm_groups: int = 32
+
+    def __post_init__(self):
+        if (self.num_heads == -1) == (self.num_head_channels == -1):
+            raise ValueError(
+                "set exactly one of num_heads (SD 1.x: 8) and num_head_channels (SD 2.x: 64), "
+                f"the other to -1; got num_heads={self.num_heads}, "
+                f"num_head_channels={self.num_head_channels}"
+            )
+        for mult in self.channel_mult:
+            channels = self.model_channels * mult
+            if channels % self.norm_groups:
+                raise ValueError(
+                    f"model_channels * channel_mult = {channels} is not a multiple of "
+                    f"norm_groups={self.norm_groups}"
+                )
+
+    @classmethod
+    def sd15(cls) -> UNetConfig:
+        """Stable Diffusion 1.x (also 1.4 and 1.5)."""
+        return cls()
+
+    @classmethod
+    def sd2(cls) -> UNetConfig:
+        """Stable Diffusion 2.x: 64-wide heads, linear projections, 1024-wide context."""
+        return cls(num_heads=-1, num_head_channels=64, context_dim=1024,
+                   use_linear_in_transformer=True)  # fmt: skip
+
+    @classmethod
+    def tiny(cls) -> UNetConfig:
+        """A small UNet of the same shape, for tests: three levels, attention on the first two."""
+        return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                   attention_resolutions=(1, 2), num_heads=2, context_dim=32)  # fmt: skip
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(number of heads, head width) of a transformer over ``channels`` channels."""
+        if self.num_head_channels != -1:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
+
+
+class UNet(nn.Module):
+    """The denoising UNet: (noisy latents, timesteps, text context) -> predicted noise (or v)."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = c = config or UNetConfig.sd15()
+        self.gradient_checkpointing = False
+        mc, ted = c.model_channels, c.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+
+        def transformer(ch):
+            heads, head_dim = c.heads(ch)
+            return SpatialTransformer(ch, heads, head_dim, c.transformer_depth, c.context_dim,
+                                      c.norm_groups, c.use_linear_in_transformer)  # fmt: skip
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))]
+        )
+        skip_channels = [mc]  # the channels of each input block's output, for the skips
+        ch, ds = mc, 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [ResBlock(ch, ted, mc * mult, c.norm_groups)]
+                ch = mc * mult
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, ted, ch, c.norm_groups),
+            transformer(ch),
+            ResBlock(ch, ted, ch, c.norm_groups),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), ted, mc * mult, c.norm_groups)]
+                ch = mc * mult
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            group_norm(c.norm_groups, ch, 1e-5),
+            SiLU(),
+            nn.Conv2d(mc, c.out_channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, h, w), timesteps (B,) or a number, context (B, S, context_dim)."""
+        B = x.shape[0]
+        t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(B)
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        if self._channels_last():
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = self._run(block, h, emb, context)
+        return self.out(h)
+
+    def _run(self, block, h, emb, context):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+    def _channels_last(self) -> bool:
+        w = self.input_blocks[0][0].weight
+        return w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)
+
+    # Loading and saving live in weights.py; these are the entry points.
+
+    @classmethod
+    def from_checkpoint(cls, path, *, config=None, dtype=None, device=None, ema=False) -> UNet:
+        """Load from an SD single file (``.safetensors``, or a ``.ckpt``/``.pt``/``.bin`` pickle
+        opened with ``weights_only=True``), a bare UNet file, or a diffusers ``unet/`` folder or
+        model root. ``config`` overrides the inferred architecture; ``ema=True`` takes the EMA
+        weights of a full (non-pruned) checkpoint. On the CPU the model is put in
+        ``channels_last``, its fast layout there."""
+        from sd_unet.weights import from_checkpoint
+
+        return from_checkpoint(path, config=config, dtype=dtype, device=device, ema=ema)
+
+    def save(self, path, *, layout: str = "compvis") -> None:
+        """A ``.safetensors`` UNet file in CompVis names (the config in its metadata), or with
+        ``layout="diffusers"`` a diffusers ``unet/`` folder (config.json + weights)."""
+        from sd_unet.weights import save
+
+        save(self, path, layout=layout)
