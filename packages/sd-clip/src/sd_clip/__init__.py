@@ -3,5 +3,6 @@
 from sd_clip._checkpoint import CheckpointError
 from sd_clip._version import __version__
 from sd_clip.text_model import CLIPTextConfig, CLIPTextModel
+from sd_clip.tokenizer import CLIPTokenizer
 
-__all__ = ["CLIPTextConfig", "CLIPTextModel", "CheckpointError", "__version__"]
+__all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTokenizer", "CheckpointError", "__version__"]
