@@ -29,12 +29,7 @@ def tok() -> CLIPTokenizer:
 @pytest.fixture(scope="module")
 def tokenizer_files(tok, tmp_path_factory):
     """vocab.json and merges.txt as in an SD model's tokenizer/ folder (transformers' layout)."""
-    folder = tmp_path_factory.mktemp("tokenizer")
-    (folder / "vocab.json").write_text(json.dumps(tok.vocab, ensure_ascii=False), "utf-8")
-    merges = sorted(tok.ranks, key=tok.ranks.get)
-    text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    (folder / "merges.txt").write_text(text, "utf-8")
-    return folder / "vocab.json", folder / "merges.txt"
+    return tok.save(tmp_path_factory.mktemp("tokenizer"))
 
 
 # --- the bundled vocabulary -------------------------------------------------------------------
@@ -68,8 +63,7 @@ def test_bundled_file_is_the_credited_one():
 def test_merges_are_the_files_first_lines(tok):
     lines = gzip.decompress(DATA.joinpath("bpe_simple_vocab_16e6.txt.gz").read_bytes())
     lines = lines.decode("utf-8").splitlines()[1 : 48894 + 1]
-    merges = sorted(tok.ranks, key=tok.ranks.get)
-    assert [f"{a} {b}" for a, b in merges] == lines
+    assert [f"{a} {b}" for a, b in tok.merges] == lines
     assert [tok.tokens[512 + i] for i in (0, 1, 48893)] == [
         "".join(lines[i].split()) for i in (0, 1, 48893)
     ]
@@ -195,6 +189,13 @@ def test_from_files_reads_a_tokenizer_folder(tok, tokenizer_files):
     assert as_str.vocab == tok.vocab and as_str.ranks == tok.ranks
 
 
+def test_saved_files_have_transformers_layout(tok, tokenizer_files):
+    vocab, merges = tokenizer_files
+    assert json.loads(vocab.read_text("utf-8")) == tok.vocab
+    lines = merges.read_text("utf-8").splitlines()
+    assert lines[0] == "#version: 0.2" and lines[1] == "i n" and len(lines) == 1 + 48894
+
+
 def test_from_files_without_a_header_line(tok, tokenizer_files, tmp_path):
     vocab, merges = tokenizer_files
     headerless = tmp_path / "merges.txt"
@@ -276,7 +277,7 @@ def test_from_files_errors(tokenizer_files, tmp_path):
 
 
 def test_mismatched_vocabulary_is_refused(tok):
-    merges = sorted(tok.ranks, key=tok.ranks.get)
+    merges = tok.merges
     no_end = {t: i for t, i in tok.vocab.items() if t != "<|endoftext|>"}
     with pytest.raises(ValueError, match=r"no <\|endoftext\|> token; is it a CLIP vocabulary"):
         CLIPTokenizer(no_end, merges)

@@ -8,7 +8,6 @@ test writes from the bundled vocabulary, so nothing is downloaded.
 from __future__ import annotations
 
 import html
-import json
 import random
 
 import ftfy
@@ -279,10 +278,7 @@ def ours() -> CLIPTokenizer:
 @pytest.fixture(scope="module")
 def vocab_folder(ours, tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip_tokenizer")
-    (folder / "vocab.json").write_text(json.dumps(ours.vocab, ensure_ascii=False), "utf-8")
-    merges = sorted(ours.ranks, key=ours.ranks.get)
-    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", "utf-8")
+    ours.save(folder)  # vocab.json and merges.txt, as in an SD model's tokenizer/ folder
     return folder
 
 
@@ -313,31 +309,37 @@ def test_corpus_is_varied_and_large():
     assert sum(len(t) > 400 for t in CORPUS) >= 10  # enough prompts past 77 tokens
 
 
-def test_corpus_ids_match_openai_reading(ours, openai_reference):
-    mismatches = []
-    for text in CORPUS:
-        expected = openai_reference(text)
-        found = ours.encode(text)
-        if found != expected:
-            mismatches.append((text, found, expected))
-    assert not mismatches, f"{len(mismatches)} of {len(CORPUS)} differ; first: {mismatches[0]}"
+@pytest.fixture(scope="module")
+def transformers_ids(reference) -> dict[str, list[int]]:
+    return {text: reference(text)["input_ids"] for text in CORPUS}
 
 
-def _differing(reference, openai_reference) -> list[str]:
+@pytest.fixture(scope="module")
+def openai_ids(openai_reference) -> dict[str, list[int]]:
+    return {text: openai_reference(text) for text in CORPUS}
+
+
+@pytest.fixture(scope="module")
+def differing(transformers_ids, openai_ids) -> list[str]:
     """The corpus texts that transformers reads unlike OpenAI."""
-    return [t for t in CORPUS if reference(t)["input_ids"] != openai_reference(t)]
+    return [text for text in CORPUS if transformers_ids[text] != openai_ids[text]]
 
 
-def test_corpus_ids_match_transformers_but_where_documented(ours, reference, openai_reference):
+def _mismatches(ours, expected: dict[str, list[int]], texts) -> str:
+    bad = [(t, ours.encode(t), expected[t]) for t in texts if ours.encode(t) != expected[t]]
+    return f"{len(bad)} of {len(texts)} differ; first: {bad[0]}" if bad else ""
+
+
+def test_corpus_ids_match_openai_reading(ours, openai_ids):
+    assert not _mismatches(ours, openai_ids, CORPUS)
+
+
+def test_corpus_ids_match_transformers_but_where_documented(ours, transformers_ids, differing):
     """Identical ids to transformers, except where it reads the text unlike OpenAI: HTML
     entities that ftfy leaves (a "<" in the line, a double escape, a legacy entity without ";")
     and a literal special token glued to punctuation (transformers cuts it out first)."""
-    differing = _differing(reference, openai_reference)
-    mismatches = []
-    for text in CORPUS:
-        if text not in differing and ours.encode(text) != reference(text)["input_ids"]:
-            mismatches.append((text, ours.encode(text), reference(text)["input_ids"]))
-    assert not mismatches, f"{len(mismatches)} of {len(CORPUS)} differ; first: {mismatches[0]}"
+    same = [text for text in CORPUS if text not in differing]
+    assert not _mismatches(ours, transformers_ids, same)
     assert "<b>fish &amp; chips</b>" in differing
     assert "x < y &amp; z" in differing
     assert "fish &amp; chips" not in differing  # without "<" ftfy unescapes them as well
@@ -349,8 +351,7 @@ def test_corpus_ids_match_transformers_but_where_documented(ours, reference, ope
     assert ours.encode("<b>fish &amp; chips</b>") == ours.encode("<b>fish & chips</b>")
 
 
-def test_batch_matches_transformers_padding_and_truncation(ours, reference, openai_reference):
-    differing = set(_differing(reference, openai_reference))
+def test_batch_matches_transformers_padding_and_truncation(ours, reference, differing):
     texts = [t for t in CORPUS if t not in differing]
     expected = reference(
         texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"

@@ -148,7 +148,8 @@ class CLIPTokenizer:
         _check_vocabulary(vocab, merges)
         self.vocab: dict[str, int] = dict(vocab)
         self.tokens: dict[int, str] = {i: t for t, i in self.vocab.items()}
-        self.ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
+        self.merges: tuple[tuple[str, str], ...] = tuple((a, b) for a, b in merges)
+        self.ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self.start_id = self.vocab[START_TOKEN]
         self.end_id = self.vocab[END_TOKEN]
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
@@ -206,6 +207,17 @@ class CLIPTokenizer:
                 )
             merges.append((pair[0], pair[1]))
         return cls(vocab, merges, max_length=max_length, pad_id=pad_id)
+
+    def save(self, folder: str | Path) -> tuple[Path, Path]:
+        """Write ``vocab.json`` and ``merges.txt`` into ``folder`` (created if needed), in the
+        layout of an SD model's ``tokenizer/`` folder; returns their paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab_json, merges_txt = folder / "vocab.json", folder / "merges.txt"
+        vocab_json.write_text(json.dumps(self.vocab, ensure_ascii=False) + "\n", "utf-8")
+        lines = ["#version: 0.2", *(f"{a} {b}" for a, b in self.merges)]
+        merges_txt.write_text("\n".join(lines) + "\n", "utf-8")
+        return vocab_json, merges_txt
 
     @property
     def vocab_size(self) -> int:
