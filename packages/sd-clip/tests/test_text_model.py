@@ -114,7 +114,7 @@ def test_causal(fixture, request):
     assert (ya[:, 12:] - yb[:, 12:]).abs().amax(-1).min() > 1e-4
 
 
-@pytest.mark.parametrize("clip_skip", [0, 3, 1.0])
+@pytest.mark.parametrize("clip_skip", [0, 3, 1.0, True])
 def test_clip_skip_out_of_range(model, clip_skip):
     with pytest.raises(ValueError, match=r"clip_skip must be an integer from 1 .* to 2"):
         model(ids(1, 4), clip_skip=clip_skip)

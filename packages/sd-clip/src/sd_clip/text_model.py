@@ -205,7 +205,7 @@ class CLIPTextModel(nn.Module):
         """
         self._check_ids(ids)
         n = self.config.layers
-        if not isinstance(clip_skip, int) or not 1 <= clip_skip <= n:
+        if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= n:
             raise ValueError(
                 f"clip_skip must be an integer from 1 (last layer) to {n}, got {clip_skip!r}"
             )
@@ -217,11 +217,7 @@ class CLIPTextModel(nn.Module):
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         c = self.config
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (
-            torch.long,
-            torch.int32,
-            torch.int,
-        ):
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.long, torch.int32):
             what = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise TypeError(f"ids must be an integer tensor (B, T) of token ids, got {what}")
         if ids.ndim != 2 or ids.shape[1] == 0:
@@ -248,8 +244,9 @@ class CLIPTextModel(nn.Module):
     ) -> CLIPTextModel:
         """Load from an SD single file, a transformers/diffusers folder or a bare file.
 
-        See :func:`sd_clip.weights.load_text_model` for the layouts; ``config`` overrides the one
-        inferred from the file; ``dtype`` defaults to torch's default (float32), ``device`` to the CPU.
+        See :func:`sd_clip.weights.load_text_model` for the layouts; ``config`` overrides the
+        one inferred from the file; ``dtype`` defaults to torch's default (float32), ``device``
+        to the CPU.
         """
         from sd_clip.weights import load_text_model
 
