@@ -232,7 +232,10 @@ def load_autoencoder(
     config = config or found_config or config_from_shapes(state, source)
     with torch.device("meta"):
         model = AutoencoderKL(config)
-    check_state_dict(model.state_dict(), state, source)
+    expected = model.state_dict()
+    common = [k for k in expected if k in state]  # shapes first: the more telling error
+    check_state_dict({k: expected[k] for k in common}, {k: state[k] for k in common}, source)
+    check_state_dict(expected, state, source)
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype or torch.get_default_dtype()).eval()
 
