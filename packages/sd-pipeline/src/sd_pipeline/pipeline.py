@@ -11,7 +11,9 @@ precision placement.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -20,7 +22,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sd_clip import CLIPTextModel, CLIPTokenizer
+from sd_clip import CLIPTextModel
+
+try:
+    from sd_clip import CLIPTokenizer
+except ImportError:  # TODO: drop once sd_clip exports it
+    from sd_clip.tokenizer import CLIPTokenizer
 from sd_pipeline.images import (
     ImageLike,
     mask_to_tensor,
@@ -30,7 +37,7 @@ from sd_pipeline.images import (
     to_pil,
 )
 from sd_pipeline.metadata import GenerationParameters
-from sd_samplers import SAMPLERS, NoiseSchedule, sample
+from sd_samplers import SAMPLERS, BrownianTreeNoise, GaussianNoise, NoiseSchedule, sample
 from sd_unet import UNet
 from sd_vae import AutoencoderKL
 
@@ -43,9 +50,6 @@ SD1_NATIVE_SIZE = 512
 # Above this many pixels per side the VAE works in tiles (when tiling is left automatic).
 AUTO_TILE_ABOVE = 1024
 AUTO_TILE_SIZE = 512
-# Samplers that draw fresh noise while sampling: for these a batch runs one sampler call per
-# image, each with its own generator, so that image i of a batch equals a single run with seed+i.
-_STOCHASTIC_MARKERS = ("_a", "sde", "ddpm")
 
 OutputType = str  # "pil" | "tensor" (B, 3, H, W) in [-1, 1] | "latent" (scaled latents)
 
@@ -325,10 +329,18 @@ class StableDiffusion:
         common = dict(steps=args["steps"], callback=args["callback"], progress=args["progress"])
         if init_latents is not None:
             common["strength"] = p["strength"]
-        n = p["count"]
-        # Stochastic samplers: one call per image, each on its own generator, so that image i
-        # of a batch equals a single run with seed + i. Deterministic ones: the whole batch.
-        groups = [slice(i, i + 1) for i in range(n)] if p["stochastic"] else [slice(0, n)]
+        n, generators = p["count"], p["generators"]
+        # Image i of a batch must equal a single run with seed + i. Samplers that draw noise
+        # while sampling get a noise source made of one source per image, each on its image's
+        # generator; the few that take no noise source run one image at a time.
+        groups = [slice(0, n)]
+        if generators and _draws_noise(args["sampler"], options):
+            if "noise_sampler" in _sampler_options(args["sampler"]):
+                options.setdefault(
+                    "noise_sampler", self._row_noise(args["sampler"], noise, generators)
+                )
+            else:
+                groups = [slice(i, i + 1) for i in range(n)]
         outputs = []
         for rows in groups:
             model = self._guided_model(
@@ -340,22 +352,23 @@ class StableDiffusion:
                 mask=None if mask_latents is None else mask_latents[rows],
                 masked=None if masked_latents is None else masked_latents[rows],
             )
-            extra = dict(common)
             if init_latents is not None:
-                extra["init"] = init_latents[rows]
-            generator = p["generators"][rows.start] if p["generators"] else None
-            outputs.append(
-                sample(
-                    args["sampler"],
-                    model,
-                    noise[rows],
-                    self.schedule,
-                    generator=generator,
-                    **extra,
-                    **options,
-                )
-            )
+                common["init"] = init_latents[rows]
+            generator = generators[rows.start] if generators else None
+            x = sample(args["sampler"], model, noise[rows], self.schedule, generator=generator,
+                       **common, **options)  # fmt: skip
+            outputs.append(x)
         return torch.cat(outputs)
+
+    def _row_noise(self, sampler: str, like: torch.Tensor, generators) -> Callable:
+        """noise(sigma, sigma_next) for a batch: row i drawn from image i's generator."""
+        rows = [like[i : i + 1] for i in range(len(generators))]
+        if "sde" in sampler:  # a Brownian path per image over the schedule's whole sigma range
+            lo, hi = self.schedule.sigma_min, self.schedule.sigma_max
+            sources = [BrownianTreeNoise(r, lo, hi, g) for r, g in zip(rows, generators)]
+        else:
+            sources = [GaussianNoise(r, g) for r, g in zip(rows, generators)]
+        return lambda sigma, sigma_next: torch.cat([s(sigma, sigma_next) for s in sources])
 
     def _guided_model(self, *, context, scale, cfg, init, noise, mask, masked):
         """model(x_t, t) for the sampler: the UNet with classifier-free guidance (the
@@ -445,9 +458,6 @@ class StableDiffusion:
             generators = [_generator(seed + i) for i in range(count)]
             # Drawn on the CPU, row by row: the same seed gives the same picture on any device.
             noise = torch.cat([torch.randn(shape[1:], generator=g)[None] for g in generators])
-        stochastic = any(m in sampler_name for m in _STOCHASTIC_MARKERS) or (
-            sampler_name.startswith("ddim") and args["sampler_options"].get("eta", 0) > 0
-        )
         return dict(
             prompts=prompts,
             negatives=negatives,
@@ -461,7 +471,6 @@ class StableDiffusion:
             noise=noise,
             generators=generators,
             strength=float(strength),
-            stochastic=stochastic and count > 1,
         )
 
     def _size(self, width, height, image: Image.Image | None) -> tuple[int, int]:
@@ -631,11 +640,13 @@ def random_tiny(
     from sd_unet import UNetConfig
     from sd_vae import AutoencoderKLConfig
 
+    text_config = CLIPTextConfig.tiny()
+    unet_config = dataclasses.replace(UNetConfig.tiny(), context_dim=text_config.width)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(AutoencoderKLConfig.tiny())
-        text_encoder = CLIPTextModel(CLIPTextConfig.tiny())
-        unet = UNet(UNetConfig.tiny())
+        text_encoder = CLIPTextModel(text_config)
+        unet = UNet(unet_config)
     return StableDiffusion(
         vae, text_encoder, unet, native_size=64, device=device, dtype=dtype, name="random-tiny"
     )
@@ -696,6 +707,20 @@ def _as_texts(value, name: str) -> list[str]:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return list(value)
     raise TypeError(f"{name} must be a str or a non-empty list of str, got {value!r}")
+
+
+def _sampler_options(name: str) -> set[str]:
+    return set(inspect.signature(SAMPLERS[name].fn).parameters)
+
+
+def _draws_noise(name: str, options: dict) -> bool:
+    """Whether a sampler draws random noise while it runs (with these options)."""
+    accepted = _sampler_options(name)
+    if "noise_sampler" in accepted or name == "ddpm":
+        return True
+    if "eta" in accepted and options.get("eta", 0) > 0:  # DDIM with eta > 0
+        return True
+    return "s_churn" in accepted and options.get("s_churn", 0) > 0
 
 
 def _rows(context: torch.Tensor, rows: slice, n: int, cfg: bool) -> torch.Tensor:
