@@ -222,8 +222,8 @@ def tiled_apply(
             y = fn(x[..., top : top + tile, left : left + tile])
             if out is None:
                 size = (round(H * scale), round(W * scale))
-                out = y.new_zeros((*y.shape[:-2], *size))
-                weight = y.new_zeros(size)
+                out = y.new_zeros((*y.shape[:-2], *size), dtype=torch.float32)
+                weight = y.new_zeros(size, dtype=torch.float32)
             y0, x0 = round(top * scale), round(left * scale)
             h, w = y.shape[-2:]
             ramp = round(overlap * scale)
@@ -232,7 +232,7 @@ def tiled_apply(
             window = wy[:, None] * wx[None, :]
             out[..., y0 : y0 + h, x0 : x0 + w] += y * window
             weight[y0 : y0 + h, x0 : x0 + w] += window
-    return out / weight
+    return (out / weight).to(y.dtype)
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -245,8 +245,9 @@ def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
 
 
 def _ramp(n: int, ramp: int, fade_in: bool, fade_out: bool, like: torch.Tensor) -> torch.Tensor:
-    w = torch.ones(n, dtype=like.dtype, device=like.device)
-    edge = (torch.arange(ramp, dtype=like.dtype, device=like.device) + 0.5) / ramp
+    """Blend weights along one side: 1, fading linearly over ``ramp`` at inner edges."""
+    w = torch.ones(n, device=like.device)
+    edge = (torch.arange(ramp, device=like.device) + 0.5) / ramp
     if fade_in:
         w[:ramp] = edge
     if fade_out:

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from sd_vae._checkpoint import (
+    PICKLE_SUFFIXES,
     CheckpointError,
     check_state_dict,
     checkpoint_keys,
@@ -241,17 +242,27 @@ def load_autoencoder(
 
 
 def _read_file(path: Path) -> tuple[dict, AutoencoderKLConfig | None, str]:
-    keys = checkpoint_keys(path)
+    if path.suffix in PICKLE_SUFFIXES:  # read once (memory-mapped where torch can)
+        everything = load_tensors(path)
+        prefix = _vae_prefix(path, list(everything))
+        state = {k[len(prefix) :]: v for k, v in everything.items() if k.startswith(prefix)}
+    else:  # safetensors: only the autoencoder's tensors are read
+        prefix = _vae_prefix(path, checkpoint_keys(path))
+        state = load_tensors(path, prefix)
+    state = {k: v for k, v in state.items() if k.startswith(PARTS)}
+    if is_diffusers_layout(state):
+        return from_diffusers(state), None, str(path)
+    return conv_attention(state), _saved_config(path) if prefix == "" else None, str(path)
+
+
+def _vae_prefix(path: Path, keys: list[str]) -> str:
     prefix = pick_prefix(keys, (SD_PREFIX, ""), PROBE)
     if prefix is None:
         raise CheckpointError(
             f"{path}: no autoencoder in this checkpoint: expected {SD_PREFIX + PROBE!r} (an SD "
             f"single file) or {PROBE!r} (a standalone VAE); its first keys are {keys[:3]}"
         )
-    state = {k: v for k, v in load_tensors(path, prefix).items() if k.startswith(PARTS)}
-    if is_diffusers_layout(state):
-        return from_diffusers(state), None, str(path)
-    return conv_attention(state), _saved_config(path) if prefix == "" else None, str(path)
+    return prefix
 
 
 def _read_diffusers_folder(path: Path) -> tuple[dict, AutoencoderKLConfig, str]:
