@@ -85,8 +85,8 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 BYTE_ALPHABET = _byte_alphabet()
-# str.translate table: a text decoded as Latin-1 (one char per byte) -> its byte symbols.
-_TO_SYMBOLS = {b: c for b, c in BYTE_ALPHABET.items()}
+# As a str.translate table, it turns a text decoded as Latin-1 (one char per byte) into symbols.
+_TO_SYMBOLS = BYTE_ALPHABET
 _FROM_SYMBOLS = {c: b for b, c in BYTE_ALPHABET.items()}
 
 
@@ -101,7 +101,7 @@ def _bundled_merges() -> tuple[tuple[str, str], ...]:
     """The first 48,894 merges of OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` (header skipped)."""
     source = resources.files("sd_clip").joinpath("data", BUNDLED_MERGES)
     with source.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
-        next(lines)  # "#version: 0.2"
+        next(lines)  # the header: '"bpe_simple_vocab_16e6.txt#version: 0.2'
         merges = []
         for line in lines:
             if len(merges) == NUM_MERGES:
