@@ -53,7 +53,7 @@ def test_metadata_jsonl(tmp_path):
 
 
 def test_empty_folder(tmp_path):
-    with pytest.raises(DataError, match="no usable training images.*empty"):
+    with pytest.raises(DataError, match=r"no usable training images.*empty"):
         ImageFolder.load(tmp_path, 64)
     with pytest.raises(DataError, match="not a folder"):
         ImageFolder.load(tmp_path / "missing", 64)
@@ -68,7 +68,7 @@ def test_image_without_caption_alone_is_an_error(tmp_path):
 def test_corrupt_image_alone_is_an_error(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     (tmp_path / "bad.txt").write_text("x")
-    with pytest.raises(DataError, match="bad.png: cannot read the image"):
+    with pytest.raises(DataError, match=r"bad.png: cannot read the image"):
         ImageFolder.load(tmp_path, 64)
 
 
@@ -93,6 +93,6 @@ def test_a_few_bad_files_among_many_warn(tmp_path, caplog):
 
 def test_resolution_must_be_multiple_of_8(tmp_path):
     write(tmp_path, "a.png")
-    with pytest.raises(DataError, match="multiple of 8, got 60 .try 56 or 64"):
+    with pytest.raises(DataError, match=r"multiple of 8, got 60 .try 56 or 64"):
         ImageFolder.load(tmp_path, 60)
     check_resolution(64)

@@ -152,19 +152,27 @@ class ImageFolder:
     def batch(
         self, indices: list[int], generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, list[str]]:
-        """Images (B, 3, R, R) in [-1, 1] and their captions; crop/flip drawn from generator."""
+        """Images (B, 3, R, R) in [-1, 1] and their captions.
+
+        Random crops and flips (when enabled) are drawn from ``generator``; without one, every
+        image is centre-cropped and not flipped.
+        """
         r = self.resolution
         out = []
         for i in indices:
             a = torch.from_numpy(self.images[i]).permute(2, 0, 1)
             h, w = a.shape[1:]
-            if self.random_crop:
+            if self.random_crop and generator is not None:
                 top = int(torch.randint(h - r + 1, (1,), generator=generator))
                 left = int(torch.randint(w - r + 1, (1,), generator=generator))
             else:
                 top, left = (h - r) // 2, (w - r) // 2
             a = a[:, top : top + r, left : left + r]
-            if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            if (
+                self.random_flip
+                and generator is not None
+                and bool(torch.rand((), generator=generator) < 0.5)
+            ):
                 a = a.flip(-1)
             out.append(a)
         images = torch.stack(out).float() / 127.5 - 1.0

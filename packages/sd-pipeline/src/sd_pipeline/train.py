@@ -317,14 +317,16 @@ def build_models(config: TrainConfig, stage: str) -> dict[str, nn.Module]:
     return {"vae": vae, "text": text, "unet": unet}
 
 
-def sd_state_dict(models: dict[str, nn.Module], overrides: dict | None = None) -> dict:
-    """The models' tensors under the SD single-file prefixes (``overrides`` by full key)."""
+def sd_state_dict(models: dict[str, nn.Module], overrides: dict | None = None,
+                  prefixed: bool = True) -> dict:  # fmt: skip
+    """The models' tensors, under the SD single-file prefixes unless ``prefixed`` is False
+    (one model: a standalone file); ``overrides`` replace tensors by (model, key)."""
     out = {}
     for name, model in models.items():
+        prefix = SD_PREFIXES[name] if prefixed else ""
         for k, v in model.state_dict().items():
-            out[SD_PREFIXES[name] + k] = v.detach().cpu().contiguous()
-    for k, v in (overrides or {}).items():
-        out[k] = v.detach().cpu().to(out[k].dtype).contiguous()
+            v = (overrides or {}).get((name, k), v)
+            out[prefix + k] = v.detach().cpu().float().contiguous()
     return out
 
 
@@ -507,6 +509,8 @@ class Trainer:
         c, dist = self.config, self.dist
         self.maybe_resume()
         if self.step >= self.total:
+            if not (self.dir / "model.safetensors").exists():
+                self.save()  # zero steps: the initial weights
             return
         per_step = c.batch_size * c.grad_accum * dist.world
         bar = None
@@ -580,21 +584,18 @@ class Trainer:
     def inference_models(self) -> dict[str, nn.Module]:
         return {k: v for k, v in self.models.items()}
 
-    def ema_overrides(self) -> dict[str, torch.Tensor]:
-        """EMA weights by full SD key (empty without EMA)."""
+    def ema_overrides(self) -> dict[tuple[str, str], torch.Tensor]:
+        """EMA weights by (model, key) (empty without EMA)."""
         if self.ema is None:
             return {}
-        return {
-            SD_PREFIXES[name.split(".", 1)[0]] + name.split(".", 1)[1]: v
-            for name, v in self.ema.shadow.items()
-        }
+        return {tuple(name.split(".", 1)): v for name, v in self.ema.shadow.items()}
 
     def save(self) -> None:
         """model.safetensors (EMA weights if any) and state.safetensors, each atomically."""
         if self.dist.main:
             models = self.inference_models()
             save_file_atomic(
-                sd_state_dict(models, self.ema_overrides()),
+                sd_state_dict(models, self.ema_overrides(), prefixed=self.stage != "vae"),
                 self.dir / "model.safetensors",
                 model_metadata(models, self.config),
             )
@@ -782,7 +783,13 @@ def scaling_factor(vae, data: ImageFolder, count: int = 256) -> float:
 
 
 def finish_vae_stage(config: TrainConfig, data: ImageFolder) -> None:
-    """Set the VAE's scaling factor from its latents and mark the stage done."""
+    """Scale the VAE so that its config's scaling factor gives unit-variance latents.
+
+    The latent-diffusion paper sets the factor to 1 / std of the latents. Instead of storing a
+    new factor, the latents themselves are rescaled (the mean rows of ``quant_conv`` and the
+    input of ``post_quant_conv``; the log-variance shifts by 2 log k): an exact
+    reparametrisation, so any loader's default factor is right for this VAE.
+    """
     from sd_vae import AutoencoderKL
 
     path = Path(config.out) / "vae" / "model.safetensors"
@@ -791,13 +798,17 @@ def finish_vae_stage(config: TrainConfig, data: ImageFolder) -> None:
     if meta.get("sd_pipeline.vae_done") == "1":
         return
     vae = AutoencoderKL.from_checkpoint(path)
-    s = scaling_factor(vae, data)
-    vae = AutoencoderKL(dataclasses.replace(vae.config, scaling_factor=s))
-    vae.load_state_dict(AutoencoderKL.from_checkpoint(path).state_dict())
-    meta = model_metadata({"vae": vae}, config)
+    k = scaling_factor(vae, data) / vae.config.scaling_factor
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[:c] *= k
+        vae.quant_conv.bias[:c] *= k
+        vae.quant_conv.bias[c:] += 2 * math.log(k)
+        vae.post_quant_conv.weight /= k
     meta["sd_pipeline.vae_done"] = "1"
-    save_file_atomic(sd_state_dict({"vae": vae}), path, meta)
-    log.info("vae: scaling factor %.5f", s)
+    meta["sd_pipeline.latent_rescale"] = repr(k)
+    save_file_atomic(sd_state_dict({"vae": vae}, prefixed=False), path, meta)
+    log.info("vae: latents rescaled by %.5f for scaling factor %g", k, vae.config.scaling_factor)
 
 
 def prepare_data(config: TrainConfig, dist: Dist) -> ImageFolder:
