@@ -380,6 +380,8 @@ class StableDiffusion:
         if cfg and extra is not None:
             extra = torch.cat([extra, extra])
 
+        multiple = 2 ** (len(unet.config.channel_mult) - 1)
+
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1)
             t = t.expand(x.shape[0]) if t.numel() == 1 else t
@@ -390,7 +392,8 @@ class StableDiffusion:
             x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if cfg else (x, t)
             if extra is not None:
                 x_in = torch.cat([x_in, extra], dim=1)
-            out = unet(x_in.to(dtype), t_in, context).float()
+            out = unet(_pad_to(x_in.to(dtype), multiple), t_in, context)
+            out = out[..., : x.shape[-2], : x.shape[-1]].float()
             if not cfg:
                 return out
             uncond, cond = out.chunk(2)
@@ -475,9 +478,10 @@ class StableDiffusion:
 
     def _size(self, width, height, image: Image.Image | None) -> tuple[int, int]:
         if image is not None:
-            width = width or image.size[0]
-            height = height or image.size[1]
-        width, height = width or self.native_size, height or self.native_size
+            width = image.size[0] if width is None else width
+            height = image.size[1] if height is None else height
+        width = self.native_size if width is None else width
+        height = self.native_size if height is None else height
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -721,6 +725,15 @@ def _draws_noise(name: str, options: dict) -> bool:
     if "eta" in accepted and options.get("eta", 0) > 0:  # DDIM with eta > 0
         return True
     return "s_churn" in accepted and options.get("s_churn", 0) > 0
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad latents (replicating the edge) so that the UNet's downsamplings divide their sides:
+    sizes that are multiples of 8 pixels but not of 8 * multiple work, cropped afterwards."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    if not pad_h and not pad_w:
+        return x
+    return torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
 
 
 def _rows(context: torch.Tensor, rows: slice, n: int, cfg: bool) -> torch.Tensor:
