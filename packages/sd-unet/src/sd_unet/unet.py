@@ -261,7 +261,7 @@ class UNetConfig:
     def tiny(cls) -> UNetConfig:
         """A small UNet of the same shape, for tests: three levels, attention on the first two."""
         return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                   attention_resolutions=(1, 2), num_heads=2, context_dim=32)  # fmt: skip
+                   attention_resolutions=(1, 2), context_dim=32)  # fmt: skip
 
     @property
     def time_embed_dim(self) -> int:

@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+from conftest import inputs, random_unet
+
+from sd_unet import UNet, UNetConfig
+from sd_unet.unet import timestep_embedding
+
+
+def test_output_shape_and_determinism(tiny):
+    x, t, c = inputs(tiny.config)
+    with torch.no_grad():
+        a, b = tiny(x, t, c), tiny(x, t, c)
+    assert a.shape == x.shape
+    assert torch.equal(a, b)
+    assert a.abs().mean() > 0
+
+
+def test_batch_items_are_independent(tiny):
+    x, t, c = inputs(tiny.config)
+    with torch.no_grad():
+        both = tiny(x, t, c)
+        first = tiny(x[:1], t[:1], c[:1])
+    torch.testing.assert_close(both[:1], first, rtol=1e-4, atol=1e-5)
+
+
+def test_timesteps_as_number_or_tensor(tiny):
+    x, _, c = inputs(tiny.config)
+    with torch.no_grad():
+        from_number = tiny(x, 250.5, c)
+        from_scalar = tiny(x, torch.tensor(250.5), c)
+        from_batch = tiny(x, torch.tensor([250.5, 250.5]), c)
+        other = tiny(x, 251.0, c)
+    assert torch.equal(from_number, from_scalar)
+    assert torch.equal(from_number, from_batch)
+    assert not torch.allclose(from_number, other)  # fractional timesteps are not rounded
+
+
+def test_timestep_embedding_is_cos_then_sin():
+    t = torch.tensor([0.0, 1.5, 999.0])
+    emb = timestep_embedding(t, 8)
+    half = 4
+    for i, ti in enumerate(t.tolist()):
+        for j in range(half):
+            freq = math.exp(-math.log(10000) * j / half)
+            assert emb[i, j].item() == pytest.approx(math.cos(ti * freq), abs=1e-5)
+            assert emb[i, half + j].item() == pytest.approx(math.sin(ti * freq), abs=1e-5)
+
+
+def test_channels_last_matches_contiguous(tiny):
+    x, t, c = inputs(tiny.config)
+    with torch.no_grad():
+        ref = tiny(x, t, c)
+        tiny.to(memory_format=torch.channels_last)
+        out = tiny(x, t, c)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_float32(tiny, dtype):
+    x, t, c = inputs(tiny.config)
+    with torch.no_grad():
+        ref = tiny(x, t, c)
+        out = tiny.to(dtype)(x.to(dtype), t, c.to(dtype))
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 0.05
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = UNetConfig.tiny()
+    x, t, c = inputs(config)
+    grads = []
+    for checkpointing in (False, True):
+        model = random_unet(config).train()
+        model.gradient_checkpointing = checkpointing
+        model(x, t, c).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_training_step_with_inplace_ops_has_gradients_everywhere():
+    model = random_unet(UNetConfig.tiny()).train()
+    x, t, c = inputs(model.config)
+    model(x, t, c).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
+
+
+def test_sd15_has_the_sd15_parameter_count():
+    with torch.device("meta"):
+        model = UNet(UNetConfig.sd15())
+    assert sum(p.numel() for p in model.parameters()) == 859_520_964
+
+
+def test_sd2_and_inpainting_configs_build():
+    with torch.device("meta"):
+        sd2 = UNet(UNetConfig.sd2())
+        inpaint = UNet(UNetConfig(in_channels=9))
+    assert sum(p.numel() for p in sd2.parameters()) == 865_910_724
+    assert inpaint.input_blocks[0][0].weight.shape == (320, 9, 3, 3)
+    block = sd2.input_blocks[1][1]
+    assert isinstance(block.proj_in, torch.nn.Linear)
+    assert block.transformer_blocks[0].attn1.heads == 5  # 320 channels in 64-wide heads
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_heads": 8, "num_head_channels": 64}, "exactly one of num_heads"),
+        ({"num_heads": -1}, "exactly one of num_heads"),
+        ({"model_channels": 48}, "not a multiple of norm_groups=32"),
+    ],
+)
+def test_bad_config_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UNetConfig(**kwargs)
