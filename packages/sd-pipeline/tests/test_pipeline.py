@@ -217,12 +217,12 @@ def test_checkpoint_errors(tmp_path):
         StableDiffusion.from_checkpoint(tmp_path / "missing.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="junk.safetensors"):
+    with pytest.raises(ValueError, match=r"junk\.safetensors"):
         StableDiffusion.from_checkpoint(junk)
     vae_only = tmp_path / "vae_only.safetensors"
     state = checkpoint_state()
     save_file({k: v for k, v in state.items() if k.startswith(PREFIXES["vae"])}, str(vae_only))
-    with pytest.raises(ValueError, match="vae_only.safetensors"):
+    with pytest.raises(ValueError, match=r"vae_only\.safetensors"):
         StableDiffusion.from_checkpoint(vae_only)
 
 

@@ -22,12 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sd_clip import CLIPTextModel
-
-try:
-    from sd_clip import CLIPTokenizer
-except ImportError:  # TODO: drop once sd_clip exports it
-    from sd_clip.tokenizer import CLIPTokenizer
+from sd_clip import CLIPTextModel, CLIPTokenizer
 from sd_pipeline.images import (
     ImageLike,
     mask_to_tensor,
