@@ -46,7 +46,7 @@ def test_txt2img_to_a_file_with_metadata(run, tmp_path):
 
 def test_folder_outputs_are_numbered_and_never_overwritten(run, tmp_path):
     folder = tmp_path / "out"
-    code, stdout, stderr = run("", "-o", f"{folder}/", "--batch", "2", "--width", "32",
+    code, _, stderr = run("", "-o", f"{folder}/", "--batch", "2", "--width", "32",
                                "--height", "32")  # fmt: skip
     assert code == 0, stderr
     seed = int(stderr.split("seed: ")[1].split()[0])  # random, and printed

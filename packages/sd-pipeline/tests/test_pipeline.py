@@ -295,3 +295,16 @@ def test_diffusers_model_root(tmp_path):
     assert pipe.native_size == 32
     assert torch.allclose(pipe.schedule.alphas_cumprod, scheduler.alphas_cumprod, atol=1e-6)
     assert pipe.txt2img("x", seed=0, **FAST)[0].size == (32, 32)
+
+
+def test_settings_stored_in_the_checkpoint(tmp_path):
+    """sd-pipeline's training writes resolution, prediction and schedule into the file."""
+    import json
+
+    path = tmp_path / "trained.safetensors"
+    config = {"resolution": 48, "prediction": "v", "schedule": {"beta_start": 0.001,
+              "beta_end": 0.02, "num_timesteps": 500}}  # fmt: skip
+    save_file(checkpoint_state(), str(path), metadata={"sd_pipeline.config": json.dumps(config)})
+    pipe = StableDiffusion.from_checkpoint(path, device="cpu")
+    assert (pipe.native_size, pipe.prediction, len(pipe.schedule)) == (48, "v", 500)
+    assert pipe.txt2img("x", seed=0, **FAST)[0].size == (48, 48)

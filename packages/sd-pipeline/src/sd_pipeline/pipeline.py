@@ -128,6 +128,8 @@ class StableDiffusion:
         options.setdefault("source", path)
         if path.is_dir():
             options = {**_diffusers_root_options(path, autoencoder), **options}
+        else:
+            options = {**_file_options(path), **options}
         return cls(autoencoder, text_encoder, unet, device=device, dtype=dtype, **options)
 
     @classmethod
@@ -682,6 +684,45 @@ def _diffusers_root_options(root: Path, vae: AutoencoderKL) -> dict:
         sample_size = json.loads(unet_config.read_text()).get("sample_size")
         if isinstance(sample_size, int):
             options["native_size"] = sample_size * vae.config.downscale
+    return options
+
+
+# Where a checkpoint written by sd-pipeline's training keeps its pipeline settings (a JSON
+# object in the safetensors header: resolution, prediction, schedule).
+PIPELINE_METADATA = "sd_pipeline.config"
+
+
+def _file_options(path: Path) -> dict:
+    """Native size, prediction type and schedule stored in a safetensors file's metadata."""
+    import json
+
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(PIPELINE_METADATA)
+    except Exception:  # the component loaders already read this file: they report errors
+        return {}
+    if not text:
+        return {}
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: unreadable {PIPELINE_METADATA} metadata ({e})") from e
+    options: dict = {}
+    if isinstance(config.get("resolution"), int):
+        options["native_size"] = config["resolution"]
+    if config.get("prediction") in ("epsilon", "v"):
+        options["prediction"] = config["prediction"]
+    schedule = config.get("schedule")
+    if isinstance(schedule, dict):
+        options["schedule"] = NoiseSchedule.scaled_linear(
+            schedule.get("beta_start", 0.00085),
+            schedule.get("beta_end", 0.012),
+            schedule.get("num_timesteps", 1000),
+        )
     return options
 
 
