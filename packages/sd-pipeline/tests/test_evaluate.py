@@ -88,11 +88,13 @@ class FakePipe:
         self.fixed = fixed
         self.calls = 0
 
-    def txt2img(self, prompt, steps=20, seed=0, **kw):
-        self.calls += 1
-        m = re.fullmatch(r"a (\w+) (\w+) on a (\w+) background", prompt)
-        combo = self.fixed or m.groups()
-        return [Image.fromarray(render(centred(combo)))]
+    def txt2img(self, prompts, steps=20, seed=0, progress=True, **kw):
+        out = []
+        for prompt in prompts:
+            self.calls += 1
+            m = re.fullmatch(r"a (\w+) (\w+) on a (\w+) background", prompt)
+            out.append(Image.fromarray(render(centred(self.fixed or m.groups()))))
+        return out
 
 
 def test_evaluate_perfect_and_wrong_pipes():

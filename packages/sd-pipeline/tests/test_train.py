@@ -22,6 +22,7 @@ TINY = {
     "unet": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
              "attention_resolutions": [2], "num_heads": 1, "context_dim": 32, "norm_groups": 8},
     "batch_size": 2,
+    "vae_batch_size": 1,
     "grad_accum": 2,
     "vae_steps": 2,
     "steps": 4,
@@ -150,7 +151,9 @@ def test_torchrun_two_processes_match_single_process(tmp_path, shapes_dir):
     a, b = ranks[-1]["rank_fingerprints"]
     assert a == b
 
-    single = tr.train(tr.TrainConfig(**{**values, "batch_size": 2, "out": str(tmp_path / "one")}))
+    single = tr.train(
+        tr.TrainConfig(**{**values, "batch_size": 2, "vae_batch_size": 2, "out": str(tmp_path / "one")})
+    )
     for stage in ("vae", "diffusion"):
         two = [
             json.loads(x) for x in (tmp_path / "out" / stage / "log.jsonl").read_text().splitlines()

@@ -186,8 +186,9 @@ def evaluate(
     images = []
     start = time.perf_counter()
     for i in range(0, len(scenes), batch_size):
-        for j, scene in enumerate(scenes[i : i + batch_size]):
-            images += pipe.txt2img(caption(*scene), steps=steps, seed=seed + i + j, **extra)
+        prompts = [caption(*scene) for scene in scenes[i : i + batch_size]]
+        # image j of a batch uses seed + i + j: the same as one call per prompt
+        images += pipe.txt2img(prompts, steps=steps, seed=seed + i, progress=False, **extra)
     seconds = time.perf_counter() - start
     result = score(scenes, images)
     result["seconds_per_image"] = seconds / max(len(scenes), 1)

@@ -383,6 +383,7 @@ class Trainer:
             list(self.params.values()), lr=lr, weight_decay=config.weight_decay
         )
         self.base_lr = lr
+        self.batch_size = (stage == "vae" and config.vae_batch_size) or config.batch_size
         self.total = config.vae_steps if stage == "vae" else config.steps
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=config.mixed_precision == "fp16"
@@ -512,7 +513,7 @@ class Trainer:
             if not (self.dir / "model.safetensors").exists():
                 self.save()  # zero steps: the initial weights
             return
-        per_step = c.batch_size * c.grad_accum * dist.world
+        per_step = self.batch_size * c.grad_accum * dist.world
         bar = None
         if c.progress and dist.main:
             from tqdm import tqdm
@@ -546,8 +547,8 @@ class Trainer:
         indices = batch_indices(c.seed, self.stage, self.step, per_step, len(self.data))
         total = 0.0
         for micro in range(c.grad_accum):
-            start = (micro * dist.world + dist.rank) * c.batch_size
-            mine = list(range(start, start + c.batch_size))
+            start = (micro * dist.world + dist.rank) * self.batch_size
+            mine = list(range(start, start + self.batch_size))
             gens = [sample_generator(c.seed, self.stage, self.step, j) for j in mine]
             loss = loss_fn([indices[j] for j in mine], gens) / c.grad_accum
             self.scaler.scale(loss).backward()
