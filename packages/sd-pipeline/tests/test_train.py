@@ -152,7 +152,9 @@ def test_torchrun_two_processes_match_single_process(tmp_path, shapes_dir):
     assert a == b
 
     single = tr.train(
-        tr.TrainConfig(**{**values, "batch_size": 2, "vae_batch_size": 2, "out": str(tmp_path / "one")})
+        tr.TrainConfig(
+            **{**values, "batch_size": 2, "vae_batch_size": 2, "out": str(tmp_path / "one")}
+        )
     )
     for stage in ("vae", "diffusion"):
         two = [
