@@ -11,12 +11,13 @@ from sd_pipeline.images import (
     to_mask,
 )
 from sd_pipeline.metadata import GenerationParameters, read_parameters, save_image
-from sd_pipeline.pipeline import StableDiffusion
+from sd_pipeline.pipeline import StableDiffusion, bundled_checkpoint
 
 __all__ = [
     "GenerationParameters",
     "StableDiffusion",
     "__version__",
+    "bundled_checkpoint",
     "image_grid",
     "load_image",
     "numpy_to_pil",

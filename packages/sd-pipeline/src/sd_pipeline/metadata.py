@@ -200,9 +200,12 @@ def save_image(
 ) -> Path:
     """Write an image atomically (no partial file on error); PNGs carry ``parameters``.
 
-    The format follows the suffix (PNG, JPEG, WebP, ...); only PNG stores the parameters.
+    ``parameters`` defaults to the image's own (``image.info["parameters"]``, set by the
+    pipeline). The format follows the suffix (PNG, JPEG, WebP, ...); only PNG stores them.
     """
     path = Path(path)
+    if parameters is None:
+        parameters = image.info.get("parameters")
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: unknown image file type {path.suffix!r}; use .png")
