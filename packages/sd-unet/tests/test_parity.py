@@ -83,7 +83,7 @@ def test_diffusers_folder_loads_and_matches(case, tmp_path):
 @pytest.mark.parametrize("case", CASES)
 def test_our_weights_load_in_diffusers(case, tmp_path):
     ours = random_unet(OURS[case])
-    ours.save(tmp_path / "unet", layout="diffusers")
+    ours.save_diffusers(tmp_path / "unet")
     theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
     assert compare(ours, theirs) < 1e-4
 

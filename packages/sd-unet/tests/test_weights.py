@@ -80,7 +80,7 @@ def test_bare_file_without_metadata_is_inferred(tiny, tmp_path):
 
 
 def test_diffusers_folder_and_model_root(tiny, tmp_path):
-    tiny.save(tmp_path / "root" / "unet", layout="diffusers")
+    tiny.save_diffusers(tmp_path / "root" / "unet")
     for path in (tmp_path / "root" / "unet", tmp_path / "root"):
         loaded = UNet.from_checkpoint(path)
         assert loaded.config == tiny.config

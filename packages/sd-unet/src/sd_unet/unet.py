@@ -372,9 +372,15 @@ class UNet(nn.Module):
 
         return from_checkpoint(path, config=config, dtype=dtype, device=device, ema=ema)
 
-    def save(self, path, *, layout: str = "compvis") -> None:
-        """A ``.safetensors`` UNet file in CompVis names (the config in its metadata), or with
-        ``layout="diffusers"`` a diffusers ``unet/`` folder (config.json + weights)."""
+    def save(self, path) -> None:
+        """Write a ``.safetensors`` UNet file in the original (CompVis) names, the config in its
+        metadata."""
         from sd_unet.weights import save
 
-        save(self, path, layout=layout)
+        save(self, path)
+
+    def save_diffusers(self, folder) -> None:
+        """Write a diffusers ``unet/`` folder: config.json and diffusion_pytorch_model.safetensors."""
+        from sd_unet.weights import save_diffusers
+
+        save_diffusers(self, folder)

@@ -341,17 +341,16 @@ def config_from_diffusers(d: dict, source: Path | str = "config.json") -> UNetCo
 # Saving
 
 
-def save(model: UNet, path: str | os.PathLike, *, layout: str = "compvis") -> None:
-    """Write the weights: a bare ``.safetensors`` UNet file (CompVis names, the config in its
-    metadata), or with ``layout="diffusers"`` a diffusers ``unet/`` folder."""
-    if layout == "compvis":
-        config = json.dumps(asdict(model.config))
-        save_tensors(model.state_dict(), path, {CONFIG_METADATA: config})
-    elif layout == "diffusers":
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = to_diffusers(model.state_dict(), model.config)
-        save_tensors(state, folder / "diffusion_pytorch_model.safetensors")
-        (folder / "config.json").write_text(json.dumps(diffusers_config(model.config), indent=2))
-    else:
-        raise ValueError(f"unknown layout {layout!r}; choose from: compvis, diffusers")
+def save(model: UNet, path: str | os.PathLike) -> None:
+    """A bare ``.safetensors`` UNet file: CompVis names, the config in its metadata."""
+    config = json.dumps(asdict(model.config))
+    save_tensors(model.state_dict(), path, {CONFIG_METADATA: config})
+
+
+def save_diffusers(model: UNet, folder: str | os.PathLike) -> None:
+    """A diffusers ``unet/`` folder: config.json and diffusion_pytorch_model.safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = to_diffusers(model.state_dict(), model.config)
+    save_tensors(state, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps(diffusers_config(model.config), indent=2))
