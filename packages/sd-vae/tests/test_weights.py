@@ -317,3 +317,15 @@ def test_pickle_that_runs_code_is_refused(tiny_vae, tmp_path):
     shutil.copy(path, tmp_path / "copy.ckpt")
     torch.load(tmp_path / "copy.ckpt", weights_only=False)
     assert marker.exists()
+
+
+def test_shapes_that_fit_no_config(tiny_vae, tmp_path):
+    state = bare(tiny_vae)
+    del state["post_quant_conv.weight"]
+    path = write_weights(state, tmp_path / "vae.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"cannot infer the autoencoder's shape: no 'post_quant_conv\.weight'"
+    ):
+        AutoencoderKL.from_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"1 missing \(first: 'post_quant_conv.weight'\)"):
+        AutoencoderKL.from_checkpoint(path, config=AutoencoderKLConfig.tiny())

@@ -289,8 +289,7 @@ class AutoencoderKLConfig:
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
         widths = [self.base_channels * m for m in self.channel_mult]
-        bad = [w for w in widths if w % self.norm_groups]
-        if bad:
+        if any(w % self.norm_groups for w in widths):
             raise ValueError(
                 f"every width must be a multiple of norm_groups={self.norm_groups}; "
                 f"widths are {widths}"
