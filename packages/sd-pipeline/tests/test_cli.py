@@ -173,7 +173,7 @@ def test_failure_while_writing_leaves_nothing(tiny_checkpoint, tmp_path, monkeyp
 
     real_save = outputs.save_image
     monkeypatch.setattr(outputs, "save_image", failing_save)
-    code = main(["x", "--batch", "3", "-o", str(tmp_path / "out") + "/", "--steps", "1",
+    code = main(["x", "--batch", "3", "-o", str(tmp_path / "out") + "/", "--steps", "1", "--width", "32", "--height", "32",
                  "--no-progress", "--checkpoint", str(tiny_checkpoint)])  # fmt: skip
     assert code != 0 and "disk full" in capsys.readouterr().err
     assert _files(tmp_path) == []

@@ -28,8 +28,8 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 SIZE = 32
 # Random weights make sampling chaotic under strong guidance (differences of 1e-7 grow to 1e-3
 # over ten steps at 7.5); a moderate scale still tests the guidance arithmetic.
-GUIDANCE = 3.0
-REL_TOL = 3e-4  # max abs difference / max abs value, float32 (measured: 2e-6 to 1.5e-4)
+GUIDANCE = 2.0
+REL_TOL = 5e-4  # max abs difference / max abs value, float32 (measured: 4e-6 to 2.2e-4)
 
 
 def _diffusers_parts(state: dict, in_channels: int):
