@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from sd_unet._checkpoint import (
     CheckpointError,
@@ -59,6 +60,7 @@ def from_checkpoint(
         model = UNet(config)
     check_state_dict(model.state_dict(), state, source)
     model.load_state_dict(state, assign=True)
+    del state  # from here on each conversion below frees the tensor it replaces
     model.to(device=device, dtype=dtype)
     if _on_cpu(model):
         model.to(memory_format=torch.channels_last)  # the fast layout for CPU convolutions
@@ -121,8 +123,6 @@ def _read_diffusers(path: Path) -> tuple[dict, UNetConfig, str]:
 def _config_from_metadata(path: Path) -> UNetConfig | None:
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         text = (f.metadata() or {}).get(CONFIG_METADATA)
     if text is None:
