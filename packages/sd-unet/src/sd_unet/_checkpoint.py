@@ -187,8 +187,8 @@ class _open_safetensors:
             return self._ctx.__enter__()
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(
-                f"{self.path}: not a readable safetensors file ({e}); "
-                "expected a .safetensors, .ckpt, .pt or .bin checkpoint"
+                f"{self.path}: not a readable safetensors file ({e}); is it truncated? "
+                "Expected a complete .safetensors, .ckpt, .pt or .bin checkpoint"
             ) from e
 
     def __exit__(self, *exc):
