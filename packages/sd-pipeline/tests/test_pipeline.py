@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import PREFIXES, checkpoint_state
+from conftest import PREFIXES, checkpoint_state, write_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -308,3 +308,26 @@ def test_settings_stored_in_the_checkpoint(tmp_path):
     pipe = StableDiffusion.from_checkpoint(path, device="cpu")
     assert (pipe.native_size, pipe.prediction, len(pipe.schedule)) == (48, "v", 500)
     assert pipe.txt2img("x", seed=0, **FAST)[0].size == (48, 48)
+
+
+def test_generation_defaults_stored_in_the_checkpoint(tmp_path):
+    """A model file can name the steps, sampler and guidance that suit it; calls that leave
+    them out use those, calls that give them win, and the PNG parameters say what ran."""
+    import json
+
+    path = tmp_path / "trained.safetensors"
+    config = {"resolution": 32, "steps": 3, "sampler": "ddim", "guidance_scale": 2.5}
+    save_file(checkpoint_state(), str(path), metadata={"sd_pipeline.config": json.dumps(config)})
+    pipe = StableDiffusion.from_checkpoint(path, device="cpu")
+    assert pipe.defaults == {"steps": 3, "sampler": "ddim", "guidance_scale": 2.5}
+    calls = []
+    image = pipe.txt2img("x", seed=0, progress=False, callback=calls.append)[0]
+    assert len(calls) == 3
+    text = image.info["parameters"]
+    assert "Steps: 3, Sampler: DDIM, CFG scale: 2.5" in text  # A1111 names the sampler
+    calls.clear()
+    image = pipe.txt2img("x", seed=0, steps=2, sampler="euler", progress=False,
+                         callback=calls.append)[0]  # fmt: skip
+    assert len(calls) == 2 and "Sampler: Euler," in image.info["parameters"]
+    plain = StableDiffusion.from_checkpoint(write_checkpoint(tmp_path / "plain.safetensors"))
+    assert plain.defaults == {"steps": 20, "guidance_scale": 7.5, "sampler": "euler_a"}

@@ -35,11 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="SD 1.x .safetensors/.ckpt or diffusers folder")
     p.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoint's")
     p.add_argument("--negative", default=None, help="the negative prompt")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
     p.add_argument(
-        "--sampler", default=None, help="sampler name (default euler_a); see --list-samplers"
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps (default: the model's, 20 for SD 1.x)",
     )
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default 7.5)")
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help="sampler name (default: the model's, euler_a for SD 1.x); see --list-samplers",
+    )
+    p.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="guidance scale (default: the model's, 7.5 for SD 1.x)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed (random when absent, then printed)")
     p.add_argument("--width", type=int, default=None, help="multiple of 8 (default: native size)")
     p.add_argument("--height", type=int, default=None, help="multiple of 8 (default: native size)")
@@ -102,9 +114,9 @@ def _settings(args: argparse.Namespace) -> dict:
     job = dict(
         prompt=None,
         negative="",
-        steps=20,
-        sampler="euler_a",
-        cfg=7.5,
+        steps=None,  # None: the model's default (see StableDiffusion.defaults)
+        sampler=None,
+        cfg=None,
         seed=None,
         width=None,
         height=None,
@@ -166,7 +178,7 @@ def _check(job: dict):
     from sd_pipeline.outputs import plan_outputs
     from sd_pipeline.pipeline import check_sampler, random_seed, resolve_dtype
 
-    if job["steps"] < 1:
+    if job["steps"] is not None and job["steps"] < 1:
         raise _UsageError(f"--steps must be at least 1, got {job['steps']}")
     if job["batch"] < 1:
         raise _UsageError(f"--batch must be at least 1, got {job['batch']}")
@@ -183,7 +195,8 @@ def _check(job: dict):
     if job["mask_blur"] < 0:
         raise _UsageError(f"--mask-blur must be >= 0, got {job['mask_blur']}")
     try:
-        check_sampler(job["sampler"])
+        if job["sampler"] is not None:
+            check_sampler(job["sampler"])
         resolve_dtype(job["dtype"])
     except ValueError as e:
         raise _UsageError(str(e)) from e

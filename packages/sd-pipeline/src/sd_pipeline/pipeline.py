@@ -16,8 +16,9 @@ import hashlib
 import inspect
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -45,6 +46,9 @@ SD1_NATIVE_SIZE = 512
 # Above this many pixels per side the VAE works in tiles (when tiling is left automatic).
 AUTO_TILE_ABOVE = 1024
 AUTO_TILE_SIZE = 512
+# What txt2img/img2img/inpaint use when these are not given: AUTOMATIC1111's defaults, unless
+# the model file names others (the bundled model does; see PIPELINE_METADATA).
+GENERATION_DEFAULTS = {"steps": 20, "guidance_scale": 7.5, "sampler": "euler_a"}
 
 OutputType = str  # "pil" | "tensor" (B, 3, H, W) in [-1, 1] | "latent" (scaled latents)
 
@@ -58,7 +62,8 @@ class StableDiffusion:
     ``offload=True`` keeps every part on the CPU and moves each to ``device`` only while it runs
     (slower, but the GPU holds one part at a time). ``vae_tiling``: ``None`` tiles the VAE for
     images larger than 1024 px a side, ``True`` always, ``False`` never; ``vae_tile_size`` is the
-    tile side in pixels.
+    tile side in pixels. ``defaults``: the ``steps``, ``guidance_scale`` and ``sampler`` used
+    when a call leaves them out (read from the model file where it names them).
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class StableDiffusion:
         vae_tile_size: int = AUTO_TILE_SIZE,
         name: str | None = None,
         source: Path | None = None,
+        defaults: Mapping[str, Any] | None = None,
     ):
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.tokenizer = tokenizer or CLIPTokenizer(max_length=_max_positions(text_encoder))
@@ -89,6 +95,7 @@ class StableDiffusion:
         self.offload = offload
         self.vae_tiling, self.vae_tile_size = vae_tiling, vae_tile_size
         self.name, self.source = name, source
+        self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
         self._hash: str | None = None
         _check_dtype(self.dtype, self.device)
         for module in self._modules():
@@ -174,9 +181,9 @@ class StableDiffusion:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] = "",
         *,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "euler_a",
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         seed: int | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -205,9 +212,9 @@ class StableDiffusion:
         negative_prompt: str | Sequence[str] = "",
         *,
         strength: float = 0.6,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "euler_a",
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         seed: int | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -235,9 +242,9 @@ class StableDiffusion:
         *,
         strength: float = 1.0,
         mask_blur: float = 0.0,
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        sampler: str = "euler_a",
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         seed: int | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -288,6 +295,9 @@ class StableDiffusion:
     # the work
 
     def _generate(self, args: dict, *, init, mask, strength: float, mask_blur: float):
+        args = {
+            k: self.defaults[k] if v is None and k in self.defaults else v for k, v in args.items()
+        }
         p = self._prepare(args, init, mask, strength, mask_blur)
         context = self._encode_prompts(p["prompts"], p["negatives"], p["cfg"], args["clip_skip"])
         init_latents = mask_latents = masked_latents = None
@@ -688,7 +698,8 @@ def _diffusers_root_options(root: Path, vae: AutoencoderKL) -> dict:
 
 
 # Where a checkpoint written by sd-pipeline's training keeps its pipeline settings (a JSON
-# object in the safetensors header: resolution, prediction, schedule).
+# object in the safetensors header: resolution, prediction, schedule, and the generation
+# defaults that suit the model: steps, sampler, guidance_scale).
 PIPELINE_METADATA = "sd_pipeline.config"
 
 
@@ -712,6 +723,9 @@ def _file_options(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: unreadable {PIPELINE_METADATA} metadata ({e})") from e
     options: dict = {}
+    defaults = {k: config[k] for k in GENERATION_DEFAULTS if config.get(k) is not None}
+    if defaults:
+        options["defaults"] = defaults
     if isinstance(config.get("resolution"), int):
         options["native_size"] = config["resolution"]
     if config.get("prediction") in ("epsilon", "v"):
