@@ -77,7 +77,37 @@ def _read_file(path: Path, ema: bool) -> tuple[dict, UNetConfig | None, str]:
             f"{path}: no UNet in this file: expected '{PREFIX}{PROBE}' (an SD checkpoint) or "
             f"'{PROBE}' (a bare UNet file); found {len(keys)} keys, such as {keys[:3]}"
         )
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, prefix), _config_from_metadata(path), str(path)
     return load_tensors(path, prefix), _config_from_metadata(path), str(path)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+def _read_safetensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` of a .safetensors file, read (not memory-mapped) into memory
+    of their own: only their bytes are read, and once the model holds them no mapping of the
+    whole file stays resident (the channels_last conversion would otherwise keep both)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        start = 8 + size
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__" or not name.startswith(prefix):
+                continue
+            if info["dtype"] not in _DTYPES:
+                return load_tensors(path, prefix)  # e.g. float8: let safetensors do it
+            begin, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            f.seek(start + begin)
+            if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+                raise CheckpointError(f"{path}: cannot read {name!r}; is the file truncated?")
+            tensors[name[len(prefix) :]] = tensor
+    return tensors
 
 
 def _read_ema(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
