@@ -147,13 +147,14 @@ def _worker(name: str, side: str, args: dict, warmup: int, repeat: int) -> dict:
     fn = REGISTRY[name].sides[side](args)
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)  # all threads: less hurt by contention
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"times": times, "peak_rss": peak}
+    return {"times": times, "cpu_times": cpu_times, "peak_rss": peak}
 
 
 def _run_side(name, side, args, opts) -> dict:
@@ -172,7 +173,10 @@ def _summary(name: str, runs: dict[str, list[dict]], opts) -> dict:
     sides = {}
     for side, results in runs.items():
         times = [t for r in results for t in r["times"]]
+        cpu_times = [t for r in results for t in r["cpu_times"]]
         sides[side] = {
+            "cpu_median_s": statistics.median(cpu_times),
+            "cpu_times_s": cpu_times,
             "median_s": statistics.median(times),
             "min_s": min(times),
             "max_s": max(times),
@@ -187,6 +191,7 @@ def _summary(name: str, runs: dict[str, list[dict]], opts) -> dict:
             for a, b in zip(runs[side], runs[bench.baseline])
         ]
         s["ratio"] = s["median_s"] / base["median_s"]
+        s["cpu_ratio"] = s["cpu_median_s"] / base["cpu_median_s"]
         s["ratio_per_round"] = pairs
     return {
         "benchmark": name,
@@ -210,14 +215,16 @@ def _markdown(s: dict) -> str:
         f"{s['repeat']} timed calls after {s['warmup']} warm-up, sides alternating, each in "
         "its own process.",
         "",
-        f"| side | median | min-max | ratio to {s['baseline']} | per-round ratios | peak RSS |",
-        "|---|---|---|---|---|---|",
+        f"| side | median | min-max | ratio to {s['baseline']} | per-round ratios "
+        "| CPU-time median | CPU-time ratio | peak RSS |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for side, r in s["sides"].items():
         per_round = ", ".join(f"{x:.3f}" for x in r["ratio_per_round"])
         lines.append(
             f"| {side} | {r['median_s']:.2f} s | {r['min_s']:.2f}-{r['max_s']:.2f} s | "
-            f"{r['ratio']:.3f} | {per_round} | {r['peak_rss_gb']:.2f} GB |"
+            f"{r['ratio']:.3f} | {per_round} | {r['cpu_median_s']:.2f} s | "
+            f"{r['cpu_ratio']:.3f} | {r['peak_rss_gb']:.2f} GB |"
         )
     return "\n".join(lines) + "\n"
 
@@ -262,6 +269,7 @@ def main(argv=None) -> None:
                 r = _run_side(name, side, args, opts)
                 runs[side].append(r)
                 times = ", ".join(f"{t:.2f}" for t in r["times"])
+                times += " (CPU " + ", ".join(f"{t:.2f}" for t in r["cpu_times"]) + ")"
                 print(f"{name} round {i + 1}/{opts.rounds} {side}: {times} s, "
                       f"peak RSS {r['peak_rss'] / 1e9:.2f} GB", flush=True)  # fmt: skip
         summary = _summary(name, runs, opts)
