@@ -72,7 +72,7 @@ def test_half_precision_runs_close_to_float32(tiny, dtype):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     config = UNetConfig.tiny()
-    x, t, c = inputs(config)
+    x, t, c = inputs(config, size=8)
     grads = []
     for checkpointing in (False, True):
         model = random_unet(config).train()
@@ -85,7 +85,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_training_step_with_inplace_ops_has_gradients_everywhere():
     model = random_unet(UNetConfig.tiny()).train()
-    x, t, c = inputs(model.config)
+    x, t, c = inputs(model.config, size=8)
     model(x, t, c).square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert not missing

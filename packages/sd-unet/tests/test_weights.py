@@ -201,3 +201,11 @@ def test_code_running_pickle_is_refused(tiny, tmp_path):
         with pytest.raises(CheckpointError, match="refused to load"):
             UNet.from_checkpoint(p)
     assert not marker.exists()
+
+
+def test_truncated_safetensors(tiny, tmp_path):
+    path = tmp_path / "unet.safetensors"
+    tiny.save(path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        UNet.from_checkpoint(path)
