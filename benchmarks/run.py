@@ -3,13 +3,15 @@
     python benchmarks/run.py --list                 the registered benchmarks
     python benchmarks/run.py --only unet            one (or several: --only unet vae)
     python benchmarks/run.py --only unet --rounds 3 --repeat 2 --threads 2
+    python benchmarks/run.py --size tiny --rounds 1      everything, on tiny models (a check)
+    python benchmarks/run.py --markdown                 the latest results as one table
 
 Every benchmark has two or more *sides* (ours, diffusers, ...). Each side runs in its own
 subprocess (so its peak memory is its own), and the sides alternate round by round, so that
 whatever else the machine is doing weighs on both alike: compare the ratio, not the seconds.
 Results go to benchmarks/results/<name>.json and .md.
 
-Adding a benchmark: write a function ``prepare(workdir) -> dict`` that makes what every side
+Adding a benchmark: write a function ``prepare(workdir, opts) -> dict`` that makes what every side
 needs (weights on disk, say) and one ``side(args) -> callable`` per side that loads its model
 and returns the zero-argument function to time; register them with ``register(...)``.
 """
@@ -37,9 +39,11 @@ RESULTS = HERE / "results"
 class Benchmark:
     name: str
     description: str
-    prepare: callable  # (workdir: Path) -> dict of JSON-able arguments for the sides
+    prepare: callable  # (workdir: Path, opts) -> dict of JSON-able arguments for the sides
     sides: dict[str, callable] = field(default_factory=dict)  # side -> (args) -> fn to time
     baseline: str = "diffusers"  # the side the ratio is taken against
+    flops: callable | None = None  # (args) -> FLOPs of one call: GFLOP/s and share of the peak
+    images: int = 0  # images made per call: images/s too
 
 
 REGISTRY: dict[str, Benchmark] = {}
@@ -51,40 +55,174 @@ def register(benchmark: Benchmark) -> Benchmark:
 
 
 # ---------------------------------------------------------------------------------------------
+# The shared checkpoint: our three models with random weights, in one SD single file. Each
+# reference reads its part from that file with diffusers' own single-file converters
+# (transformers' CLIP takes the keys as they are), so nothing of ours converts what it is
+# compared against.
+
+PREFIXES = {
+    "vae": "first_stage_model.",
+    "text": "cond_stage_model.transformer.",
+    "unet": "model.diffusion_model.",
+}
+PROMPT = "a red circle above a blue square"
+# Per --size: latent side of the UNet and VAE inputs, and the txt2img image side by default.
+SIZES = {"full": {"latent": 64, "image": 512}, "tiny": {"latent": 8, "image": 64}}
+
+
+def _configs(size: str):
+    """(vae, text, unet) configs: SD 1.5's, or each package's tiny() joined up (the UNet's
+    context is the text width; 8 heads, which a single file does not record)."""
+    import dataclasses
+
+    from sd_clip import CLIPTextConfig
+    from sd_unet import UNetConfig
+    from sd_vae import AutoencoderKLConfig
+
+    if size == "full":
+        return AutoencoderKLConfig.sd15(), CLIPTextConfig.sd15(), UNetConfig.sd15()
+    text = CLIPTextConfig.tiny()
+    unet = dataclasses.replace(UNetConfig.tiny(), context_dim=text.width, num_heads=8)
+    return AutoencoderKLConfig.tiny(), text, unet
+
+
+def _random_state(model, seed: int) -> dict:
+    """Random weights for a model built on the meta device: matrices and kernels scaled by
+    1/sqrt(fan-in) (no zero output layers), norm scales 1, other vectors small."""
+    import torch
+
+    g = _generator(seed)
+    state = {}
+    for name, p in model.state_dict().items():
+        if p.dim() > 1:
+            state[name] = torch.randn(p.shape, generator=g) * (1 / p[0].numel()) ** 0.5
+        elif name.endswith("weight"):  # GroupNorm, LayerNorm scales
+            state[name] = torch.ones(p.shape)
+        else:
+            state[name] = torch.randn(p.shape, generator=g) * 0.01
+    return state
+
+
+def _generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def _checkpoint_prepare(workdir: Path, opts) -> dict:
+    """Write (once, cached) the SD single file and a tokenizer folder for the references."""
+    import torch
+
+    from sd_clip import CLIPTextModel, CLIPTokenizer
+    from sd_unet import UNet
+    from sd_vae import AutoencoderKL
+    from sd_vae._checkpoint import save_tensors
+
+    size = opts.size
+    path = workdir / f"sd15-{size}-random.safetensors"
+    tokenizer = workdir / "tokenizer"
+    if not (tokenizer / "merges.txt").exists():
+        CLIPTokenizer().save(tokenizer)
+    if not path.exists():
+        state = {}
+        for seed, (key, cls, config) in enumerate(
+            zip(("vae", "text", "unet"), (AutoencoderKL, CLIPTextModel, UNet), _configs(size))
+        ):
+            with torch.device("meta"):
+                model = cls(config)
+            part = _random_state(model, seed)
+            state.update({PREFIXES[key] + k: v for k, v in part.items()})
+            del model, part
+        save_tensors(state, path, {"format": "pt"})
+        del state
+    return {"weights": str(path), "tokenizer": str(tokenizer), "size": size}
+
+
+def _read_part(path: str, part: str) -> dict:
+    """The tensors of one part of the SD file, keys as stored (prefix included)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(PREFIXES[part])}
+
+
+def _meta_build(build, state: dict):
+    """Build a reference model on the meta device and give it ``state`` (strictly)."""
+    import torch
+
+    with torch.device("meta"):
+        model = build()
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def _reference_unet(args: dict):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from sd_unet.weights import diffusers_config
+
+    config = {k: v for k, v in diffusers_config(_configs(args["size"])[2]).items() if k[0] != "_"}
+    state = convert_ldm_unet_checkpoint(_read_part(args["weights"], "unet"), config)
+    return _meta_build(lambda: UNet2DConditionModel(**config), state)
+
+
+def _reference_vae(args: dict):
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from sd_vae.weights import diffusers_config
+
+    config = {k: v for k, v in diffusers_config(_configs(args["size"])[0]).items() if k[0] != "_"}
+    state = convert_ldm_vae_checkpoint(_read_part(args["weights"], "vae"), config)
+    return _meta_build(lambda: AutoencoderKL(**config), state)
+
+
+def _reference_text(args: dict):
+    import torch
+    import transformers
+
+    c = _configs(args["size"])[1]
+    config = transformers.CLIPTextConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.width,
+        intermediate_size=c.mlp_width,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        max_position_embeddings=c.max_positions,
+        hidden_act=c.activation,
+        layer_norm_eps=c.layer_norm_eps,
+    )
+    with torch.device("meta"):
+        names = set(transformers.CLIPTextModel(config).state_dict())
+    state = {}
+    for key, value in _read_part(args["weights"], "text").items():
+        key = key.removeprefix(PREFIXES["text"])
+        state[key if key in names else key.removeprefix("text_model.")] = value  # transformers 5
+    for key in names - state.keys():  # a buffer (position_ids) the file does not carry
+        if key.endswith("position_ids"):
+            state[key] = torch.arange(c.max_positions)[None]
+    return _meta_build(lambda: transformers.CLIPTextModel(config), state)
+
+
+def _latents(args: dict, batch: int = 1, channels: int = 4):
+    import torch
+
+    side = SIZES[args["size"]]["latent"]
+    return torch.randn(batch, channels, side, side, generator=_generator(1))
+
+
+# ---------------------------------------------------------------------------------------------
 # UNet: one forward of the SD 1.5 UNet, batch 2, 4x64x64 latents, 77x768 context, float32
 
 
-def _unet_prepare(workdir: Path) -> dict:
+def _unet_inputs(args: dict):
     import torch
 
-    from sd_unet import UNet, UNetConfig
-
-    path = workdir / "unet-sd15-random.safetensors"
-    if not path.exists():
-        torch.manual_seed(0)
-        with torch.device("meta"):
-            model = UNet(UNetConfig.sd15())
-        state = {}
-        for name, p in model.state_dict().items():  # random weights; norm scales 1
-            if p.dim() > 1:
-                state[name] = torch.randn(p.shape) * (1 / p[0].numel()) ** 0.5
-            elif name.endswith("weight"):  # GroupNorm, LayerNorm scales
-                state[name] = torch.ones(p.shape)
-            else:
-                state[name] = torch.randn(p.shape) * 0.01
-        model.load_state_dict(state, assign=True)
-        model.save(path)
-        del model, state
-    return {"weights": str(path)}
-
-
-def _unet_inputs(batch=2, size=64, tokens=77, width=768):
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 4, size, size, generator=g)
-    context = torch.randn(batch, tokens, width, generator=g)
-    return x, torch.full((batch,), 500.0), context
+    config = _configs(args["size"])[2]
+    x = _latents(args, batch=2)
+    context = torch.randn(2, 77, config.context_dim, generator=_generator(2))
+    return x, torch.full((2,), 500.0), context
 
 
 def _unet_ours(args: dict):
@@ -93,7 +231,7 @@ def _unet_ours(args: dict):
     from sd_unet import UNet
 
     model = UNet.from_checkpoint(args["weights"])
-    x, t, c = _unet_inputs()
+    x, t, c = _unet_inputs(args)
 
     def run():
         with torch.inference_mode():
@@ -104,22 +242,9 @@ def _unet_ours(args: dict):
 
 def _unet_diffusers(args: dict):
     import torch
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
-    from sd_unet import UNetConfig
-    from sd_unet.weights import diffusers_config, diffusers_key_map
-
-    config = UNetConfig.sd15()
-    names = diffusers_key_map(config)  # the same weights, in diffusers' names
-    state = {names[k]: v for k, v in load_file(args["weights"]).items()}
-    kwargs = {k: v for k, v in diffusers_config(config).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = UNet2DConditionModel(**kwargs)
-    model.load_state_dict(state, assign=True)
-    model.eval()
-    del state
-    x, t, c = _unet_inputs()
+    model = _reference_unet(args)
+    x, t, c = _unet_inputs(args)
 
     def run():
         with torch.inference_mode():
@@ -128,12 +253,299 @@ def _unet_diffusers(args: dict):
     return run
 
 
+def _unet_flops(args: dict) -> float:
+    """FLOPs of one call (torch.utils.flop_counter), counted on the meta device."""
+    import torch
+
+    from sd_unet import UNet
+
+    with torch.device("meta"):
+        model = UNet(_configs(args["size"])[2])
+        inputs = [t.to("meta") for t in _unet_inputs(args)]
+    return _count_flops(lambda: model(*inputs))
+
+
+def _count_flops(fn) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP text encoder: batch 2 x 77 tokens (a prompt and its negative, as CFG runs it)
+
+
+def _clip_ids():
+    import torch
+
+    return torch.randint(0, 49408, (2, 77), generator=_generator(3))
+
+
+def _clip_ours(args: dict):
+    import torch
+
+    from sd_clip import CLIPTextModel
+
+    model = CLIPTextModel.from_checkpoint(args["weights"])
+    ids = _clip_ids()
+
+    def run():
+        with torch.inference_mode():
+            return model(ids)
+
+    return run
+
+
+def _clip_transformers(args: dict):
+    import torch
+
+    model = _reference_text(args)
+    ids = _clip_ids()
+
+    def run():
+        with torch.inference_mode():
+            return model(input_ids=ids).last_hidden_state
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE: decode 1x4x64x64 latents to a 512x512 image, encode a 512x512 image, float32
+
+
+def _image(args: dict):
+    import torch
+
+    side = SIZES[args["size"]]["latent"] * 8
+    return torch.rand(1, 3, side, side, generator=_generator(4)) * 2 - 1
+
+
+def _vae_decode_ours(args: dict):
+    import torch
+
+    from sd_vae import AutoencoderKL
+
+    model = AutoencoderKL.from_checkpoint(args["weights"])
+    z = _latents(args)
+
+    def run():
+        with torch.inference_mode():
+            return model.decode(z)
+
+    return run
+
+
+def _vae_decode_diffusers(args: dict):
+    import torch
+
+    model = _reference_vae(args)
+    z = _latents(args)
+
+    def run():
+        with torch.inference_mode():
+            return model.decode(z).sample
+
+    return run
+
+
+def _vae_decode_flops(args: dict) -> float:
+    import torch
+
+    from sd_vae import AutoencoderKL
+
+    with torch.device("meta"):
+        model = AutoencoderKL(_configs(args["size"])[0])
+        z = _latents(args).to("meta")
+    return _count_flops(lambda: model._decode(z))
+
+
+def _vae_encode_ours(args: dict):
+    import torch
+
+    from sd_vae import AutoencoderKL
+
+    model = AutoencoderKL.from_checkpoint(args["weights"])
+    x = _image(args)
+
+    def run():
+        with torch.inference_mode():
+            return model.encode(x).mean
+
+    return run
+
+
+def _vae_encode_diffusers(args: dict):
+    import torch
+
+    model = _reference_vae(args)
+    x = _image(args)
+
+    def run():
+        with torch.inference_mode():
+            return model.encode(x).latent_dist.mean
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# txt2img: the whole pipeline, 20 DDIM steps with classifier-free guidance (7.5), one image,
+# PIL out. The image side is --txt2img-size (default 512 at full size, 64 at tiny).
+
+
+def _txt2img_prepare(workdir: Path, opts) -> dict:
+    image = opts.txt2img_size or SIZES[opts.size]["image"]
+    return {**_checkpoint_prepare(workdir, opts), "image": image}
+
+
+def _txt2img_ours(args: dict):
+    from sd_pipeline import StableDiffusion
+
+    side = args["image"]
+    pipe = StableDiffusion.from_checkpoint(args["weights"], device="cpu", native_size=side)
+
+    def run():
+        return pipe.txt2img(PROMPT, steps=20, guidance_scale=7.5, sampler="ddim", seed=0,
+                            width=side, height=side, progress=False)  # fmt: skip
+
+    return run
+
+
+def _txt2img_diffusers(args: dict):
+    import transformers
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    side = args["image"]
+    folder = Path(args["tokenizer"])
+    tokenizer = transformers.CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_reference_vae(args),
+        text_encoder=_reference_text(args),
+        tokenizer=tokenizer,
+        unet=_reference_unet(args),
+        scheduler=DDIMScheduler(  # SD 1.x's schedule, as the original DDIM sampler runs it
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(PROMPT, num_inference_steps=20, guidance_scale=7.5, height=side, width=side,
+                    generator=_generator(0)).images  # fmt: skip
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: a full-size single file into StableDiffusion.from_checkpoint, against reading the
+# same file with safetensors alone (the floor: goal ratio <= 1.2)
+
+
+def _load_ours(args: dict):
+    from sd_pipeline import StableDiffusion
+
+    return lambda: StableDiffusion.from_checkpoint(args["weights"], device="cpu")
+
+
+def _load_safetensors(args: dict):
+    from safetensors.torch import load_file
+
+    return lambda: load_file(args["weights"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The practical peak: a large float32 matmul, measured in the same run as the FLOP-counted
+# benchmarks (each round), so that their GFLOP/s read as a fraction of what this CPU does.
+
+MATMUL = 4096
+
+
+def _matmul_prepare(workdir: Path, opts) -> dict:
+    return {"n": MATMUL}
+
+
+def _matmul_torch(args: dict):
+    import torch
+
+    g = _generator(5)
+    a, b = (torch.randn(args["n"], args["n"], generator=g) for _ in range(2))
+    return lambda: a @ b
+
+
+register(
+    Benchmark(
+        name="clip",
+        description="CLIP ViT-L/14 text encoder, batch 2 x 77 tokens, float32",
+        prepare=_checkpoint_prepare,
+        sides={"ours": _clip_ours, "transformers": _clip_transformers},
+        baseline="transformers",
+    )
+)
 register(
     Benchmark(
         name="unet",
         description="SD 1.5 UNet forward, batch 2, 4x64x64 latents, 77x768 context, float32",
-        prepare=_unet_prepare,
+        prepare=_checkpoint_prepare,
         sides={"ours": _unet_ours, "diffusers": _unet_diffusers},
+        flops=_unet_flops,
+    )
+)
+register(
+    Benchmark(
+        name="vae_decode",
+        description="SD VAE decode, 1x4x64x64 latents -> 512x512 image, float32",
+        prepare=_checkpoint_prepare,
+        sides={"ours": _vae_decode_ours, "diffusers": _vae_decode_diffusers},
+        flops=_vae_decode_flops,
+    )
+)
+register(
+    Benchmark(
+        name="vae_encode",
+        description="SD VAE encode, 512x512 image -> posterior mean, float32",
+        prepare=_checkpoint_prepare,
+        sides={"ours": _vae_encode_ours, "diffusers": _vae_encode_diffusers},
+    )
+)
+register(
+    Benchmark(
+        name="txt2img",
+        description="whole txt2img, 20 DDIM steps, CFG 7.5, one image, float32",
+        prepare=_txt2img_prepare,
+        sides={"ours": _txt2img_ours, "diffusers": _txt2img_diffusers},
+        images=1,
+    )
+)
+register(
+    Benchmark(
+        name="load",
+        description="load the single-file checkpoint (VAE + CLIP + UNet) into our pipeline",
+        prepare=_checkpoint_prepare,
+        sides={"ours": _load_ours, "safetensors": _load_safetensors},
+        baseline="safetensors",
+    )
+)
+register(
+    Benchmark(
+        name="matmul",
+        description=f"float32 matmul {MATMUL}x{MATMUL} @ {MATMUL}x{MATMUL}: the practical peak",
+        prepare=_matmul_prepare,
+        sides={"torch": _matmul_torch},
+        baseline="torch",
+        flops=lambda args: 2.0 * args["n"] ** 3,
     )
 )
 
@@ -157,10 +569,11 @@ def _worker(name: str, side: str, args: dict, warmup: int, repeat: int) -> dict:
     return {"times": times, "cpu_times": cpu_times, "peak_rss": peak}
 
 
-def _run_side(name, side, args, opts) -> dict:
+def _run_side(name, side, args, opts, warmup=None, repeat=None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads))
     cmd = [sys.executable, __file__, "--worker", name, side, json.dumps(args)]
-    cmd += ["--warmup", str(opts.warmup), "--repeat", str(opts.repeat)]
+    cmd += ["--warmup", str(opts.warmup if warmup is None else warmup)]
+    cmd += ["--repeat", str(opts.repeat if repeat is None else repeat)]
     cmd += ["--threads", str(opts.threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
@@ -168,8 +581,31 @@ def _run_side(name, side, args, opts) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _summary(name: str, runs: dict[str, list[dict]], opts) -> dict:
+def _machine() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cpus"
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("torch", "diffusers", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def _summary(name: str, runs: dict[str, list[dict]], opts, args: dict, peaks: list) -> dict:
     bench = REGISTRY[name]
+    flops = bench.flops(args) if bench.flops else None
+    peak = statistics.median(peaks) if peaks else None  # GFLOP/s of the matmul, this run
     sides = {}
     for side, results in runs.items():
         times = [t for r in results for t in r["times"]]
@@ -193,52 +629,143 @@ def _summary(name: str, runs: dict[str, list[dict]], opts) -> dict:
         s["ratio"] = s["median_s"] / base["median_s"]
         s["cpu_ratio"] = s["cpu_median_s"] / base["cpu_median_s"]
         s["ratio_per_round"] = pairs
+        s["rss_ratio"] = s["peak_rss_gb"] / base["peak_rss_gb"]
+        if flops:
+            s["gflops_per_s"] = flops / s["median_s"] / 1e9
+            if peak:
+                s["peak_fraction"] = s["gflops_per_s"] / peak
+        if bench.images:
+            s["images_per_s"] = bench.images / s["median_s"]
     return {
         "benchmark": name,
         "description": bench.description,
+        "size": opts.size,
+        "inputs": {k: v for k, v in args.items() if k in ("image", "n")},
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "machine": _machine(),
+        "versions": _versions(),
         "threads": opts.threads,
         "rounds": opts.rounds,
         "repeat": opts.repeat,
         "warmup": opts.warmup,
         "baseline": bench.baseline,
+        "flops": flops,
+        "peak_gflops_per_s": peak,
         "sides": sides,
     }
 
 
+def _header(s: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in s["versions"].items() if v)
+    return (
+        f"{s['date']}; {s['machine']}; {versions}; {s['threads']} threads; {s['size']} size; "
+        f"{s['rounds']} rounds of {s['repeat']} timed calls after {s['warmup']} warm-up, sides "
+        "alternating, each in its own process."
+    )
+
+
 def _markdown(s: dict) -> str:
-    lines = [
-        f"# {s['benchmark']}: {s['description']}",
-        "",
-        f"{s['date']}; {s['machine']}; {s['threads']} threads; {s['rounds']} rounds of "
-        f"{s['repeat']} timed calls after {s['warmup']} warm-up, sides alternating, each in "
-        "its own process.",
-        "",
+    lines = [f"# {s['benchmark']}: {s['description']}", "", _header(s), ""]
+    if s["inputs"].get("image"):
+        lines[-1:] = [f"Image side {s['inputs']['image']} px.", ""]
+    if s["flops"]:
+        peak = s["peak_gflops_per_s"]
+        lines += [f"{s['flops'] / 1e9:.1f} GFLOP per call (torch.utils.flop_counter)"
+                  + (f"; the {MATMUL}x{MATMUL} float32 matmul ran at {peak:.1f} GFLOP/s in the "
+                     "same run." if peak else "."), ""]  # fmt: skip
+    lines += [
         f"| side | median | min-max | ratio to {s['baseline']} | per-round ratios "
-        "| CPU-time median | CPU-time ratio | peak RSS |",
-        "|---|---|---|---|---|---|---|---|",
+        "| CPU-time median | CPU-time ratio | peak RSS | RSS ratio | extra |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for side, r in s["sides"].items():
         per_round = ", ".join(f"{x:.3f}" for x in r["ratio_per_round"])
         lines.append(
-            f"| {side} | {r['median_s']:.2f} s | {r['min_s']:.2f}-{r['max_s']:.2f} s | "
-            f"{r['ratio']:.3f} | {per_round} | {r['cpu_median_s']:.2f} s | "
-            f"{r['cpu_ratio']:.3f} | {r['peak_rss_gb']:.2f} GB |"
+            f"| {side} | {r['median_s']:.3f} s | {r['min_s']:.3f}-{r['max_s']:.3f} s | "
+            f"{r['ratio']:.3f} | {per_round} | {r['cpu_median_s']:.3f} s | "
+            f"{r['cpu_ratio']:.3f} | {r['peak_rss_gb']:.2f} GB | {r['rss_ratio']:.2f} | "
+            f"{_extra(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _extra(r: dict) -> str:
+    parts = []
+    if "gflops_per_s" in r:
+        parts.append(f"{r['gflops_per_s']:.1f} GFLOP/s")
+    if "peak_fraction" in r:
+        parts.append(f"{100 * r['peak_fraction']:.0f}% of the matmul peak")
+    if "images_per_s" in r:
+        parts.append(f"{r['images_per_s']:.4f} images/s")
+    return ", ".join(parts)
+
+
+def _table(summaries: list[dict]) -> str:
+    """All benchmarks in one table: ours against each reference (for the README)."""
+    if not summaries:
+        return "No results yet: run `python benchmarks/run.py` first.\n"
+    first = max(summaries, key=lambda s: s["date"])
+    versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items() if v)
+    lines = [
+        f"Measured {first['date']} on {first['machine']}; {versions}; {first['threads']} "
+        "threads, float32; random weights; ratios are ours / reference in the same run (each "
+        "side in its own process, alternating).",
+        "",
+        "| benchmark | size | ours median (min-max) | reference | reference median (min-max) "
+        "| time ratio | ours peak RSS | reference peak RSS | RSS ratio | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        if "ours" not in s["sides"]:
+            continue
+        o, b = s["sides"]["ours"], s["sides"][s["baseline"]]
+        size = s["size"] + (f", {s['inputs']['image']} px" if s["inputs"].get("image") else "")
+        lines.append(
+            f"| {s['benchmark']} | {size} | {o['median_s']:.3f} s ({o['min_s']:.3f}-"
+            f"{o['max_s']:.3f}) | {s['baseline']} | {b['median_s']:.3f} s ({b['min_s']:.3f}-"
+            f"{b['max_s']:.3f}) | {o['ratio']:.3f} | {o['peak_rss_gb']:.2f} GB | "
+            f"{b['peak_rss_gb']:.2f} GB | {o['rss_ratio']:.2f} | {_notes(o, b)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _notes(ours: dict, reference: dict) -> str:
+    parts = []
+    if "peak_fraction" in ours:
+        parts.append(f"ours {ours['gflops_per_s']:.0f} GFLOP/s = "
+                     f"{100 * ours['peak_fraction']:.0f}% of matmul peak "
+                     f"(reference {100 * reference['peak_fraction']:.0f}%)")  # fmt: skip
+    elif "gflops_per_s" in ours:
+        parts.append(f"ours {ours['gflops_per_s']:.0f} GFLOP/s")
+    if "images_per_s" in ours:
+        parts.append(f"{ours['images_per_s']:.4f} vs {reference['images_per_s']:.4f} images/s")
+    return "; ".join(parts)
+
+
+def _load_results(folder: Path) -> list[dict]:
+    order = {name: i for i, name in enumerate(REGISTRY)}
+    found = [json.loads(p.read_text()) for p in folder.glob("*.json") if p.stem in REGISTRY]
+    return sorted(found, key=lambda s: order[s["benchmark"]])
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
+    p.add_argument("--skip", nargs="+", metavar="NAME", default=[], help="leave these out")
+    p.add_argument("--size", choices=sorted(SIZES), default="full",
+                   help="full: SD 1.5 (default); tiny: each package's tiny() model, to check "
+                        "the code in seconds")  # fmt: skip
+    p.add_argument("--txt2img-size", type=int, metavar="PX",
+                   help="txt2img image side (default 512 at full size, 64 at tiny)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     p.add_argument("--repeat", type=int, default=1, help="timed calls per process (default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--workdir", type=Path, help="where shared inputs (weights) are cached")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the latest results (in --out) as one Markdown table and exit")  # fmt: skip
     p.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
 
@@ -253,18 +780,37 @@ def main(argv=None) -> None:
         for b in REGISTRY.values():
             print(f"{b.name:12s} {b.description} (sides: {', '.join(b.sides)})")
         return
-    names = opts.only or list(REGISTRY)
-    unknown = [n for n in names if n not in REGISTRY]
+    if opts.markdown:
+        print(_table(_load_results(opts.out)), end="")
+        return
+    for flag, value in (("--rounds", opts.rounds), ("--repeat", opts.repeat),
+                        ("--threads", opts.threads), ("--txt2img-size", opts.txt2img_size or 8)):  # fmt: skip
+        if value < 1:
+            raise SystemExit(f"{flag} must be at least 1, got {value}")
+    if opts.txt2img_size and opts.txt2img_size % 8:
+        raise SystemExit(f"--txt2img-size must be a multiple of 8, got {opts.txt2img_size}")
+    if opts.warmup < 0:
+        raise SystemExit(f"--warmup must be 0 or more, got {opts.warmup}")
+    names = opts.only or [n for n in REGISTRY if n != "matmul"]
+    unknown = [n for n in names + opts.skip if n not in REGISTRY]
     if unknown:
         raise SystemExit(f"unknown benchmark {unknown[0]!r}; choose from: {', '.join(REGISTRY)}")
+    names = [n for n in names if n not in opts.skip]
     workdir = opts.workdir or Path(tempfile.gettempdir()) / "sd-benchmarks"
     workdir.mkdir(parents=True, exist_ok=True)
     opts.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         bench = REGISTRY[name]
-        args = bench.prepare(workdir)
+        args = bench.prepare(workdir, opts)
         runs = {side: [] for side in bench.sides}
+        peaks = []  # the matmul's GFLOP/s, once a round, beside a FLOP-counted benchmark
         for i in range(opts.rounds):
+            if bench.flops and name != "matmul":
+                margs = _matmul_prepare(workdir, opts)
+                r = _run_side("matmul", "torch", margs, opts, warmup=1, repeat=3)
+                peaks.append(2.0 * MATMUL**3 / statistics.median(r["times"]) / 1e9)
+                print(f"{name} round {i + 1}/{opts.rounds} matmul peak: {peaks[-1]:.1f} GFLOP/s",
+                      flush=True)  # fmt: skip
             for side in bench.sides:
                 r = _run_side(name, side, args, opts)
                 runs[side].append(r)
@@ -272,10 +818,13 @@ def main(argv=None) -> None:
                 times += " (CPU " + ", ".join(f"{t:.2f}" for t in r["cpu_times"]) + ")"
                 print(f"{name} round {i + 1}/{opts.rounds} {side}: {times} s, "
                       f"peak RSS {r['peak_rss'] / 1e9:.2f} GB", flush=True)  # fmt: skip
-        summary = _summary(name, runs, opts)
+        summary = _summary(name, runs, opts, args, peaks)
         (opts.out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
         (opts.out / f"{name}.md").write_text(_markdown(summary))
         print(_markdown(summary))
+    table = _table(_load_results(opts.out))
+    (opts.out / "summary.md").write_text("# Latest results\n\n" + table)
+    print(table)
 
 
 if __name__ == "__main__":
