@@ -108,6 +108,30 @@ def test_vae_rescale_gives_unit_variance_latents(tmp_path, shapes_dir):
     assert float((z * vae.config.scaling_factor).std()) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_decoder_stage_refines_only_the_decoder(tmp_path, shapes_dir):
+    """decoder_steps: after the diffusion stage the VAE's decoder trains alone; the encoder (and
+    so the UNet's latents) is untouched, and the final model carries the refined decoder."""
+    config = tr.TrainConfig(**{**TINY, "data": str(shapes_dir), "out": str(tmp_path / "o"),
+                               "steps": 1, "decoder_steps": 2})  # fmt: skip
+    final = tensors(tr.train(config))
+    out = tmp_path / "o"
+    vae, refined = (
+        tensors(out / "vae" / "model.safetensors"),
+        tensors(out / "decoder" / "model.safetensors"),
+    )
+    diffusion = tensors(out / "diffusion" / "model.safetensors")
+    assert vae.keys() == refined.keys()
+    frozen = [k for k in vae if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in vae if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained and len(frozen) + len(trained) == len(vae)
+    assert all(torch.equal(vae[k], refined[k]) for k in frozen)
+    assert not all(torch.equal(vae[k], refined[k]) for k in trained)
+    prefix = tr.SD_PREFIXES["vae"]
+    assert all(torch.equal(final[prefix + k], refined[k]) for k in refined)
+    assert all(torch.equal(final[k], v) for k, v in diffusion.items() if not k.startswith(prefix))
+    assert len((out / "decoder" / "log.jsonl").read_text().splitlines()) == 2
+
+
 def run_cli(args, **kw):
     cmd = [sys.executable, "-m", "sd_pipeline.train", *args]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, **kw)
@@ -204,6 +228,11 @@ def test_helpers():
         ({"mixed_precision": "fp8"}, "mixed_precision 'fp8'"),
         ({"data": ""}, "no training data"),
         ({"mode": "finetune"}, "finetune needs --checkpoint"),
+        ({"decoder_steps": -1}, "must not be negative"),
+        (
+            {"mode": "finetune", "checkpoint": "m.safetensors", "decoder_steps": 5},
+            "decoder_steps refines a VAE trained by `sd-train scratch` only",
+        ),
     ],
 )
 def test_bad_settings(changes, message, shapes_dir):

@@ -96,6 +96,10 @@ class TrainConfig:
     vae_lr: float = 1e-4
     vae_batch_size: int | None = None
     kl_weight: float = 1e-6
+    # scratch: after the diffusion stage, refine the VAE's decoder alone for this many steps.
+    # The encoder stays frozen, so the latents the UNet learned stay valid (SD's ft-MSE VAE was
+    # made the same way).
+    decoder_steps: int = 0
     vae: dict = field(default_factory=dict)  # AutoencoderKLConfig fields
     text_encoder: dict = field(default_factory=dict)  # CLIPTextConfig fields
     unet: dict = field(default_factory=dict)  # UNetConfig fields
@@ -132,8 +136,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.steps < 0 or self.vae_steps < 0:
-            raise ValueError("steps and vae_steps must not be negative")
+        if self.steps < 0 or self.vae_steps < 0 or self.decoder_steps < 0:
+            raise ValueError("steps, vae_steps and decoder_steps must not be negative")
+        if self.decoder_steps and self.mode != "scratch":
+            raise ValueError("decoder_steps refines a VAE trained by `sd-train scratch` only")
         if not 0 <= self.cond_dropout < 1 or not 0 <= self.ema_decay < 1:
             raise ValueError("cond_dropout and ema_decay must be in [0, 1)")
 
@@ -209,7 +215,7 @@ def barrier(dist: Dist) -> None:
 
 def sample_generator(seed: int, stage: str, step: int, index: int) -> torch.Generator:
     """The generator for one training sample of one step: a pure function of its position."""
-    stage_id = {"vae": 1, "diffusion": 2}[stage]
+    stage_id = {"vae": 1, "diffusion": 2, "decoder": 3}[stage]
     g = torch.Generator()
     g.manual_seed(((seed * 7919 + stage_id) * 1_000_003 + step) * 65_536 + index)
     return g
@@ -307,6 +313,10 @@ def build_models(config: TrainConfig, stage: str) -> dict[str, nn.Module]:
             "text": CLIPTextModel.from_checkpoint(path),
             "unet": UNet.from_checkpoint(path),
         }
+    if stage == "decoder":  # the VAE stage's result, to refine
+        return {
+            "vae": AutoencoderKL.from_checkpoint(Path(config.out) / "vae" / "model.safetensors")
+        }
     torch.manual_seed(config.seed)  # the initial weights
     vae = AutoencoderKL(AutoencoderKLConfig(**config.vae))
     if stage == "vae":
@@ -354,8 +364,12 @@ def save_file_atomic(tensors: dict, path: Path, metadata: dict[str, str]) -> Non
 # ---------------------------------------------------------------------------- the trainer
 
 
+# Stages that train the VAE alone: all of it, or (after the diffusion stage) its decoder.
+VAE_STAGES = ("vae", "decoder")
+
+
 class Trainer:
-    """One stage of training ('vae' or 'diffusion') over an in-memory image folder."""
+    """One stage of training ('vae', 'diffusion' or 'decoder') over an in-memory image folder."""
 
     def __init__(
         self, config: TrainConfig, stage: str, data: ImageFolder, dist: Dist, resume: bool
@@ -373,18 +387,24 @@ class Trainer:
             m.train(name in self.trainable)
             if config.gradient_checkpointing and name in self.trainable:
                 enable_block_checkpointing(m)
+        if stage == "decoder":
+            self.models["vae"].encoder.requires_grad_(False)
+            self.models["vae"].quant_conv.requires_grad_(False)
         self.params = {
             f"{name}.{k}": p
             for name in self.trainable
             for k, p in self.models[name].named_parameters()
+            if p.requires_grad
         }
-        lr = config.vae_lr if stage == "vae" else config.lr
+        lr = config.vae_lr if stage in VAE_STAGES else config.lr
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()), lr=lr, weight_decay=config.weight_decay
         )
         self.base_lr = lr
-        self.batch_size = (stage == "vae" and config.vae_batch_size) or config.batch_size
-        self.total = config.vae_steps if stage == "vae" else config.steps
+        self.batch_size = (stage in VAE_STAGES and config.vae_batch_size) or config.batch_size
+        self.total = {"vae": config.vae_steps, "decoder": config.decoder_steps}.get(
+            stage, config.steps
+        )
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=config.mixed_precision == "fp16"
         )
@@ -397,7 +417,7 @@ class Trainer:
     # -- setup
 
     def _trainable_modules(self) -> list[str]:
-        if self.stage == "vae":
+        if self.stage in VAE_STAGES:
             return ["vae"]
         if self.config.mode == "scratch" or self.config.train_text_encoder:
             return ["text", "unet"]
@@ -519,7 +539,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.total, initial=self.step, desc=self.stage, dynamic_ncols=True)
-        loss_fn = self.vae_loss if self.stage == "vae" else self.diffusion_loss
+        loss_fn = self.vae_loss if self.stage in VAE_STAGES else self.diffusion_loss
         tic = time.perf_counter()
         while self.step < self.total:
             loss = self.train_step(loss_fn, per_step)
@@ -596,7 +616,7 @@ class Trainer:
         if self.dist.main:
             models = self.inference_models()
             save_file_atomic(
-                sd_state_dict(models, self.ema_overrides(), prefixed=self.stage != "vae"),
+                sd_state_dict(models, self.ema_overrides(), prefixed=self.stage not in VAE_STAGES),
                 self.dir / "model.safetensors",
                 model_metadata(models, self.config),
             )
@@ -711,7 +731,7 @@ class Trainer:
         for m in self.models.values():
             m.eval()
         try:
-            if self.stage == "vae":
+            if self.stage in VAE_STAGES:
                 images, _ = self.data.batch(list(range(min(8, len(self.data)))))
                 out = torch.cat([images, vae.decode(vae.encode(images.to(self.device)).mean)])
             else:
@@ -848,13 +868,29 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         del stage
     stage = Trainer(config, "diffusion", data, dist, resume)
     stage.run()
+    del stage
+    if config.mode == "scratch" and config.decoder_steps:
+        Trainer(config, "decoder", data, dist, resume).run()
     final = out / "model.safetensors"
     if dist.main:
-        tmp = out / "model.safetensors.tmp"
-        shutil.copyfile(out / "diffusion" / "model.safetensors", tmp)
-        os.replace(tmp, final)
+        assemble_model(out, with_decoder=config.mode == "scratch" and config.decoder_steps > 0)
     barrier(dist)
     return final
+
+
+def assemble_model(out: Path, with_decoder: bool) -> None:
+    """OUT/model.safetensors: the diffusion stage's model, its VAE decoder refined if asked."""
+    with safe_open(str(out / "diffusion" / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if with_decoder:
+        prefix = SD_PREFIXES["vae"]
+        with safe_open(str(out / "decoder" / "model.safetensors"), framework="pt") as f:
+            refined = {prefix + k: f.get_tensor(k) for k in f.keys()}
+        if set(refined) != {k for k in tensors if k.startswith(prefix)}:
+            raise RuntimeError(f"{out}: the refined decoder's VAE does not fit the model's VAE")
+        tensors.update(refined)
+    save_file_atomic(tensors, out / "model.safetensors", meta)
 
 
 def export(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float16") -> None:
@@ -890,6 +926,7 @@ def _parser() -> argparse.ArgumentParser:
             ("seed", int), ("checkpoint-every", int), ("sample-every", int),
             ("sample-steps", int), ("log-every", int), ("device", str),
             ("vae-steps", int), ("vae-lr", float), ("kl-weight", float),
+            ("decoder-steps", int),
         ]:  # fmt: skip
             s.add_argument(f"--{name}", type=kind)
         s.add_argument("--sample-prompt", action="append", dest="sample_prompts")
