@@ -730,7 +730,7 @@ def _table(summaries: list[dict]) -> str:
     if not summaries:
         return "No results yet: run `python benchmarks/run.py` first.\n"
     first = max(summaries, key=lambda s: s["date"])
-    versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items() if v)
+    versions = ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items() if v)
     lines = [
         f"Measured {first['date']} on {first['machine']}; {versions}; {first['threads']} "
         "threads, float32; random weights; ratios are ours / reference in the same run (each "
@@ -744,12 +744,13 @@ def _table(summaries: list[dict]) -> str:
         if "ours" not in s["sides"]:
             continue
         o, b = s["sides"]["ours"], s["sides"][s["baseline"]]
-        size = s["size"] + (f", {s['inputs']['image']} px" if s["inputs"].get("image") else "")
+        inputs = s.get("inputs", {})  # results from before --size: full size
+        size = s.get("size", "full") + (f", {inputs['image']} px" if inputs.get("image") else "")
         lines.append(
             f"| {s['benchmark']} | {size} | {o['median_s']:.3f} s ({o['min_s']:.3f}-"
             f"{o['max_s']:.3f}) | {s['baseline']} | {b['median_s']:.3f} s ({b['min_s']:.3f}-"
             f"{b['max_s']:.3f}) | {o['ratio']:.3f} | {o['peak_rss_gb']:.2f} GB | "
-            f"{b['peak_rss_gb']:.2f} GB | {o['rss_ratio']:.2f} | {_notes(o, b)} |"
+            f"{b['peak_rss_gb']:.2f} GB | {o['peak_rss_gb'] / b['peak_rss_gb']:.2f} | {_notes(o, b)} |"
         )
     return "\n".join(lines) + "\n"
 
