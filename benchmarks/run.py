@@ -463,7 +463,9 @@ def _load_ours(args: dict):
 def _load_safetensors(args: dict):
     from safetensors.torch import load_file
 
-    return lambda: load_file(args["weights"])
+    # load_file maps the file lazily: copy every tensor out, so that the file is really read
+    # into memory the process owns (as a loaded model holds it)
+    return lambda: {k: v.clone() for k, v in load_file(args["weights"]).items()}
 
 
 # ---------------------------------------------------------------------------------------------
