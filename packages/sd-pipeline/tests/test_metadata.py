@@ -1,5 +1,8 @@
 """AUTOMATIC1111 `parameters` text: written, read back, and parsed from A1111's own output."""
 
+import os
+import stat
+
 import pytest
 from PIL import Image
 
@@ -97,6 +100,9 @@ def test_png_round_trip(tmp_path):
     path = save_image(Image.new("RGB", (8, 8), "red"), tmp_path / "a.png", p)
     assert read_parameters(path) == p
     assert [f.name for f in tmp_path.iterdir()] == ["a.png"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not the temporary file's 0o600
 
 
 def test_read_errors(tmp_path):

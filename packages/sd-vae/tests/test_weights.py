@@ -1,7 +1,9 @@
 """Loading from every layout users have, saving, and the errors bad files give."""
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -101,6 +103,17 @@ def test_save_keeps_a_non_default_config(tmp_path):
     with torch.no_grad():
         z = torch.randn(1, 4, 4, 4)
         assert torch.equal(loaded.decode(z), vae.decode(z))
+
+
+def test_saved_file_has_a_new_files_mode(tmp_path):
+    """Written through a private temporary file, but left as readable as any new file."""
+    old = os.umask(0o022)
+    try:
+        random_vae(AutoencoderKLConfig.tiny()).save(tmp_path / "vae.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "vae.safetensors").stat().st_mode) == 0o644
+    assert [f.name for f in tmp_path.iterdir()] == ["vae.safetensors"]
 
 
 def test_state_dict_is_the_compvis_layout():

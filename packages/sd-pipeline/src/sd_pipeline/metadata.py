@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from sd_vae._checkpoint import file_mode
+
 # Our sampler names (sd-samplers, after AUTOMATIC1111's) and the labels AUTOMATIC1111 writes.
 SAMPLER_LABELS = {
     "ddpm": "DDPM",
@@ -219,6 +221,7 @@ def save_image(
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=fmt, **options)
+        os.chmod(tmp, file_mode())  # mkstemp makes it private; give it a new file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -159,10 +159,18 @@ def save_tensors(
     os.close(fd)
     try:
         save_file(data, tmp, metadata=dict(metadata) if metadata else None)
+        os.chmod(tmp, file_mode())  # mkstemp makes it private; give it a new file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def file_mode() -> int:
+    """The mode of a newly created file under this process's umask (0o644 under 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _existing_file(path: str | os.PathLike) -> Path:
