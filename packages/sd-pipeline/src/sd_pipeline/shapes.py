@@ -151,6 +151,9 @@ class ShapesConfig:
             )
 
 
+DEFAULT = ShapesConfig()  # frozen: safe to share as a default argument
+
+
 def combinations_for(held_out: str) -> list[tuple[str, str, str]]:
     return {
         "exclude": train_combinations,
@@ -176,14 +179,14 @@ def random_scene(
     return Scene(*combo, size=size, cx=cx, cy=cy)
 
 
-def scenes(seed: int, count: int, config: ShapesConfig = ShapesConfig()) -> list[Scene]:
+def scenes(seed: int, count: int, config: ShapesConfig = DEFAULT) -> list[Scene]:
     """``count`` scenes, the same for the same seed and config."""
     rng = np.random.default_rng(seed)
     return [random_scene(rng, config) for _ in range(count)]
 
 
 def iter_batches(
-    seed: int, batch_size: int, config: ShapesConfig = ShapesConfig()
+    seed: int, batch_size: int, config: ShapesConfig = DEFAULT
 ) -> Iterator[tuple[np.ndarray, list[str]]]:
     """An endless stream of (B, H, W, 3) uint8 images and their captions, for training."""
     rng = np.random.default_rng(seed)
@@ -197,7 +200,7 @@ def write_dataset(
     folder: str | os.PathLike,
     count: int,
     seed: int = 0,
-    config: ShapesConfig = ShapesConfig(),
+    config: ShapesConfig = DEFAULT,
 ) -> list[Scene]:
     """Write ``count`` pictures as ``NNNNNN.png`` beside ``NNNNNN.txt`` (the caption)."""
     from PIL import Image
