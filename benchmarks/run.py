@@ -44,6 +44,13 @@ class Benchmark:
     baseline: str = "diffusers"  # the side the ratio is taken against
     flops: callable | None = None  # (args) -> FLOPs of one call: GFLOP/s and share of the peak
     images: int = 0  # images made per call: images/s too
+    compiled: callable | None = None  # the "ours-compiled" side (torch.compile), with --compile
+
+    def side_names(self, compile: bool = False) -> list[str]:
+        return [*self.sides, *(["ours-compiled"] if compile and self.compiled else [])]
+
+    def side(self, name: str) -> callable:
+        return self.compiled if name == "ours-compiled" else self.sides[name]
 
 
 REGISTRY: dict[str, Benchmark] = {}
@@ -240,6 +247,23 @@ def _unet_ours(args: dict):
     return run
 
 
+def _unet_ours_compiled(args: dict):
+    """Ours through torch.compile with freezing (what ``StableDiffusion.compile`` does); the
+    compilation happens in the warm-up call."""
+    import torch
+
+    from sd_unet import UNet
+
+    model = torch.compile(UNet.from_checkpoint(args["weights"]), options={"freezing": True})
+    x, t, c = _unet_inputs(args)
+
+    def run():
+        with torch.inference_mode():
+            return model(x, t, c)
+
+    return run
+
+
 def _unet_diffusers(args: dict):
     import torch
 
@@ -400,17 +424,23 @@ def _txt2img_prepare(workdir: Path, opts) -> dict:
     return {**_checkpoint_prepare(workdir, opts), "image": image}
 
 
-def _txt2img_ours(args: dict):
+def _txt2img_ours(args: dict, compile: bool = False):
     from sd_pipeline import StableDiffusion
 
     side = args["image"]
     pipe = StableDiffusion.from_checkpoint(args["weights"], device="cpu", native_size=side)
+    if compile:
+        pipe.compile()
 
     def run():
         return pipe.txt2img(PROMPT, steps=20, guidance_scale=7.5, sampler="ddim", seed=0,
                             width=side, height=side, progress=False)  # fmt: skip
 
     return run
+
+
+def _txt2img_ours_compiled(args: dict):
+    return _txt2img_ours(args, compile=True)
 
 
 def _txt2img_diffusers(args: dict):
@@ -503,6 +533,7 @@ register(
         prepare=_checkpoint_prepare,
         sides={"ours": _unet_ours, "diffusers": _unet_diffusers},
         flops=_unet_flops,
+        compiled=_unet_ours_compiled,
     )
 )
 register(
@@ -529,6 +560,7 @@ register(
         prepare=_txt2img_prepare,
         sides={"ours": _txt2img_ours, "diffusers": _txt2img_diffusers},
         images=1,
+        compiled=_txt2img_ours_compiled,
     )
 )
 register(
@@ -563,7 +595,7 @@ def _worker(name: str, side: str, args: dict, warmup: int, repeat: int) -> dict:
     is reset after setup where Linux allows it, so that reading the weights (a memory-mapped
     file of all three models) does not count. ``setup_peak_rss`` is the peak before that.
     """
-    fn = REGISTRY[name].sides[side](args)
+    fn = REGISTRY[name].side(side)(args)
     setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     reset = _reset_peak_rss()
     for _ in range(warmup):
@@ -743,17 +775,20 @@ def _table(summaries: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        if "ours" not in s["sides"]:
-            continue
-        o, b = s["sides"]["ours"], s["sides"][s["baseline"]]
-        inputs = s.get("inputs", {})  # results from before --size: full size
-        size = s.get("size", "full") + (f", {inputs['image']} px" if inputs.get("image") else "")
-        lines.append(
-            f"| {s['benchmark']} | {size} | {o['median_s']:.3f} s ({o['min_s']:.3f}-"
-            f"{o['max_s']:.3f}) | {s['baseline']} | {b['median_s']:.3f} s ({b['min_s']:.3f}-"
-            f"{b['max_s']:.3f}) | {o['ratio']:.3f} | {o['peak_rss_gb']:.2f} GB | "
-            f"{b['peak_rss_gb']:.2f} GB | {o['peak_rss_gb'] / b['peak_rss_gb']:.2f} | {_notes(o, b)} |"
-        )
+        for side, label in (("ours", ""), ("ours-compiled", " (torch.compile)")):
+            if side not in s["sides"]:
+                continue
+            o, b = s["sides"][side], s["sides"][s["baseline"]]
+            inputs = s.get("inputs", {})  # results from before --size: full size
+            size = s.get("size", "full") + (
+                f", {inputs['image']} px" if inputs.get("image") else ""
+            )
+            lines.append(
+                f"| {s['benchmark']}{label} | {size} | {o['median_s']:.3f} s ({o['min_s']:.3f}-"
+                f"{o['max_s']:.3f}) | {s['baseline']} | {b['median_s']:.3f} s ({b['min_s']:.3f}-"
+                f"{b['max_s']:.3f}) | {o['ratio']:.3f} | {o['peak_rss_gb']:.2f} GB | "
+                f"{b['peak_rss_gb']:.2f} GB | {o['peak_rss_gb'] / b['peak_rss_gb']:.2f} | {_notes(o, b)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -790,6 +825,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=1, help="timed calls per process (default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our side through torch.compile (unet, txt2img): 'ours-compiled'")  # fmt: skip
     p.add_argument("--workdir", type=Path, help="where shared inputs (weights) are cached")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--markdown", action="store_true",
@@ -830,7 +867,7 @@ def main(argv=None) -> None:
     for name in names:
         bench = REGISTRY[name]
         args = bench.prepare(workdir, opts)
-        runs = {side: [] for side in bench.sides}
+        runs = {side: [] for side in bench.side_names(opts.compile)}
         peaks = []  # the matmul's GFLOP/s, once a round, beside a FLOP-counted benchmark
         for i in range(opts.rounds):
             if bench.flops and name != "matmul":
@@ -839,7 +876,7 @@ def main(argv=None) -> None:
                 peaks.append(2.0 * MATMUL**3 / statistics.median(r["times"]) / 1e9)
                 print(f"{name} round {i + 1}/{opts.rounds} matmul peak: {peaks[-1]:.1f} GFLOP/s",
                       flush=True)  # fmt: skip
-            for side in bench.sides:
+            for side in runs:
                 r = _run_side(name, side, args, opts)
                 runs[side].append(r)
                 times = ", ".join(f"{t:.2f}" for t in r["times"])

@@ -136,6 +136,10 @@ ERROR_CASES = [
     (["--from-png", "{init}"], "carries no generation parameters"),
     (["--negative", "y"], "give a prompt"),
     (["x", "--vae", "{junk}"], "--vae needs --checkpoint"),
+    (
+        ["x", "--compile", "--offload"],
+        "--compile keeps the UNet on its device: leave out --offload",
+    ),
 ]
 
 

@@ -235,6 +235,44 @@ def test_offload_gives_the_same_result(tiny_checkpoint):
     )
 
 
+def test_compile_routes_the_unet_through_torch_compile(tiny_checkpoint, monkeypatch):
+    """compile() hands the UNet to torch.compile with freezing, and sampling then calls what it
+    returned; to() drops it. (The real compilation is the slow test below.)"""
+    seen = {}
+
+    def fake_compile(module, **kwargs):
+        seen["module"], seen["kwargs"], seen["calls"] = module, kwargs, 0
+
+        def compiled(*args):
+            seen["calls"] += 1
+            return module(*args)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    pipe = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu", native_size=32)
+    eager = pipe.txt2img("x", seed=0, output_type="latent", **FAST)
+    assert pipe.compile() is pipe
+    assert seen["module"] is pipe.unet and seen["kwargs"]["options"]["freezing"] is True
+    torch.testing.assert_close(pipe.txt2img("x", seed=0, output_type="latent", **FAST), eager)
+    assert seen["calls"] == 2  # two steps, each one UNet batch (CFG halves together)
+    pipe.to("cpu")
+    pipe.txt2img("x", seed=0, output_type="latent", **FAST)
+    assert seen["calls"] == 2
+    pipe.offload = True
+    with pytest.raises(ValueError, match="offload"):
+        pipe.compile()
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_same_image(tiny_checkpoint):
+    pipe = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu", native_size=32)
+    eager = pipe.txt2img("x", seed=0, output_type="tensor", **FAST)
+    compiled = pipe.compile().txt2img("x", seed=0, output_type="tensor", **FAST)
+    # float sums reordered by the fused kernels: the same image to well under a grey level
+    torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
+
+
 def test_tiled_vae_is_close_to_untiled(tiny_checkpoint):
     pipe = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu")
     latents = pipe.txt2img("x", width=64, height=64, seed=0, output_type="latent", **FAST)

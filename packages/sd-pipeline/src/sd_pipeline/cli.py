@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if any)")
     p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     p.add_argument("--offload", action="store_true", help="keep idle parts on the CPU")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (slow first run; pays off over many steps or images)",
+    )
     p.add_argument("--list-samplers", action="store_true", help="print the sampler names and exit")
     p.add_argument("--from-png", type=Path, help="take the settings from a PNG's parameters")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -166,6 +171,7 @@ def _settings(args: argparse.Namespace) -> dict:
         device=args.device,
         dtype=args.dtype,
         offload=args.offload,
+        compile=args.compile,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -203,6 +209,8 @@ def _check(job: dict):
     _check_device(job["device"])
     if job["mask"] is not None and job["init_image"] is None:
         raise _UsageError("--mask needs --init-image (the picture to inpaint)")
+    if job["compile"] and job["offload"]:
+        raise _UsageError("--compile keeps the UNet on its device: leave out --offload")
     init = mask = None
     try:
         if job["init_image"] is not None:
@@ -274,6 +282,8 @@ def _run(job: dict, inputs: dict):
     else:
         pipe = StableDiffusion.default(**options)
         pipe.offload = job["offload"]
+    if job.get("compile"):
+        pipe.compile()
     common = dict(
         negative_prompt=job["negative"],
         steps=job["steps"],

@@ -97,6 +97,7 @@ class StableDiffusion:
         self.name, self.source = name, source
         self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
         self._hash: str | None = None
+        self._compiled_unet: Callable | None = None  # see compile()
         _check_dtype(self.dtype, self.device)
         for module in self._modules():
             module.eval().requires_grad_(False)
@@ -381,13 +382,14 @@ class StableDiffusion:
         """model(x_t, t) for the sampler: the UNet with classifier-free guidance (the
         unconditional and conditional halves in one batch), inpainting conditioning or blending.
         """
-        unet, dtype, schedule = self.unet, self.dtype, self.schedule
+        unet = self.unet if self._compiled_unet is None else self._compiled_unet
+        dtype, schedule = self.dtype, self.schedule
         blend = mask is not None and masked is None
         extra = None if masked is None else torch.cat([mask, masked], dim=1)
         if cfg and extra is not None:
             extra = torch.cat([extra, extra])
 
-        multiple = 2 ** (len(unet.config.channel_mult) - 1)
+        multiple = 2 ** (len(self.unet.config.channel_mult) - 1)
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1)
@@ -577,8 +579,31 @@ class StableDiffusion:
         finally:
             module.to("cpu")
 
+    def compile(self, mode: str | None = None) -> StableDiffusion:
+        """Run the UNet through ``torch.compile`` from now on; returns self.
+
+        Inductor compiles it with *freezing*: the weights become constants of the compiled graph,
+        so their layouts are prepared once (oneDNN's blocked convolution weights on the CPU) and
+        the element-wise work around them (GroupNorm + SiLU, GEGLU, residual adds) is fused.
+        The first generation pays the compilation (minutes on a small CPU; inductor caches it on
+        disk for later runs); a new image size or batch size compiles again. ``mode`` is
+        ``torch.compile``'s (e.g. ``"max-autotune"``, or ``"reduce-overhead"`` for CUDA
+        graphs on a GPU). Moving or casting the pipeline (``to``) drops the compiled UNet: call
+        ``compile`` again after it. Not with ``offload=True`` (the weights must stay put).
+        """
+        if self.offload:
+            raise ValueError(
+                "compile() needs the UNet to stay on its device: not with offload=True"
+            )
+        from torch._inductor import list_mode_options
+
+        options = {**(list_mode_options(mode) if mode else {}), "freezing": True}
+        self._compiled_unet = torch.compile(self.unet, options=options)
+        return self
+
     def to(self, device: str | torch.device | None = None, dtype=None) -> StableDiffusion:
-        """Move (and cast) every part; returns self."""
+        """Move (and cast) every part; returns self. Drops a compiled UNet (see ``compile``)."""
+        self._compiled_unet = None
         if device is not None:
             self.device = torch.device(device)
         if dtype is not None:
