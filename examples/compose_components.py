@@ -19,12 +19,12 @@ from sd_unet import UNet, UNetConfig
 from sd_vae import AutoencoderKL, AutoencoderKLConfig
 
 # The bundled checkpoint (an SD single file; any SD 1.x file works the same way): each package
-# reads only its own tensors from it.
+# reads only its own tensors from it. The bundled file is float16: compute in float32 on a CPU.
 path = bundled_checkpoint()
 if path is not None:
-    vae = AutoencoderKL.from_checkpoint(path)
-    text_encoder = CLIPTextModel.from_checkpoint(path)
-    unet = UNet.from_checkpoint(path)
+    vae = AutoencoderKL.from_checkpoint(path, dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_checkpoint(path, dtype=torch.float32)
+    unet = UNet.from_checkpoint(path, dtype=torch.float32)
 else:  # an install without the bundled weights: random tiny parts, so that the code still runs
     vae, text_encoder = (
         AutoencoderKL(AutoencoderKLConfig.tiny()),
@@ -34,7 +34,7 @@ else:  # an install without the bundled weights: random tiny parts, so that the 
 tokenizer = CLIPTokenizer(max_length=text_encoder.config.max_positions)
 schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)  # SD's training schedule
 
-prompt, guidance, size = "a green square on a yellow background", 7.5, 64
+prompt, guidance, size = "a green square on a yellow background", 4.0, 64
 with torch.inference_mode():
     # 1. text -> context: the unconditional ("") and the conditional rows in one batch
     context = text_encoder(tokenizer(["", prompt]))

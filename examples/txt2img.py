@@ -12,8 +12,8 @@ images = pipe.txt2img(
     "a red circle on a blue background",
     negative_prompt="",
     steps=20,
-    guidance_scale=7.5,
-    sampler="euler_a",
+    guidance_scale=4.0,  # leave out steps/guidance_scale/sampler for the model's own defaults
+    sampler="euler",
     seed=1,
     batch_size=4,  # image i uses seed 1 + i
 )

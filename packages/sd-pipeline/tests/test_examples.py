@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import runpy
+import sys
 from pathlib import Path
 
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
-SCRIPTS = ["txt2img.py", "img2img.py", "inpaint.py", "compose_components.py"]
+SCRIPTS = ["txt2img.py", "img2img.py", "inpaint.py", "compose_components.py", "shapes_grid.py"]
 
 
 def _require_examples():
@@ -37,5 +38,6 @@ def test_demo_notebook_cells_run(tmp_path, monkeypatch):
 def test_example_runs(script, tmp_path, monkeypatch):
     _require_examples()
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script])  # as run with no arguments, not with pytest's
     runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     assert list(tmp_path.glob("*.png")), f"{script} wrote no picture"
