@@ -32,6 +32,21 @@ def test_sd_safetensors_single_file(tiny, tmp_path):
     assert same_output(loaded, tiny)
 
 
+def test_cpu_load_reads_conv_weights_into_channels_last(tiny, tmp_path):
+    """On the CPU the 4-d weights come out channels_last (read through a scratch buffer),
+    every tensor equal to the file's."""
+    path = tmp_path / "model.safetensors"
+    save_file(sd_file_state(tiny), path)
+    loaded = UNet.from_checkpoint(path)
+    theirs = tiny.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+        if tensor.dim() == 4:
+            assert tensor.is_contiguous(memory_format=torch.channels_last), name
+        else:
+            assert tensor.is_contiguous(), name
+
+
 @pytest.mark.parametrize("wrapped", [True, False])
 def test_sd_pickle_single_file(tiny, tmp_path, wrapped):
     path = tmp_path / "model.ckpt"
