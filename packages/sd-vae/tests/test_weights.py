@@ -102,7 +102,8 @@ def test_save_keeps_a_non_default_config(tmp_path):
     assert_same_weights(loaded, vae)
     with torch.no_grad():
         z = torch.randn(1, 4, 4, 4)
-        assert torch.equal(loaded.decode(z), vae.decode(z))
+        # loaded on the CPU it runs channels_last: the same up to rounding
+        torch.testing.assert_close(loaded.decode(z), vae.decode(z), rtol=1e-5, atol=1e-6)
 
 
 def test_saved_file_has_a_new_files_mode(tmp_path):
@@ -187,8 +188,11 @@ def test_dtype_and_default_dtype(tiny_vae, tmp_path):
 
 
 def test_only_the_autoencoder_is_read_from_a_single_file(tiny_vae, tmp_path, monkeypatch):
-    """The lazy path: safetensors tensors outside first_stage_model. are never read."""
+    """The lazy path (loading to a GPU): safetensors tensors outside first_stage_model. are
+    never read."""
     from safetensors import safe_open
+
+    from sd_vae.weights import _read_file
 
     path = sd_single_file(tiny_vae, tmp_path / "sd.safetensors")
     read = []
@@ -220,9 +224,53 @@ def test_only_the_autoencoder_is_read_from_a_single_file(tiny_vae, tmp_path, mon
             return self.f.__exit__(*exc)
 
     monkeypatch.setattr("sd_vae._checkpoint.safe_open", Recording)
-    AutoencoderKL.from_checkpoint(path)
+    _read_file(path, channels_last=False)
     assert read and all(name.startswith("first_stage_model.") for name in read)
     assert len(read) == len(tiny_vae.state_dict())
+
+
+def test_channels_last_read_takes_only_the_autoencoders_bytes(tiny_vae, tmp_path, monkeypatch):
+    """The CPU path reads the file itself: the header, then only first_stage_model. tensors,
+    4-d ones straight into channels_last."""
+    import builtins
+
+    import sd_vae._checkpoint as checkpoint
+
+    path = sd_single_file(tiny_vae, tmp_path / "sd.safetensors")
+    total = {"bytes": 0}
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            total["bytes"] += len(data)
+            return data
+
+        def readinto(self, buffer):
+            n = self.f.readinto(buffer)
+            total["bytes"] += n
+            return n
+
+    opener = builtins.open  # the wrapper closes it: its __exit__ is the file's
+    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: Counting(opener(*a, **k)),
+                        raising=False)  # fmt: skip
+    vae = AutoencoderKL.from_checkpoint(path)
+    assert_same_weights(vae, tiny_vae)
+    assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    ours = sum(t.numel() * t.element_size() for t in tiny_vae.state_dict().values())
+    assert total["bytes"] == header + ours < path.stat().st_size
 
 
 # ---------------------------------------------------------------------------- errors

@@ -76,13 +76,20 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
         w, b = self.conv.weight, self.conv.bias
-        out = x.new_empty(B, w.shape[0], 2 * H, 2 * W)
+        out = torch.empty(B, w.shape[0], 2 * H, 2 * W, dtype=x.dtype, device=x.device,
+                          memory_format=_layout(x))  # fmt: skip
         padded = F.pad(x, (1, 1, 1, 1))
         for a, rows in enumerate(_phase_taps(w, dim=2)):  # kernel rows folded for row phase a
             for c, kernel in enumerate(_phase_taps(rows, dim=3)):
                 out[:, :, a::2, c::2] = F.conv2d(padded[:, :, a : a + H + 1, c : c + W + 1],
                                                  kernel, b)  # fmt: skip
         return out
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format ``x`` is in: channels_last (the CPU's fast layout) or contiguous."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +112,12 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
+        H, W = x.shape[-2:]
         h = self.norm(x)
-        q, k, v = (
-            proj(h).reshape(B, 1, C, H * W).transpose(2, 3) for proj in (self.q, self.k, self.v)
-        )
+        # (B, C, H, W) -> (B, 1, HW, C): views when x is channels_last
+        q, k, v = (proj(h).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
-        h = h.transpose(2, 3).reshape(B, C, H, W)
+        h = h[:, 0].transpose(1, 2).unflatten(2, (H, W))
         return self.proj_out(h).add_(x)
 
 
@@ -406,11 +412,16 @@ class AutoencoderKL(nn.Module):
         """Encode, sample the posterior, decode: a reconstruction of ``images``."""
         return self.decode(self.encode(images).sample(generator))
 
+    # Inputs take the layout of the weights (channels_last after loading on the CPU, where
+    # oneDNN's convolutions then need no reorders); outputs are returned contiguous.
+
     def _moments(self, images: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(images))
+        images = images.contiguous(memory_format=_layout(self.encoder.conv_in.weight))
+        return self.quant_conv(self.encoder(images)).contiguous()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(latents))
+        latents = latents.contiguous(memory_format=_layout(self.decoder.conv_in.weight))
+        return self.decoder(self.post_quant_conv(latents)).contiguous()
 
     def _safe_decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode in the weights' precision; in float32 when forced, or when half precision
