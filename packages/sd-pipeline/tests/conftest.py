@@ -70,6 +70,17 @@ def write_checkpoint(path, in_channels: int = 4, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def _cache_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(_cache_home, monkeypatch):
+    """Tests never write into the user's ~/.cache (the model-hash cache lives there)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_cache_home))
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from sd_pipeline.metadata import (
     GenerationParameters,
+    model_hash,
     read_parameters,
     sampler_label,
     sampler_name,
@@ -116,3 +117,44 @@ def test_read_errors(tmp_path):
     junk.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="not a readable image"):
         read_parameters(junk)
+
+
+def test_model_hash_is_a1111s_and_is_cached(tmp_path, monkeypatch):
+    """The first 10 hex digits of SHA-256 (AUTOMATIC1111's 'Model hash'); computed once per file
+    version: the cache answers until the file's size or time changes."""
+    import hashlib
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights" * 1000)
+    expected = hashlib.sha256(model.read_bytes()).hexdigest()[:10]
+    assert model_hash(model) == expected
+    assert (tmp_path / "cache" / "sd-pipeline" / "model-hashes.json").is_file()
+
+    def no_hashing(*args):
+        raise AssertionError("hashed again although the cache holds this file")
+
+    monkeypatch.setattr("sd_pipeline.metadata.hashlib.sha256", no_hashing)
+    assert model_hash(model) == expected
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model.write_bytes(b"other weights" * 1000)  # a new size: the cached digest no longer holds
+    assert model_hash(model) == hashlib.sha256(model.read_bytes()).hexdigest()[:10]
+
+
+def test_model_hash_survives_a_broken_or_unwritable_cache(tmp_path, monkeypatch):
+    import hashlib
+
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"abc")
+    expected = hashlib.sha256(b"abc").hexdigest()[:10]
+    broken = tmp_path / "broken"
+    (broken / "sd-pipeline").mkdir(parents=True)
+    (broken / "sd-pipeline" / "model-hashes.json").write_text("{not json")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(broken))
+    assert model_hash(model) == expected  # and the cache is rewritten
+    assert "sha256" in (broken / "sd-pipeline" / "model-hashes.json").read_text()
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert model_hash(model) == expected

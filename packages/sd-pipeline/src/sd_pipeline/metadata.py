@@ -13,7 +13,9 @@ with ``Negative prompt:``, the negative prompt.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -23,6 +25,8 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from sd_vae._checkpoint import file_mode
+
+log = logging.getLogger(__name__)
 
 # Our sampler names (sd-samplers, after AUTOMATIC1111's) and the labels AUTOMATIC1111 writes.
 SAMPLER_LABELS = {
@@ -227,3 +231,61 @@ def save_image(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------- the model hash
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """AUTOMATIC1111's ``Model hash``: the first 10 hex digits of the file's SHA-256.
+
+    Hashing a 4 GB checkpoint takes seconds, so the digest is cached, as AUTOMATIC1111 caches
+    it: in ``$XDG_CACHE_HOME/sd-pipeline/model-hashes.json`` (``~/.cache`` by default), keyed by
+    the file's resolved path and valid while its size and modification time are unchanged. A
+    cache that cannot be read or written is ignored (the hash is then computed each time).
+    """
+    path = Path(path).resolve()
+    info = path.stat()
+    stamp = [info.st_size, info.st_mtime_ns]
+    cache_file = _hash_cache_file()
+    cache = _read_hash_cache(cache_file)
+    entry = cache.get(str(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and "sha256" in entry:
+        return str(entry["sha256"])[:10]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    cache[str(path)] = {"stamp": stamp, "sha256": digest.hexdigest()}
+    _write_hash_cache(cache_file, cache)
+    return digest.hexdigest()[:10]
+
+
+def _hash_cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "sd-pipeline" / "model-hashes.json"
+
+
+def _read_hash_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_hash_cache(path: Path, cache: dict) -> None:
+    """Atomically (a temporary file renamed into place); a failure only costs the cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(cache, f, indent=1)
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        log.debug("model hash cache %s not written: %s", path, e)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import inspect
 import logging
 import os
@@ -32,7 +31,7 @@ from sd_pipeline.images import (
     to_mask,
     to_pil,
 )
-from sd_pipeline.metadata import GenerationParameters
+from sd_pipeline.metadata import GenerationParameters, model_hash
 from sd_samplers import SAMPLERS, BrownianTreeNoise, GaussianNoise, NoiseSchedule, sample
 from sd_unet import UNet
 from sd_vae import AutoencoderKL
@@ -279,13 +278,10 @@ class StableDiffusion:
 
     @property
     def model_hash(self) -> str | None:
-        """AUTOMATIC1111's ``Model hash``: the first 10 hex digits of the file's SHA-256."""
+        """AUTOMATIC1111's ``Model hash``: the first 10 hex digits of the file's SHA-256
+        (cached on disk across runs: see ``sd_pipeline.metadata.model_hash``)."""
         if self._hash is None and self.source is not None and Path(self.source).is_file():
-            digest = hashlib.sha256()
-            with open(self.source, "rb") as f:
-                for block in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(block)
-            self._hash = digest.hexdigest()[:10]
+            self._hash = model_hash(self.source)
         return self._hash
 
     @property
