@@ -232,12 +232,14 @@ def _unet_inputs(args: dict):
     return x, torch.full((2,), 500.0), context
 
 
-def _unet_ours(args: dict):
+def _unet_ours(args: dict, compile: bool = False):
     import torch
 
     from sd_unet import UNet
 
     model = UNet.from_checkpoint(args["weights"])
+    if compile:  # what StableDiffusion.compile does; compiled in the warm-up call
+        model = torch.compile(model, options={"freezing": True})
     x, t, c = _unet_inputs(args)
 
     def run():
@@ -248,20 +250,7 @@ def _unet_ours(args: dict):
 
 
 def _unet_ours_compiled(args: dict):
-    """Ours through torch.compile with freezing (what ``StableDiffusion.compile`` does); the
-    compilation happens in the warm-up call."""
-    import torch
-
-    from sd_unet import UNet
-
-    model = torch.compile(UNet.from_checkpoint(args["weights"]), options={"freezing": True})
-    x, t, c = _unet_inputs(args)
-
-    def run():
-        with torch.inference_mode():
-            return model(x, t, c)
-
-    return run
+    return _unet_ours(args, compile=True)
 
 
 def _unet_diffusers(args: dict):

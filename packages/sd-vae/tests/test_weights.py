@@ -103,7 +103,7 @@ def test_save_keeps_a_non_default_config(tmp_path):
     with torch.no_grad():
         z = torch.randn(1, 4, 4, 4)
         # loaded on the CPU it runs channels_last: the same up to rounding
-        torch.testing.assert_close(loaded.decode(z), vae.decode(z), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded.decode(z), vae.decode(z), rtol=1e-4, atol=1e-5)
 
 
 def test_saved_file_has_a_new_files_mode(tmp_path):

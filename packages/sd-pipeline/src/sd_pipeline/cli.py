@@ -282,7 +282,7 @@ def _run(job: dict, inputs: dict):
     else:
         pipe = StableDiffusion.default(**options)
         pipe.offload = job["offload"]
-    if job.get("compile"):
+    if job["compile"]:
         pipe.compile()
     common = dict(
         negative_prompt=job["negative"],

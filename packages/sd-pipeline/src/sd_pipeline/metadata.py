@@ -13,6 +13,7 @@ with ``Negative prompt:``, the negative prompt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -221,16 +222,24 @@ def save_image(
         text = parameters if isinstance(parameters, str) else parameters.to_text()
         info.add_text("parameters", text)
         options["pnginfo"] = info
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    with _replacing(path, "wb") as f:
+        image.save(f, format=fmt, **options)
+    return path
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, mode: str, **kwargs):
+    """A temporary file beside ``path``, renamed onto it (with a new file's mode: mkstemp makes
+    it private) when the block ends, removed if the block fails: never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt, **options)
-        os.chmod(tmp, file_mode())  # mkstemp makes it private; give it a new file's mode
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 # ---------------------------------------------------------------------------- the model hash
@@ -258,7 +267,7 @@ def model_hash(path: str | os.PathLike) -> str:
             digest.update(block)
     cache[str(path)] = {"stamp": stamp, "sha256": digest.hexdigest()}
     _write_hash_cache(cache_file, cache)
-    return digest.hexdigest()[:10]
+    return cache[str(path)]["sha256"][:10]
 
 
 def _hash_cache_file() -> Path:
@@ -278,14 +287,7 @@ def _write_hash_cache(path: Path, cache: dict) -> None:
     """Atomically (a temporary file renamed into place); a failure only costs the cache."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(cache, f, indent=1)
-            os.chmod(tmp, file_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _replacing(path, "w", encoding="utf-8") as f:
+            json.dump(cache, f, indent=1)
     except OSError as e:
         log.debug("model hash cache %s not written: %s", path, e)

@@ -70,11 +70,11 @@ def load_tensors(
     A safetensors file is read lazily: tensors outside the prefix are never loaded. With
     ``channels_last`` (for a model that runs in that layout on the CPU) the tensors are read into
     memory of their own, 4-d ones (convolution weights) straight into channels_last (see
-    ``read_safetensors``).
+    ``_read_owned``).
     """
     path = _existing_file(path)
     if channels_last and _is_safetensors(path) and str(device) == "cpu":
-        return read_safetensors(path, prefix, channels_last=True)
+        return _read_owned(path, prefix, channels_last=True)
     if _is_safetensors(path):
         with _open_safetensors(path) as f:
             names = [k for k in f.keys() if k.startswith(prefix)]
@@ -97,9 +97,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 
 
-def read_safetensors(
-    path: Path, prefix: str = "", channels_last: bool = False
-) -> dict[str, torch.Tensor]:
+def _read_owned(path: Path, prefix: str, channels_last: bool) -> dict[str, torch.Tensor]:
     """The tensors under ``prefix`` of a .safetensors file, read (not memory-mapped) into memory
     of their own: only their bytes are read, and once the model holds them no mapping of the
     whole file stays resident. With ``channels_last``, 4-d tensors (convolution weights) are

@@ -25,7 +25,6 @@ from sd_unet._checkpoint import (
     load_tensors,
     pick_prefix,
     read_json,
-    read_safetensors,
     save_tensors,
 )
 from sd_unet.unet import UNet, UNetConfig
@@ -65,7 +64,7 @@ def from_checkpoint(
     model.load_state_dict(state, assign=True)
     del state  # from here on each conversion below frees the tensor it replaces
     model.to(device=device, dtype=dtype)
-    if _on_cpu(model):
+    if on_cpu:
         model.to(memory_format=torch.channels_last)  # the fast layout for CPU convolutions
     return model.eval()
 
@@ -82,10 +81,8 @@ def _read_file(
             f"{path}: no UNet in this file: expected '{PREFIX}{PROBE}' (an SD checkpoint) or "
             f"'{PROBE}' (a bare UNet file); found {len(keys)} keys, such as {keys[:3]}"
         )
-    if path.suffix == ".safetensors":
-        tensors = read_safetensors(path, prefix, channels_last)
-        return tensors, _config_from_metadata(path), str(path)
-    return load_tensors(path, prefix), _config_from_metadata(path), str(path)
+    tensors = load_tensors(path, prefix, channels_last=channels_last)
+    return tensors, _config_from_metadata(path), str(path)
 
 
 def _read_ema(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
@@ -137,10 +134,6 @@ def _config_from_metadata(path: Path) -> UNetConfig | None:
         return None
     values = json.loads(text)
     return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def _on_cpu(model: UNet) -> bool:
-    return next(model.parameters()).device.type == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
