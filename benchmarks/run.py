@@ -372,7 +372,7 @@ def _vae_decode_flops(args: dict) -> float:
     with torch.device("meta"):
         model = AutoencoderKL(_configs(args["size"])[0])
         z = _latents(args).to("meta")
-    return _count_flops(lambda: model._decode(z))
+    return _count_flops(lambda: model._decode(z, banded=False))
 
 
 def _vae_encode_ours(args: dict):

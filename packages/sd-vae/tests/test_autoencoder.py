@@ -149,6 +149,75 @@ def test_tiled_vs_untiled_on_random_weights(tiny_vae):
     assert decode_error < reference_decode_error and encode_error < reference_encode_error
 
 
+# ---------------------------------------------------------------------------- banded decode
+
+GROUPED = AutoencoderKLConfig(base_channels=32, channel_mult=(1, 2, 2), norm_groups=8)
+
+
+@pytest.mark.parametrize("config", [AutoencoderKLConfig.tiny(), GROUPED], ids=["tiny", "grouped"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_banded_decode_is_the_plain_decode(config, channels_last):
+    """In float64 the banded decoder computes the plain one's numbers (to rounding), whatever
+    the band: one row, a few rows with a short last band, or the whole image; batch of 2, odd
+    sides, 1 and 4 channels per GroupNorm group."""
+    vae = random_vae(config).double()
+    if channels_last:
+        vae = vae.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    z = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        latents = vae.post_quant_conv(z.contiguous(memory_format=layout))
+        plain = vae.decoder(latents)
+        f = config.downscale
+        assert plain.shape == (2, 3, 5 * f, 7 * f)
+        for band_bytes in (1, 100_000, 1 << 30):  # 1 row; 3 rows at full size (and a short last)
+            banded = vae.decoder.forward_banded(latents, band_bytes=band_bytes)
+            torch.testing.assert_close(banded, plain, rtol=0, atol=1e-11)
+
+
+def test_banded_decode_in_float32_and_bfloat16():
+    vae = random_vae(GROUPED)
+    z = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = vae.double().decode(z.double(), banded=False)
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 0.05)):
+            vae = vae.to(dtype)
+            banded = vae.decode(z.to(dtype), banded=True)
+            assert banded.dtype == dtype
+            error = (banded.double() - reference).abs().max() / reference.abs().max()
+            assert error < tolerance, (dtype, error.item())
+
+
+def test_decode_is_banded_without_autograd_on_the_cpu(tiny_vae, monkeypatch):
+    calls = []
+    forward_banded = tiny_vae.decoder.forward_banded
+    monkeypatch.setattr(tiny_vae.decoder, "forward_banded",
+                        lambda z: calls.append(z.shape) or forward_banded(z))  # fmt: skip
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        banded = tiny_vae.decode(z)
+        assert len(calls) == 1
+        assert tiny_vae.decode(z, banded=False).shape == banded.shape and len(calls) == 1
+    with torch.inference_mode():
+        tiny_vae.decode(z)
+        assert len(calls) == 2
+    out = tiny_vae.decode(z)  # autograd on: the plain decoder, which gradients flow through
+    assert len(calls) == 2 and out.requires_grad
+    with torch.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
+        tiny_vae.decode(z).sum().backward()
+
+
+def test_upsample_is_nearest_then_conv():
+    """Upsample runs as one transposed convolution; it is nearest 2x, then the 3x3 conv."""
+    from sd_vae.autoencoder import Upsample
+
+    upsample = Upsample(8).double()
+    x = torch.randn(2, 8, 7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.no_grad():
+        expected = upsample.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        torch.testing.assert_close(upsample(x), expected, rtol=0, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------- half precision
 
 
