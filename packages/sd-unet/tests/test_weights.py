@@ -33,7 +33,7 @@ def test_sd_safetensors_single_file(tiny, tmp_path):
 
 
 def test_cpu_load_reads_conv_weights_into_channels_last(tiny, tmp_path):
-    """On the CPU the 4-d weights come out channels_last (read through a scratch buffer),
+    """On the CPU the 4-d weights come out channels_last (copied from a mapping of their bytes),
     every tensor equal to the file's."""
     path = tmp_path / "model.safetensors"
     save_file(sd_file_state(tiny), path)

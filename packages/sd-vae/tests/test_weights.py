@@ -231,13 +231,29 @@ def test_only_the_autoencoder_is_read_from_a_single_file(tiny_vae, tmp_path, mon
 
 def test_channels_last_read_takes_only_the_autoencoders_bytes(tiny_vae, tmp_path, monkeypatch):
     """The CPU path reads the file itself: the header, then only first_stage_model. tensors,
-    4-d ones straight into channels_last."""
+    4-d ones copied into channels_last from a mapping of their own bytes."""
     import builtins
+    import json
+    import mmap
 
     import sd_vae._checkpoint as checkpoint
 
     path = sd_single_file(tiny_vae, tmp_path / "sd.safetensors")
+    header_size = int.from_bytes(path.read_bytes()[:8], "little")
+    entries = json.loads(path.read_bytes()[8 : 8 + header_size])
+    conv_ends = {  # where each autoencoder conv weight's bytes end in the file: its size
+        8 + header_size + info["data_offsets"][1]: info["data_offsets"][1] - info["data_offsets"][0]
+        for name, info in entries.items()
+        if name.startswith("first_stage_model.") and len(info["shape"]) == 4
+    }
     total = {"bytes": 0}
+    real_mmap = mmap.mmap
+
+    def counting_mmap(fileno, length, offset=0, **kwargs):
+        total["bytes"] += conv_ends[offset + length]  # a mapping that ends where one ends
+        return real_mmap(fileno, length, offset=offset, **kwargs)
+
+    monkeypatch.setattr(checkpoint.mmap, "mmap", counting_mmap)
 
     class Counting:
         def __init__(self, f):
@@ -268,9 +284,8 @@ def test_channels_last_read_takes_only_the_autoencoders_bytes(tiny_vae, tmp_path
     vae = AutoencoderKL.from_checkpoint(path)
     assert_same_weights(vae, tiny_vae)
     assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
     ours = sum(t.numel() * t.element_size() for t in tiny_vae.state_dict().values())
-    assert total["bytes"] == header + ours < path.stat().st_size
+    assert total["bytes"] == 8 + header_size + ours < path.stat().st_size
 
 
 # ---------------------------------------------------------------------------- errors

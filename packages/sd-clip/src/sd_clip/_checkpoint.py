@@ -14,6 +14,7 @@ What it knows about:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pickle
 import tempfile
@@ -98,35 +99,47 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 
 
 def _read_owned(path: Path, prefix: str, channels_last: bool) -> dict[str, torch.Tensor]:
-    """The tensors under ``prefix`` of a .safetensors file, read (not memory-mapped) into memory
-    of their own: only their bytes are read, and once the model holds them no mapping of the
-    whole file stays resident. With ``channels_last``, 4-d tensors (convolution weights) are
-    read through one reused buffer into channels_last tensors, so that the layout change costs
-    no second full-size copy of the weights (SD 1.5's UNet: 3.7 s -> 2.7 s to load)."""
+    """The tensors under ``prefix`` of a .safetensors file, read (not left memory-mapped) into
+    memory of their own: only their bytes are read, and once the model holds them no mapping of
+    the file stays resident. With ``channels_last``, 4-d tensors (convolution weights) are
+    copied into that layout straight from a mapping of their bytes alone, unmapped once copied,
+    so that the layout change costs no second copy (SD 1.5's UNet: 3.7 s -> 2.7 s to load with
+    a reused buffer in between, less again without it)."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
-        start = 8 + size
-        tensors, scratch = {}, torch.empty(0, dtype=torch.uint8)
+        start, file_size = 8 + size, os.fstat(f.fileno()).st_size
+        tensors = {}
         for name, info in header.items():
             if name == "__metadata__" or not name.startswith(prefix):
                 continue
             if info["dtype"] not in _DTYPES:
                 return load_tensors(path, prefix)  # e.g. float8: let safetensors do it
-            begin, end = info["data_offsets"]
+            begin, end = (start + offset for offset in info["data_offsets"])
             shape, dtype = info["shape"], _DTYPES[info["dtype"]]
-            convert = channels_last and len(shape) == 4
-            if convert and scratch.numel() < end - begin:
-                scratch = torch.empty(end - begin, dtype=torch.uint8)
-            target = scratch[: end - begin] if convert else torch.empty(shape, dtype=dtype)
-            f.seek(start + begin)
-            if f.readinto(memoryview(target.view(-1).view(torch.uint8).numpy())) != end - begin:
+            if end > file_size:  # (a mapping past the end would crash on reading)
                 raise CheckpointError(f"{path}: cannot read {name!r}; is the file truncated?")
-            if convert:
+            if channels_last and len(shape) == 4:
                 tensor = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
-                target = tensor.copy_(target.view(dtype).view(shape))
-            tensors[name[len(prefix) :]] = target
+                _copy_mapped(f, begin, end, tensor)
+            else:
+                tensor = torch.empty(shape, dtype=dtype)
+                f.seek(begin)
+                if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+                    raise CheckpointError(f"{path}: cannot read {name!r}; is the file truncated?")
+            tensors[name[len(prefix) :]] = tensor
     return tensors
+
+
+def _copy_mapped(f, begin: int, end: int, tensor: torch.Tensor) -> None:
+    """Copy the file's bytes ``begin .. end - 1`` (a contiguous tensor of ``tensor``'s shape and
+    dtype) into ``tensor``, whatever its layout, through a private mapping of those bytes."""
+    first = begin // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(f.fileno(), end - first, offset=first, access=mmap.ACCESS_COPY) as window:
+        count = (end - begin) // tensor.element_size()
+        source = torch.frombuffer(window, dtype=tensor.dtype, count=count, offset=begin - first)
+        tensor.copy_(source.view(tensor.shape))
+        del source  # the mapping closes only once no tensor views it
 
 
 def pick_prefix(keys: Iterable[str], prefixes: Iterable[str], probe: str) -> str | None:
