@@ -231,7 +231,7 @@ def test_only_the_autoencoder_is_read_from_a_single_file(tiny_vae, tmp_path, mon
 
 def test_channels_last_read_takes_only_the_autoencoders_bytes(tiny_vae, tmp_path, monkeypatch):
     """The CPU path reads the file itself: the header, then only first_stage_model. tensors,
-    4-d ones copied into channels_last from a mapping of their own bytes."""
+    each copied from a mapping of its own bytes, 4-d ones into channels_last."""
     import builtins
     import json
     import mmap
@@ -241,16 +241,16 @@ def test_channels_last_read_takes_only_the_autoencoders_bytes(tiny_vae, tmp_path
     path = sd_single_file(tiny_vae, tmp_path / "sd.safetensors")
     header_size = int.from_bytes(path.read_bytes()[:8], "little")
     entries = json.loads(path.read_bytes()[8 : 8 + header_size])
-    conv_ends = {  # where each autoencoder conv weight's bytes end in the file: its size
+    ends = {  # where each autoencoder tensor's bytes end in the file: its size
         8 + header_size + info["data_offsets"][1]: info["data_offsets"][1] - info["data_offsets"][0]
         for name, info in entries.items()
-        if name.startswith("first_stage_model.") and len(info["shape"]) == 4
+        if name.startswith("first_stage_model.")
     }
     total = {"bytes": 0}
     real_mmap = mmap.mmap
 
     def counting_mmap(fileno, length, offset=0, **kwargs):
-        total["bytes"] += conv_ends[offset + length]  # a mapping that ends where one ends
+        total["bytes"] += ends[offset + length]  # a mapping that ends where one ends
         return real_mmap(fileno, length, offset=offset, **kwargs)
 
     monkeypatch.setattr(checkpoint.mmap, "mmap", counting_mmap)
