@@ -405,3 +405,24 @@ def test_shapes_that_fit_no_config(tiny_vae, tmp_path):
         AutoencoderKL.from_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"1 missing \(first: 'post_quant_conv.weight'\)"):
         AutoencoderKL.from_checkpoint(path, config=AutoencoderKLConfig.tiny())
+
+
+def test_a_tensor_whose_bytes_do_not_fit_its_shape(tmp_path):
+    """A header whose offsets disagree with a tensor's shape (safetensors refuses such a file
+    when it opens it; the owned read checks it again itself)."""
+    import json
+
+    from sd_vae._checkpoint import _read_owned
+
+    path = write_weights(
+        {"w": torch.zeros(2, 2, 1, 1), "b": torch.zeros(2)}, tmp_path / "a.safetensors"
+    )
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["w"]["shape"] = [3, 2, 1, 1]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    assert len(text) == size
+    path.write_bytes(data[:8] + text + data[8 + size :])
+    with pytest.raises(CheckpointError, match=r"'w' holds 16 bytes, not the 24 of its shape"):
+        _read_owned(path, "", channels_last=True)
