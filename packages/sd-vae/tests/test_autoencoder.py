@@ -175,6 +175,25 @@ def test_banded_decode_is_the_plain_decode(config, channels_last):
             torch.testing.assert_close(banded, plain, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("config", [AutoencoderKLConfig.tiny(), GROUPED], ids=["tiny", "grouped"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_banded_encode_is_the_plain_encode(config, channels_last):
+    """The encoder's banded path (ResNet blocks and the asymmetric-padding downsampling) in
+    float64, against the plain one: one row, a few rows, the whole image; odd sizes."""
+    vae = random_vae(config).double()
+    if channels_last:
+        vae = vae.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    f = config.downscale
+    x = images(batch=2, size=8 * f).double()[..., : 5 * f, : 7 * f].contiguous(memory_format=layout)
+    with torch.no_grad():
+        plain = vae.encoder(x)
+        assert plain.shape == (2, 8, 5, 7)
+        for band_bytes in (1, 100_000, 1 << 30):
+            banded = vae.encoder.forward_banded(x, band_bytes=band_bytes)
+            torch.testing.assert_close(banded, plain, rtol=0, atol=1e-11)
+
+
 def test_banded_decode_in_float32_and_bfloat16():
     vae = random_vae(GROUPED)
     z = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(2))
@@ -188,23 +207,25 @@ def test_banded_decode_in_float32_and_bfloat16():
             assert error < tolerance, (dtype, error.item())
 
 
-def test_decode_is_banded_without_autograd_on_the_cpu(tiny_vae, monkeypatch):
+@pytest.mark.parametrize("part", ["decoder", "encoder"])
+def test_banded_without_autograd_on_the_cpu(tiny_vae, monkeypatch, part):
     calls = []
-    forward_banded = tiny_vae.decoder.forward_banded
-    monkeypatch.setattr(tiny_vae.decoder, "forward_banded",
-                        lambda z: calls.append(z.shape) or forward_banded(z))  # fmt: skip
-    z = torch.randn(1, 4, 4, 4)
+    forward_banded = getattr(tiny_vae, part).forward_banded
+    monkeypatch.setattr(getattr(tiny_vae, part), "forward_banded",
+                        lambda t: calls.append(t.shape) or forward_banded(t))  # fmt: skip
+    x = torch.randn(1, 4, 4, 4) if part == "decoder" else images(size=32)
+    run = tiny_vae.decode if part == "decoder" else lambda x, **kw: tiny_vae.encode(x, **kw).mean
     with torch.no_grad():
-        banded = tiny_vae.decode(z)
+        banded = run(x)
         assert len(calls) == 1
-        assert tiny_vae.decode(z, banded=False).shape == banded.shape and len(calls) == 1
+        assert run(x, banded=False).shape == banded.shape and len(calls) == 1
     with torch.inference_mode():
-        tiny_vae.decode(z)
+        run(x)
         assert len(calls) == 2
-    out = tiny_vae.decode(z)  # autograd on: the plain decoder, which gradients flow through
+    out = run(x)  # autograd on: the plain path, which gradients flow through
     assert len(calls) == 2 and out.requires_grad
     with torch.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
-        tiny_vae.decode(z).sum().backward()
+        run(x).sum().backward()
 
 
 def test_upsample_is_nearest_then_conv():
