@@ -248,12 +248,13 @@ class Decoder(nn.Module):
         return _banded_norm_silu_conv(self.norm_out, self.conv_out, x, band_bytes)
 
 
-# Banded inference (Decoder.forward_banded). Every step writes its band of output rows only after
-# it has read its band of input rows, so a step may write into its own input.
+# Banded inference (Encoder.forward_banded, Decoder.forward_banded). Every step writes its band of
+# output rows only after it has read its band of input rows, so a step may write into its input.
 
 
 def _banded_resnet_block(block: ResnetBlock, x: torch.Tensor, band_bytes: int) -> torch.Tensor:
-    """``block(x)``, overwriting ``x``: holds ``x`` and one other full-size tensor."""
+    """``block(x)``, holding ``x`` and one other full-size tensor; ``x`` is overwritten when
+    the channels stay the same."""
     h = _banded_norm_silu_conv(block.norm1, block.conv1, x, band_bytes)
     if not hasattr(block, "nin_shortcut"):
         return _banded_norm_silu_conv(block.norm2, block.conv2, h, band_bytes, out=x, residual=x)
