@@ -412,7 +412,7 @@ def test_a_tensor_whose_bytes_do_not_fit_its_shape(tmp_path):
     when it opens it; the owned read checks it again itself)."""
     import json
 
-    from sd_vae._checkpoint import _read_owned
+    from sd_vae._checkpoint import load_tensors
 
     path = write_weights(
         {"w": torch.zeros(2, 2, 1, 1), "b": torch.zeros(2)}, tmp_path / "a.safetensors"
@@ -425,4 +425,4 @@ def test_a_tensor_whose_bytes_do_not_fit_its_shape(tmp_path):
     assert len(text) == size
     path.write_bytes(data[:8] + text + data[8 + size :])
     with pytest.raises(CheckpointError, match=r"'w' holds 16 bytes, not the 24 of its shape"):
-        _read_owned(path, "", channels_last=True)
+        load_tensors(path, "", channels_last=True)

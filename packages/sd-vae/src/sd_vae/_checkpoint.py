@@ -74,7 +74,7 @@ def load_tensors(
     """
     path = _existing_file(path)
     if channels_last and _is_safetensors(path) and str(device) == "cpu":
-        return _read_owned(path, prefix, channels_last=True)
+        return _read_owned(path, prefix)
     if _is_safetensors(path):
         with _open_safetensors(path) as f:
             names = [k for k in f.keys() if k.startswith(prefix)]
@@ -97,14 +97,13 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
 
 
-def _read_owned(path: Path, prefix: str, channels_last: bool) -> dict[str, torch.Tensor]:
+def _read_owned(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors under ``prefix`` of a .safetensors file, copied (not left memory-mapped) into
     memory of their own: only their bytes are read, and once the model holds them no mapping of
     the file stays resident. Each is copied from a private mapping of its own bytes, unmapped
-    once copied: a copy that runs on torch's threads, and that with ``channels_last`` puts 4-d
-    tensors (convolution weights) straight into that layout, with no second copy (SD 1.5's
-    pipeline: 3.7 s to load with the layout changed after reading, 2.7 s through a read buffer,
-    1.9 s this way)."""
+    once copied: a copy that runs on torch's threads, and that puts 4-d tensors (convolution
+    weights) straight into channels_last, with no second copy (SD 1.5's pipeline: 3.7 s to load
+    with the layout changed after reading, 2.7 s through a read buffer, 1.9 s this way)."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(size))
@@ -119,7 +118,7 @@ def _read_owned(path: Path, prefix: str, channels_last: bool) -> dict[str, torch
             if end > file_size:  # (a mapping past the end would crash on reading)
                 raise CheckpointError(f"{path}: cannot read {name!r}; is the file truncated?")
             shape = info["shape"]
-            layout = torch.channels_last if channels_last and len(shape) == 4 else None
+            layout = torch.channels_last if len(shape) == 4 else None
             tensor = torch.empty(shape, dtype=_DTYPES[info["dtype"]], memory_format=layout)
             if end - begin != tensor.numel() * tensor.element_size():
                 raise CheckpointError(

@@ -257,7 +257,8 @@ def _banded_resnet_block(block: ResnetBlock, x: torch.Tensor, band_bytes: int) -
     the channels stay the same."""
     h = _banded_norm_silu_conv(block.norm1, block.conv1, x, band_bytes)
     if not hasattr(block, "nin_shortcut"):
-        return _banded_norm_silu_conv(block.norm2, block.conv2, h, band_bytes, out=x, residual=x)
+        return _banded_norm_silu_conv(block.norm2, block.conv2, h, band_bytes, out=x,
+                                      residual=lambda r0, r1: x[:, :, r0:r1])  # fmt: skip
     # the channels change: conv2's output and the shortcut's 1x1 conv of x go into h itself
     shortcut = block.nin_shortcut
     return _banded_norm_silu_conv(block.norm2, block.conv2, h, band_bytes, out=h,
@@ -270,14 +271,14 @@ def _banded_norm_silu_conv(
     x: torch.Tensor,
     band_bytes: int,
     out: torch.Tensor | None = None,
-    residual: torch.Tensor | Callable[[int, int], torch.Tensor] | None = None,
+    residual: Callable[[int, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``conv(silu(norm(x))) [+ residual]`` (a 3x3 conv, padding 1), band by band, into
     ``out`` (new if not given).
 
-    ``residual``: a tensor the size of the output, or a function giving its rows ``r0 .. r1 -
-    1``. ``out`` may be ``x`` itself: a band is written after the rows it reads are in the
-    buffer, and the one row the next band needs from above is kept aside.
+    ``residual(r0, r1)`` gives rows ``r0 .. r1 - 1`` of what is added. ``out`` may be ``x``
+    itself: a band is written after the rows it reads are in the buffer, and the one row the
+    next band needs from above is kept aside.
     """
     B, C, H, W = x.shape
     rows = max(1, band_bytes // (B * C * W * x.element_size()))
@@ -299,7 +300,7 @@ def _banded_norm_silu_conv(
         above.copy_(band[:, :, n])
         y = F.conv2d(band, conv.weight, conv.bias, padding=(0, 1))
         if residual is not None:
-            y += residual(r0, r1) if callable(residual) else residual[:, :, r0:r1]
+            y += residual(r0, r1)
         out[:, :, r0:r1] = y
     return out
 
