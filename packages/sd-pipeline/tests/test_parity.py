@@ -29,7 +29,12 @@ SIZE = 32
 # Random weights make sampling chaotic under strong guidance (differences of 1e-7 grow to 1e-3
 # over ten steps at 7.5); a moderate scale still tests the guidance arithmetic.
 GUIDANCE = 2.0
-REL_TOL = 5e-4  # max abs difference / max abs value, float32 (measured: 4e-6 to 2.2e-4)
+# Max abs difference / max abs value, float32. Measured 2e-6 to 5.5e-4: the most chaotic case,
+# 9-channel inpainting with Euler, feeds a VAE encoding into the random UNet, so the VAE's own
+# float32 rounding (1e-6 of a float64 encoding, whichever layout its weights are in) moves its
+# image by 2e-4 to 5.5e-4 as the convolution kernels change. A real error (a wrong mask,
+# scaling or sigma) is O(1).
+REL_TOL = 1e-3
 
 
 def _diffusers_parts(state: dict, in_channels: int):

@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 from conftest import assert_same_weights, random_vae, sd_single_file, write_weights
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sd_vae import AutoencoderKL, AutoencoderKLConfig, CheckpointError
 from sd_vae.weights import from_diffusers, rename_key, to_diffusers
@@ -188,8 +188,8 @@ def test_dtype_and_default_dtype(tiny_vae, tmp_path):
 
 
 def test_only_the_autoencoder_is_read_from_a_single_file(tiny_vae, tmp_path, monkeypatch):
-    """The lazy path (loading to a GPU): safetensors tensors outside first_stage_model. are
-    never read."""
+    """safetensors tensors outside first_stage_model. are never read (and the autoencoder's
+    stay memory-mapped: see test_a_loaded_vae_runs_channels_last_on_its_mapped_weights)."""
     from safetensors import safe_open
 
     from sd_vae.weights import _read_file
@@ -224,14 +224,15 @@ def test_only_the_autoencoder_is_read_from_a_single_file(tiny_vae, tmp_path, mon
             return self.f.__exit__(*exc)
 
     monkeypatch.setattr("sd_vae._checkpoint.safe_open", Recording)
-    _read_file(path, channels_last=False)
+    _read_file(path)
     assert read and all(name.startswith("first_stage_model.") for name in read)
     assert len(read) == len(tiny_vae.state_dict())
 
 
-def test_channels_last_read_takes_only_the_autoencoders_bytes(tiny_vae, tmp_path, monkeypatch):
-    """The CPU path reads the file itself: the header, then only first_stage_model. tensors,
-    each copied from a mapping of its own bytes, 4-d ones into channels_last."""
+def test_owned_read_takes_only_the_prefixs_bytes(tiny_vae, tmp_path, monkeypatch):
+    """The shared loader's owned read (``channels_last=True``, which sd-unet loads with): the
+    header, then only first_stage_model. tensors, each copied from a mapping of its own bytes,
+    4-d ones into channels_last."""
     import builtins
     import json
     import mmap
@@ -281,11 +282,38 @@ def test_channels_last_read_takes_only_the_autoencoders_bytes(tiny_vae, tmp_path
     opener = builtins.open  # the wrapper closes it: its __exit__ is the file's
     monkeypatch.setattr(checkpoint, "open", lambda *a, **k: Counting(opener(*a, **k)),
                         raising=False)  # fmt: skip
+    state = checkpoint.load_tensors(path, "first_stage_model.", channels_last=True)
+    stored = load_file(path)
+    assert len(state) == len(ends)
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, stored["first_stage_model." + name], rtol=0, atol=0)
+        layout = torch.channels_last if tensor.dim() == 4 else torch.contiguous_format
+        assert tensor.is_contiguous(memory_format=layout)
+    ours = sum(t.numel() * t.element_size() for t in state.values())
+    assert total["bytes"] == 8 + header_size + ours < path.stat().st_size
+
+
+def test_a_loaded_vae_runs_channels_last_on_its_mapped_weights(tiny_vae, tmp_path):
+    """Loaded on the CPU, the weights stay in the file's layout (contiguous, as safetensors
+    maps them) and the convolutions still get channels_last inputs, the CPU's fast layout, in
+    both directions; the numbers are the saved model's up to rounding."""
+    path = sd_single_file(tiny_vae, tmp_path / "sd.safetensors")
     vae = AutoencoderKL.from_checkpoint(path)
     assert_same_weights(vae, tiny_vae)
-    assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    ours = sum(t.numel() * t.element_size() for t in tiny_vae.state_dict().values())
-    assert total["bytes"] == 8 + header_size + ours < path.stat().st_size
+    assert vae.decoder.conv_in.weight.is_contiguous()
+    seen = []
+    for conv in (vae.encoder.conv_in, vae.decoder.conv_in, vae.decoder.conv_out):
+        conv.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        for banded in (False, True):
+            seen.clear()
+            z = vae.encode(x, banded=banded).mean
+            out = vae.decode(z, banded=banded)
+            torch.testing.assert_close(out, tiny_vae.decode(z), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(z, tiny_vae.encode(x).mean, rtol=1e-4, atol=1e-5)
+            assert len(seen) >= 2  # the conv_ins (the banded path calls conv_out functionally)
+            assert all(t.is_contiguous(memory_format=torch.channels_last) for t in seen)
 
 
 # ---------------------------------------------------------------------------- errors

@@ -87,13 +87,22 @@ class Upsample(nn.Module):
         for a, rows in enumerate(_phase_taps(w, dim=2)):
             for c, taps in enumerate(_phase_taps(rows, dim=3)):
                 kernel[:, :, 1 - a :: 2, 1 - c :: 2] = taps.flip(2, 3).transpose(0, 1)
-        return kernel.contiguous(memory_format=_layout(w))
+        return kernel.contiguous(memory_format=_run_layout(w))
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
     """The memory format ``x`` is in: channels_last (the CPU's fast layout) or contiguous."""
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
+
+
+def _run_layout(weight: torch.Tensor) -> torch.memory_format:
+    """The layout activations run in: channels_last on the CPU, where oneDNN's convolutions are
+    fastest in it whatever the weights' layout (they stay as loaded, e.g. memory-mapped from the
+    file; reordering a weight costs little next to a convolution over an image); on other
+    devices the weights' own layout, which the user chooses with ``model.to(memory_format=...)``.
+    """
+    return torch.channels_last if weight.device.type == "cpu" else _layout(weight)
 
 
 def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -560,8 +569,8 @@ class AutoencoderKL(nn.Module):
         """Encode, sample the posterior, decode: a reconstruction of ``images``."""
         return self.decode(self.encode(images).sample(generator))
 
-    # Inputs take the layout of the weights (channels_last after loading on the CPU, where
-    # oneDNN's convolutions then need no reorders); outputs are returned contiguous.
+    # Inputs are put in the layout convolutions run fastest in (see ``_run_layout``); outputs
+    # are returned contiguous.
 
     def _banded(self, banded: bool | None) -> bool:
         """Banded by default when autograd is off and the model is on the CPU."""
@@ -570,12 +579,12 @@ class AutoencoderKL(nn.Module):
         return banded
 
     def _moments(self, images: torch.Tensor, banded: bool = False) -> torch.Tensor:
-        images = images.contiguous(memory_format=_layout(self.encoder.conv_in.weight))
+        images = images.contiguous(memory_format=_run_layout(self.encoder.conv_in.weight))
         encoder = self.encoder.forward_banded if banded else self.encoder
         return self.quant_conv(encoder(images)).contiguous()
 
     def _decode(self, latents: torch.Tensor, banded: bool = False) -> torch.Tensor:
-        latents = latents.contiguous(memory_format=_layout(self.decoder.conv_in.weight))
+        latents = latents.contiguous(memory_format=_run_layout(self.decoder.conv_in.weight))
         decoder = self.decoder.forward_banded if banded else self.decoder
         return decoder(self.post_quant_conv(latents)).contiguous()
 

@@ -226,12 +226,12 @@ def load_autoencoder(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
-    # On the CPU the model runs channels_last: read conv weights straight into that layout
-    on_cpu = device is None or torch.device(device).type == "cpu"
+    # A .safetensors file's tensors stay memory-mapped (copied only where the dtype or device
+    # changes): a decode pages in the decoder's weights, never the encoder's
     if path.is_dir():
         state, found_config, source = _read_diffusers_folder(path)
     else:
-        state, found_config, source = _read_file(path, channels_last=on_cpu)
+        state, found_config, source = _read_file(path)
     config = config or found_config or config_from_shapes(state, source)
     with torch.device("meta"):
         model = AutoencoderKL(config)
@@ -242,21 +242,17 @@ def load_autoencoder(
     model.load_state_dict(state, assign=True)
     del state  # from here on each conversion below frees the tensor it replaces
     model.to(device=device, dtype=dtype or torch.get_default_dtype())
-    if on_cpu:
-        model.to(memory_format=torch.channels_last)  # the fast layout for CPU convolutions
     return model.eval()
 
 
-def _read_file(
-    path: Path, channels_last: bool = False
-) -> tuple[dict, AutoencoderKLConfig | None, str]:
+def _read_file(path: Path) -> tuple[dict, AutoencoderKLConfig | None, str]:
     if path.suffix in PICKLE_SUFFIXES:  # read once (memory-mapped where torch can)
         everything = load_tensors(path)
         prefix = _vae_prefix(path, list(everything))
         state = {k[len(prefix) :]: v for k, v in everything.items() if k.startswith(prefix)}
     else:  # safetensors: only the autoencoder's tensors are read
         prefix = _vae_prefix(path, checkpoint_keys(path))
-        state = load_tensors(path, prefix, channels_last=channels_last)
+        state = load_tensors(path, prefix)
     state = {k: v for k, v in state.items() if k.startswith(PARTS)}
     if is_diffusers_layout(state):
         return from_diffusers(state), None, str(path)
