@@ -235,11 +235,11 @@ def _unet_inputs(args: dict):
 def _unet_ours(args: dict, compile: bool = False):
     import torch
 
-    from sd_unet import UNet
+    from sd_unet import UNet, compile_frozen
 
     model = UNet.from_checkpoint(args["weights"])
     if compile:  # what StableDiffusion.compile does; compiled in the warm-up call
-        model = torch.compile(model, options={"freezing": True})
+        model = compile_frozen(model)
     x, t, c = _unet_inputs(args)
 
     def run():

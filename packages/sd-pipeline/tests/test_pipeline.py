@@ -236,8 +236,11 @@ def test_offload_gives_the_same_result(tiny_checkpoint):
 
 
 def test_compile_routes_the_unet_through_torch_compile(tiny_checkpoint, monkeypatch):
-    """compile() hands the UNet to torch.compile with freezing, and sampling then calls what it
-    returned; to() drops it. (The real compilation is the slow test below.)"""
+    """compile() hands the UNet to torch.compile, sampling then calls what it returned without
+    autograd and with inductor's freezing on (where inductor reads it when it compiles); to()
+    drops it. (The real compilation is the slow test below.)"""
+    from torch._inductor import config as inductor_config
+
     seen = {}
 
     def fake_compile(module, **kwargs):
@@ -245,6 +248,7 @@ def test_compile_routes_the_unet_through_torch_compile(tiny_checkpoint, monkeypa
 
         def compiled(*args):
             seen["calls"] += 1
+            assert inductor_config.freezing and not torch.is_grad_enabled()
             return module(*args)
 
         return compiled
@@ -253,7 +257,7 @@ def test_compile_routes_the_unet_through_torch_compile(tiny_checkpoint, monkeypa
     pipe = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu", native_size=32)
     eager = pipe.txt2img("x", seed=0, output_type="latent", **FAST)
     assert pipe.compile() is pipe
-    assert seen["module"] is pipe.unet and seen["kwargs"]["options"]["freezing"] is True
+    assert seen["module"] is pipe.unet
     torch.testing.assert_close(pipe.txt2img("x", seed=0, output_type="latent", **FAST), eager)
     assert seen["calls"] == 2  # two steps, each one UNet batch (CFG halves together)
     pipe.to("cpu")
@@ -265,10 +269,16 @@ def test_compile_routes_the_unet_through_torch_compile(tiny_checkpoint, monkeypa
 
 
 @pytest.mark.slow
-def test_compiled_unet_gives_the_same_image(tiny_checkpoint):
+def test_compiled_unet_gives_the_same_image(tiny_checkpoint, monkeypatch):
+    from torch._inductor import freezing
+
     pipe = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu", native_size=32)
     eager = pipe.txt2img("x", seed=0, output_type="tensor", **FAST)
+    froze = []
+    real_freeze = freezing.freeze
+    monkeypatch.setattr(freezing, "freeze", lambda *a, **k: froze.append(1) or real_freeze(*a, **k))
     compiled = pipe.compile().txt2img("x", seed=0, output_type="tensor", **FAST)
+    assert froze, "inductor compiled the UNet without freezing its weights"
     # float sums reordered by the fused kernels: the same image to well under a grey level
     torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
 

@@ -119,3 +119,51 @@ def test_sd2_and_inpainting_configs_build():
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UNetConfig(**kwargs)
+
+
+def test_compile_frozen_calls_the_compiled_unet_with_freezing_on(monkeypatch):
+    """compile_frozen hands the module and mode to torch.compile, and every call of what it
+    returns runs with inductor's global ``freezing`` on (where inductor reads it when it
+    compiles), and off again afterwards."""
+    from torch._inductor import config as inductor_config
+
+    from sd_unet import compile_frozen
+
+    seen = {}
+
+    def fake_compile(module, **kwargs):
+        seen.update(module=module, kwargs=kwargs)
+        return lambda *args, **kw: (inductor_config.freezing, module(*args, **kw))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    unet = random_unet(UNetConfig.tiny())
+    frozen = compile_frozen(unet, mode="max-autotune")
+    assert seen == {"module": unet, "kwargs": {"mode": "max-autotune"}}
+    x, t, c = inputs(unet.config)
+    with torch.no_grad():
+        freezing, out = frozen(x, t, context=c)
+        torch.testing.assert_close(out, unet(x, t, c))
+    assert freezing is True and inductor_config.freezing is False
+
+
+@pytest.mark.slow
+def test_compile_frozen_gives_the_eager_numbers():
+    from torch._inductor import freezing
+
+    from sd_unet import compile_frozen
+
+    unet = random_unet(UNetConfig.tiny())
+    x, t, c = inputs(unet.config)
+    froze = []
+    real_freeze = freezing.freeze
+
+    def spy(*args, **kwargs):
+        froze.append(1)
+        return real_freeze(*args, **kwargs)
+
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(freezing, "freeze", spy)
+        compiled = compile_frozen(unet)(x, t, c)
+        eager = unet(x, t, c)
+    assert froze, "inductor compiled the UNet without freezing its weights"
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -2,6 +2,6 @@
 
 from sd_unet._checkpoint import CheckpointError
 from sd_unet._version import __version__
-from sd_unet.unet import UNet, UNetConfig
+from sd_unet.unet import UNet, UNetConfig, compile_frozen
 
-__all__ = ["CheckpointError", "UNet", "UNetConfig", "__version__"]
+__all__ = ["CheckpointError", "UNet", "UNetConfig", "__version__", "compile_frozen"]
