@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from sd_clip import CLIPTextModel, CLIPTokenizer
+from sd_pipeline import allocator
 from sd_pipeline.images import (
     ImageLike,
     mask_to_tensor,
@@ -64,6 +65,11 @@ class StableDiffusion:
     tile side in pixels. ``defaults``: the ``steps``, ``guidance_scale`` and ``sampler`` used
     when a call leaves them out (read from the model file where it names them).
     """
+
+    # On the CPU the first generation makes glibc keep freed blocks for reuse, process-wide (see
+    # sd_pipeline.allocator: SD 1.5 steps stop faulting 3 GB of fresh pages each); set False
+    # before generating to leave the process's allocator as it is.
+    keep_freed_memory: bool = True
 
     def __init__(
         self,
@@ -296,6 +302,8 @@ class StableDiffusion:
             k: self.defaults[k] if v is None and k in self.defaults else v for k, v in args.items()
         }
         p = self._prepare(args, init, mask, strength, mask_blur)
+        if self.keep_freed_memory and self.device.type == "cpu":
+            allocator.keep_freed_memory()
         context = self._encode_prompts(p["prompts"], p["negatives"], p["cfg"], args["clip_skip"])
         init_latents = mask_latents = masked_latents = None
         if init is not None:
