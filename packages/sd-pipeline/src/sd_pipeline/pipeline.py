@@ -592,10 +592,10 @@ class StableDiffusion:
         GEGLU, residual adds) is fused; the prepared weights are a second copy beside the
         UNet's own (SD 1.5: +3.4 GB in float32). The first generation pays the compilation (a
         minute or more on a small CPU; inductor caches it on disk for later runs); a new image
-        size or batch size compiles again. ``mode`` is
-        ``torch.compile``'s (e.g. ``"max-autotune"``, or ``"reduce-overhead"`` for CUDA
-        graphs on a GPU). Moving or casting the pipeline (``to``) drops the compiled UNet: call
-        ``compile`` again after it. Not with ``offload=True`` (the weights must stay put).
+        size or batch size compiles again. ``mode`` is ``torch.compile``'s (e.g.
+        ``"max-autotune"``, or ``"reduce-overhead"`` for CUDA graphs on a GPU). Moving or
+        casting the pipeline (``to``) drops the compiled UNet: call ``compile`` again after it.
+        Not with ``offload=True`` (the weights must stay put).
         """
         if self.offload:
             raise ValueError(
