@@ -121,7 +121,7 @@ def _read_owned(path: Path, prefix: str) -> dict[str, torch.Tensor]:
             shape = info["shape"]
             layout = torch.channels_last if len(shape) == 4 else None
             tensor = torch.empty(shape, dtype=_DTYPES[info["dtype"]], memory_format=layout)
-            if end - begin != tensor.numel() * tensor.element_size():
+            if end - begin != tensor.nbytes:
                 raise CheckpointError(
                     f"{path}: {name!r} holds {end - begin} bytes, not the {tensor.nbytes} of "
                     f"its shape {shape} and dtype {info['dtype']}; is the file damaged?"
