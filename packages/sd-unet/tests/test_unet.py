@@ -167,3 +167,66 @@ def test_compile_frozen_gives_the_eager_numbers():
         eager = unet(x, t, c)
     assert froze, "inductor compiled the UNet without freezing its weights"
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_shared_latents_equal_the_latents_repeated(tiny, channels_last):
+    # classifier-free guidance: context [uncond rows; cond rows], the latents once
+    if channels_last:
+        tiny = tiny.to(memory_format=torch.channels_last)
+    x, t, c = inputs(tiny.config)
+    uncond = torch.randn_like(c)
+    with torch.no_grad():
+        repeated = tiny(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, c]))
+        shared = tiny(x, t, torch.cat([uncond, c]))
+        three = tiny(x[:1], t[:1], torch.cat([uncond[:1], c[:1], uncond[1:]]))
+    assert shared.shape == repeated.shape == (4, *x.shape[1:])
+    torch.testing.assert_close(shared, repeated, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        each = [tiny(x[:1], t[:1], row[None]) for row in (uncond[0], c[0], uncond[1])]
+    torch.testing.assert_close(three, torch.cat(each), rtol=1e-4, atol=1e-5)
+
+
+def test_shared_latents_run_the_first_self_attention_once_per_image(tiny):
+    x, t, c = inputs(tiny.config)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen.setdefault(name, out.shape[0])
+
+        return hook
+
+    first = tiny.input_blocks[1][1].transformer_blocks[0]
+    hooks = [first.attn1.register_forward_hook(record("self")),
+             first.attn2.register_forward_hook(record("cross"))]  # fmt: skip
+    with torch.no_grad():
+        tiny(x, t, torch.cat([c, c]))
+    for hook in hooks:
+        hook.remove()
+    assert seen == {"self": 2, "cross": 4}
+
+
+def test_shared_latents_without_attention_still_give_every_row():
+    unet = random_unet(UNetConfig(
+        model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+        context_dim=32))  # fmt: skip
+    x, t, c = inputs(unet.config)
+    with torch.no_grad():
+        shared = unet(x, t, torch.cat([c, c]))
+        plain = unet(x, t, c)
+    torch.testing.assert_close(shared, torch.cat([plain, plain]))
+
+
+@pytest.mark.parametrize(
+    "timesteps, context_batch, message",
+    [
+        (torch.tensor([1.0, 2.0, 3.0]), 2, "timesteps must be one number or one per latent row"),
+        (5.0, 3, "a multiple of the latents' batch 2"),
+    ],
+)
+def test_mismatched_batches_are_refused(tiny, timesteps, context_batch, message):
+    x, _, c = inputs(tiny.config, batch=2)
+    context = torch.randn(context_batch, *c.shape[1:])
+    with pytest.raises(ValueError, match=message):
+        tiny(x, timesteps, context)
