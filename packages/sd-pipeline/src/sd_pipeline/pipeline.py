@@ -390,8 +390,6 @@ class StableDiffusion:
         dtype, schedule = self.dtype, self.schedule
         blend = mask is not None and masked is None
         extra = None if masked is None else torch.cat([mask, masked], dim=1)
-        if cfg and extra is not None:
-            extra = torch.cat([extra, extra])
 
         multiple = 2 ** (len(self.unet.config.channel_mult) - 1)
 
@@ -402,10 +400,10 @@ class StableDiffusion:
                 alpha_bar = schedule.alpha_bar(t).to(x.device).view(-1, 1, 1, 1)
                 known = alpha_bar.sqrt() * init + (1 - alpha_bar).sqrt() * noise
                 x = mask * x + (1 - mask) * known
-            x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if cfg else (x, t)
-            if extra is not None:
-                x_in = torch.cat([x_in, extra], dim=1)
-            out = unet(_pad_to(x_in.to(dtype), multiple), t_in, context)
+            # With guidance the context has two rows per image, [unconditional; conditional],
+            # and the latents one: the UNet runs what the text cannot reach yet once per image.
+            x_in = x if extra is None else torch.cat([x, extra], dim=1)
+            out = unet(_pad_to(x_in.to(dtype), multiple), t, context)
             out = out[..., : x.shape[-2], : x.shape[-1]].float()
             if not cfg:
                 return out

@@ -783,7 +783,7 @@ def generate(text, unet, vae, tokenizer, schedule, prompts, *, steps, guidance, 
     noise = torch.randn(shape, generator=g).to(device)
 
     def model(x, t):
-        out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        out = unet(x, t, torch.cat([uncond, cond]))  # the latents shared by both halves
         u, c = out.chunk(2)
         return u + guidance * (c - u)
 
