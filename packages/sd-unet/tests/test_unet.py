@@ -230,3 +230,19 @@ def test_mismatched_batches_are_refused(tiny, timesteps, context_batch, message)
     context = torch.randn(context_batch, *c.shape[1:])
     with pytest.raises(ValueError, match=message):
         tiny(x, timesteps, context)
+
+
+def test_feed_forward_in_slices_of_tokens_equals_it_whole(monkeypatch):
+    from sd_unet.unet import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(16).eval()
+    x = torch.randn(2, 37, 16)
+    with torch.no_grad():
+        whole = ff(x)
+        monkeypatch.setattr(FeedForward, "chunk", 10)  # 74 tokens: 8 slices, the last of 4
+        calls = []
+        ff.net.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+        sliced = ff(x)
+    assert calls == [10] * 7 + [4]
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)

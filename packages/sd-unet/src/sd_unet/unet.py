@@ -73,10 +73,10 @@ class Conv3x3(nn.Conv2d):
     output pixels (batch x height x width), it runs Winograd's F(4x4, 3x3) (winograd.py):
     4 times fewer multiply-adds, equal to float32 rounding (1e-5 of the largest value).
 
-    Measured on a 2-core CPU at batch 2 (SD 1.5): 0.48-0.62 of oneDNN's direct time at the
-    64x64 and 32x32 levels (0.56-0.82 when freed memory goes back to the system, see
-    sd_pipeline.allocator); 1.05-1.9 at 16x16, where the weights are large next to the image,
-    hence the threshold. ``Conv3x3.winograd_min_pixels = None`` turns it off.
+    Measured on a 2-core CPU at batch 2 (SD 1.5): 0.47-0.73 of oneDNN's direct time per
+    convolution at the 64x64 and 32x32 levels, a whole step 0.87 (8.25 s against 9.53, one
+    process, medians of three); 1.05-1.9 at 16x16, where the weights are large next to the
+    image, hence the threshold. ``Conv3x3.winograd_min_pixels = None`` turns it off.
     """
 
     winograd_min_pixels: int | None = 2048
@@ -180,6 +180,10 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """GEGLU to 4x the width, back to the width; over at most ``chunk`` tokens at a time."""
+
+    chunk = 2048  # GEGLU's temporaries are 12x its input's size: 126 MB at SD 1.5's 64x64, batch 2
+
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         self.net = nn.Sequential(
@@ -187,7 +191,10 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x):
-        return self.net(x)
+        tokens = x.reshape(-1, x.shape[-1])  # (B * T, C), a view
+        if tokens.shape[0] <= self.chunk:
+            return self.net(x)
+        return torch.cat([self.net(part) for part in tokens.split(self.chunk)]).view_as(x)
 
 
 class BasicTransformerBlock(nn.Module):
