@@ -209,7 +209,33 @@ def _reference_text(args: dict):
     for key in names - state.keys():  # a buffer (position_ids) the file does not carry
         if key.endswith("position_ids"):
             state[key] = torch.arange(c.max_positions)[None]
-    return _meta_build(lambda: transformers.CLIPTextModel(config), state)
+    model = _meta_build(lambda: transformers.CLIPTextModel(config), state)
+    for module in model.modules():  # a non-persistent buffer the file cannot fill: .to() needs it
+        if getattr(module, "position_ids", None) is not None and module.position_ids.is_meta:
+            module.position_ids = torch.arange(c.max_positions)[None]
+    return model
+
+
+def _dtype(args: dict):
+    import torch
+
+    return getattr(torch, args.get("dtype", "float32"))
+
+
+def _device(args: dict) -> str:
+    return args.get("device", "cpu")
+
+
+def _place(model, args: dict):
+    """A reference model on the run's device, in its dtype (ours load straight there)."""
+    return model.to(device=_device(args), dtype=_dtype(args))
+
+
+def _put(tensor, args: dict):
+    """An input on the run's device; floating-point ones in its dtype."""
+    if tensor.is_floating_point():
+        return tensor.to(device=_device(args), dtype=_dtype(args))
+    return tensor.to(_device(args))
 
 
 def _latents(args: dict, batch: int = 1, channels: int = 4):
@@ -237,10 +263,10 @@ def _unet_ours(args: dict, compile: bool = False):
 
     from sd_unet import UNet, compile_frozen
 
-    model = UNet.from_checkpoint(args["weights"])
+    model = UNet.from_checkpoint(args["weights"], dtype=_dtype(args), device=_device(args))
     if compile:  # what StableDiffusion.compile does; compiled in the warm-up call
         model = compile_frozen(model)
-    x, t, c = _unet_inputs(args)
+    x, t, c = (_put(a, args) for a in _unet_inputs(args))
 
     def run():
         with torch.inference_mode():
@@ -256,8 +282,8 @@ def _unet_ours_compiled(args: dict):
 def _unet_diffusers(args: dict):
     import torch
 
-    model = _reference_unet(args)
-    x, t, c = _unet_inputs(args)
+    model = _place(_reference_unet(args), args)
+    x, t, c = (_put(a, args) for a in _unet_inputs(args))
 
     def run():
         with torch.inference_mode():
@@ -302,8 +328,9 @@ def _clip_ours(args: dict):
 
     from sd_clip import CLIPTextModel
 
-    model = CLIPTextModel.from_checkpoint(args["weights"])
-    ids = _clip_ids()
+    model = CLIPTextModel.from_checkpoint(args["weights"], dtype=_dtype(args),
+                                          device=_device(args))  # fmt: skip
+    ids = _put(_clip_ids(), args)
 
     def run():
         with torch.inference_mode():
@@ -315,8 +342,8 @@ def _clip_ours(args: dict):
 def _clip_transformers(args: dict):
     import torch
 
-    model = _reference_text(args)
-    ids = _clip_ids()
+    model = _place(_reference_text(args), args)
+    ids = _put(_clip_ids(), args)
 
     def run():
         with torch.inference_mode():
@@ -341,8 +368,9 @@ def _vae_decode_ours(args: dict):
 
     from sd_vae import AutoencoderKL
 
-    model = AutoencoderKL.from_checkpoint(args["weights"])
-    z = _latents(args)
+    model = AutoencoderKL.from_checkpoint(args["weights"], dtype=_dtype(args),
+                                          device=_device(args))  # fmt: skip
+    z = _put(_latents(args), args)
 
     def run():
         with torch.inference_mode():
@@ -354,8 +382,8 @@ def _vae_decode_ours(args: dict):
 def _vae_decode_diffusers(args: dict):
     import torch
 
-    model = _reference_vae(args)
-    z = _latents(args)
+    model = _place(_reference_vae(args), args)
+    z = _put(_latents(args), args)
 
     def run():
         with torch.inference_mode():
@@ -380,8 +408,9 @@ def _vae_encode_ours(args: dict):
 
     from sd_vae import AutoencoderKL
 
-    model = AutoencoderKL.from_checkpoint(args["weights"])
-    x = _image(args)
+    model = AutoencoderKL.from_checkpoint(args["weights"], dtype=_dtype(args),
+                                          device=_device(args))  # fmt: skip
+    x = _put(_image(args), args)
 
     def run():
         with torch.inference_mode():
@@ -393,8 +422,8 @@ def _vae_encode_ours(args: dict):
 def _vae_encode_diffusers(args: dict):
     import torch
 
-    model = _reference_vae(args)
-    x = _image(args)
+    model = _place(_reference_vae(args), args)
+    x = _put(_image(args), args)
 
     def run():
         with torch.inference_mode():
@@ -417,7 +446,8 @@ def _txt2img_ours(args: dict, compile: bool = False):
     from sd_pipeline import StableDiffusion
 
     side = args["image"]
-    pipe = StableDiffusion.from_checkpoint(args["weights"], device="cpu", native_size=side)
+    pipe = StableDiffusion.from_checkpoint(args["weights"], device=_device(args),
+                                           dtype=_dtype(args), native_size=side)  # fmt: skip
     if compile:  # compiled here, by a one-step generation of the same shapes: not timed
         pipe.compile().txt2img(PROMPT, steps=1, seed=0, width=side, height=side, progress=False)
 
@@ -459,6 +489,7 @@ def _txt2img_diffusers(args: dict):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe = pipe.to(_device(args), _dtype(args))
     pipe.set_progress_bar_config(disable=True)
 
     def run():
@@ -476,15 +507,20 @@ def _txt2img_diffusers(args: dict):
 def _load_ours(args: dict):
     from sd_pipeline import StableDiffusion
 
-    return lambda: StableDiffusion.from_checkpoint(args["weights"], device="cpu")
+    return lambda: StableDiffusion.from_checkpoint(args["weights"], device=_device(args),
+                                                   dtype=_dtype(args))  # fmt: skip
 
 
 def _load_safetensors(args: dict):
     from safetensors.torch import load_file
 
     # load_file maps the file lazily: copy every tensor out, so that the file is really read
-    # into memory the process owns (as a loaded model holds it)
-    return lambda: {k: v.clone() for k, v in load_file(args["weights"]).items()}
+    # into memory the process owns (as a loaded model holds it), on the run's device and dtype
+    def copied(tensor):
+        out = _put(tensor, args)
+        return out.clone() if out is tensor else out
+
+    return lambda: {k: copied(v) for k, v in load_file(args["weights"]).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,6 +528,7 @@ def _load_safetensors(args: dict):
 # benchmarks (each round), so that their GFLOP/s read as a fraction of what this CPU does.
 
 MATMUL = 4096
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _matmul_prepare(workdir: Path, opts) -> dict:
@@ -502,14 +539,14 @@ def _matmul_torch(args: dict):
     import torch
 
     g = _generator(5)
-    a, b = (torch.randn(args["n"], args["n"], generator=g) for _ in range(2))
+    a, b = (_put(torch.randn(args["n"], args["n"], generator=g), args) for _ in range(2))
     return lambda: a @ b
 
 
 register(
     Benchmark(
         name="clip",
-        description="CLIP ViT-L/14 text encoder, batch 2 x 77 tokens, float32",
+        description="CLIP ViT-L/14 text encoder, batch 2 x 77 tokens",
         prepare=_checkpoint_prepare,
         sides={"ours": _clip_ours, "transformers": _clip_transformers},
         baseline="transformers",
@@ -518,7 +555,7 @@ register(
 register(
     Benchmark(
         name="unet",
-        description="SD 1.5 UNet forward, batch 2, 4x64x64 latents, 77x768 context, float32",
+        description="SD 1.5 UNet forward, batch 2, 4x64x64 latents, 77x768 context",
         prepare=_checkpoint_prepare,
         sides={"ours": _unet_ours, "diffusers": _unet_diffusers},
         flops=_unet_flops,
@@ -528,7 +565,7 @@ register(
 register(
     Benchmark(
         name="vae_decode",
-        description="SD VAE decode, 1x4x64x64 latents -> 512x512 image, float32",
+        description="SD VAE decode, 1x4x64x64 latents -> 512x512 image",
         prepare=_checkpoint_prepare,
         sides={"ours": _vae_decode_ours, "diffusers": _vae_decode_diffusers},
         flops=_vae_decode_flops,
@@ -537,7 +574,7 @@ register(
 register(
     Benchmark(
         name="vae_encode",
-        description="SD VAE encode, 512x512 image -> posterior mean, float32",
+        description="SD VAE encode, 512x512 image -> posterior mean",
         prepare=_checkpoint_prepare,
         sides={"ours": _vae_encode_ours, "diffusers": _vae_encode_diffusers},
     )
@@ -545,7 +582,7 @@ register(
 register(
     Benchmark(
         name="txt2img",
-        description="whole txt2img, 20 DDIM steps, CFG 7.5, one image, float32",
+        description="whole txt2img, 20 DDIM steps, CFG 7.5, one image",
         prepare=_txt2img_prepare,
         sides={"ours": _txt2img_ours, "diffusers": _txt2img_diffusers},
         images=1,
@@ -564,7 +601,7 @@ register(
 register(
     Benchmark(
         name="matmul",
-        description=f"float32 matmul {MATMUL}x{MATMUL} @ {MATMUL}x{MATMUL}: the practical peak",
+        description=f"matmul {MATMUL}x{MATMUL} @ {MATMUL}x{MATMUL}: the practical peak",
         prepare=_matmul_prepare,
         sides={"torch": _matmul_torch},
         baseline="torch",
@@ -584,9 +621,20 @@ def _worker(name: str, side: str, args: dict, warmup: int, repeat: int) -> dict:
     is reset after setup where Linux allows it, so that reading the weights (a memory-mapped
     file of all three models) does not count. ``setup_peak_rss`` is the peak before that.
     """
-    fn = REGISTRY[name].side(side)(args)
+    import torch
+
+    call = REGISTRY[name].side(side)(args)
+    cuda = _device(args).startswith("cuda")
+
+    def fn():  # on a GPU a call is timed to the end of its kernels
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+
     setup_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     reset = _reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         fn()
     times, cpu_times = [], []
@@ -596,7 +644,10 @@ def _worker(name: str, side: str, args: dict, warmup: int, repeat: int) -> dict:
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)  # all threads: less hurt by contention
     peak = _peak_rss() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"times": times, "cpu_times": cpu_times, "peak_rss": peak, "setup_peak_rss": setup_peak}
+    out = {"times": times, "cpu_times": cpu_times, "peak_rss": peak, "setup_peak_rss": setup_peak}
+    if cuda:  # what the calls allocated on the GPU at most (weights included)
+        out["peak_device"] = torch.cuda.max_memory_allocated()
+    return out
 
 
 def _reset_peak_rss() -> bool:
@@ -667,6 +718,8 @@ def _summary(name: str, runs: dict[str, list[dict]], opts, args: dict, peaks: li
             "times_s": times,
             "peak_rss_gb": max(r["peak_rss"] for r in results) / 1e9,
         }
+        if all("peak_device" in r for r in results):
+            sides[side]["peak_device_gb"] = max(r["peak_device"] for r in results) / 1e9
     base = sides[bench.baseline]
     for side, s in sides.items():
         # round-by-round ratios: each pair was measured back to back under the same load
@@ -678,6 +731,8 @@ def _summary(name: str, runs: dict[str, list[dict]], opts, args: dict, peaks: li
         s["cpu_ratio"] = s["cpu_median_s"] / base["cpu_median_s"]
         s["ratio_per_round"] = pairs
         s["rss_ratio"] = s["peak_rss_gb"] / base["peak_rss_gb"]
+        if "peak_device_gb" in s and "peak_device_gb" in base:
+            s["device_memory_ratio"] = s["peak_device_gb"] / base["peak_device_gb"]
         if flops:
             s["gflops_per_s"] = flops / s["median_s"] / 1e9
             if peak:
@@ -693,6 +748,8 @@ def _summary(name: str, runs: dict[str, list[dict]], opts, args: dict, peaks: li
         "machine": _machine(),
         "versions": _versions(),
         "threads": opts.threads,
+        "device": args.get("device", "cpu"),
+        "dtype": args.get("dtype", "float32"),
         "rounds": opts.rounds,
         "repeat": opts.repeat,
         "warmup": opts.warmup,
@@ -703,10 +760,16 @@ def _summary(name: str, runs: dict[str, list[dict]], opts, args: dict, peaks: li
     }
 
 
+def _setting(s: dict) -> str:
+    """Device and dtype of a result (those from before --device/--dtype: the CPU, float32)."""
+    return f"{s.get('device', 'cpu')} {s.get('dtype', 'float32')}"
+
+
 def _header(s: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in s["versions"].items() if v)
     return (
-        f"{s['date']}; {s['machine']}; {versions}; {s['threads']} threads; {s['size']} size; "
+        f"{s['date']}; {s['machine']}; {versions}; {s['threads']} threads; {_setting(s)}; "
+        f"{s['size']} size; "
         f"{s['rounds']} rounds of {s['repeat']} timed calls after {s['warmup']} warm-up, sides "
         "alternating, each in its own process."
     )
@@ -721,7 +784,8 @@ def _markdown(s: dict) -> str:
         lines += [f"{s['flops'] / 1e9:.1f} GFLOP per call (torch.utils.flop_counter; every "
                   "convolution counted as a direct one, so a side that does fewer multiply-adds, "
                   "as ours through Winograd, shows an effective rate)"
-                  + (f"; the {MATMUL}x{MATMUL} float32 matmul ran at {peak:.1f} GFLOP/s in the "
+                  + (f"; the {MATMUL}x{MATMUL} {s.get('dtype', 'float32')} matmul ran at "
+                     f"{peak:.1f} GFLOP/s in the "
                      "same run." if peak else "."), ""]  # fmt: skip
     lines += [
         f"| side | median | min-max | ratio to {s['baseline']} | per-round ratios "
@@ -747,6 +811,8 @@ def _extra(r: dict) -> str:
         parts.append(f"{100 * r['peak_fraction']:.0f}% of the matmul peak")
     if "images_per_s" in r:
         parts.append(f"{r['images_per_s']:.4f} images/s")
+    if "peak_device_gb" in r:
+        parts.append(f"GPU peak {r['peak_device_gb']:.2f} GB ({r['device_memory_ratio']:.2f})")
     return ", ".join(parts)
 
 
@@ -758,8 +824,9 @@ def _table(summaries: list[dict]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items() if v)
     lines = [
         f"Measured {first['date']} on {first['machine']}; {versions}; {first['threads']} "
-        "threads, float32; random weights; ratios are ours / reference in the same run (each "
-        "side in its own process, alternating).",
+        "threads; random weights; ratios are ours / reference in the same run (each side in its "
+        "own process, alternating). Device and dtype: the CPU in float32 where the size column "
+        "names none.",
         "",
         "| benchmark | size | ours median (min-max) | reference | reference median (min-max) "
         "| time ratio | ours peak RSS | reference peak RSS | RSS ratio | notes |",
@@ -774,6 +841,8 @@ def _table(summaries: list[dict]) -> str:
             size = s.get("size", "full") + (
                 f", {inputs['image']} px" if inputs.get("image") else ""
             )
+            if _setting(s) != "cpu float32":
+                size += f", {_setting(s)}"
             lines.append(
                 f"| {s['benchmark']}{label} | {size} | {o['median_s']:.3f} s ({o['min_s']:.3f}-"
                 f"{o['max_s']:.3f}) | {s['baseline']} | {b['median_s']:.3f} s ({b['min_s']:.3f}-"
@@ -793,6 +862,9 @@ def _notes(ours: dict, reference: dict) -> str:
         parts.append(f"ours {ours['gflops_per_s']:.0f} GFLOP/s")
     if "images_per_s" in ours:
         parts.append(f"{ours['images_per_s']:.4f} vs {reference['images_per_s']:.4f} images/s")
+    if "device_memory_ratio" in ours:
+        parts.append(f"GPU peak {ours['peak_device_gb']:.2f} vs {reference['peak_device_gb']:.2f} "
+                     f"GB ({ours['device_memory_ratio']:.2f})")  # fmt: skip
     return "; ".join(parts)
 
 
@@ -816,6 +888,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=1, help="timed calls per process (default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda: models and inputs there; a GPU's calls are timed "
+                        "to the end of their kernels, and its peak memory reported")  # fmt: skip
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weights and inputs (default float32; float16, bfloat16 on a GPU)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="also time our side through torch.compile (unet, txt2img): 'ours-compiled'")  # fmt: skip
     p.add_argument("--workdir", type=Path, help="where shared inputs (weights) are cached")
@@ -847,6 +924,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"--txt2img-size must be a multiple of 8, got {opts.txt2img_size}")
     if opts.warmup < 0:
         raise SystemExit(f"--warmup must be 0 or more, got {opts.warmup}")
+    if opts.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {opts.device}: this torch sees no CUDA GPU")
+    elif opts.device != "cpu":
+        raise SystemExit(f"--device must be cpu or cuda (cuda:N), got {opts.device!r}")
+    setting = {"device": opts.device, "dtype": opts.dtype}
     names = opts.only or [n for n in REGISTRY if n != "matmul"]
     unknown = [n for n in names + opts.skip if n not in REGISTRY]
     if unknown:
@@ -857,12 +942,12 @@ def main(argv=None) -> None:
     opts.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         bench = REGISTRY[name]
-        args = bench.prepare(workdir, opts)
+        args = {**bench.prepare(workdir, opts), **setting}
         runs = {side: [] for side in bench.side_names(opts.compile)}
         peaks = []  # the matmul's GFLOP/s, once a round, beside a FLOP-counted benchmark
         for i in range(opts.rounds):
             if bench.flops and name != "matmul":
-                margs = _matmul_prepare(workdir, opts)
+                margs = {**_matmul_prepare(workdir, opts), **setting}
                 r = _run_side("matmul", "torch", margs, opts, warmup=1, repeat=3)
                 peaks.append(2.0 * MATMUL**3 / statistics.median(r["times"]) / 1e9)
                 print(f"{name} round {i + 1}/{opts.rounds} matmul peak: {peaks[-1]:.1f} GFLOP/s",
