@@ -98,6 +98,8 @@ def test_conv3x3_uses_winograd_only_where_it_pays_and_applies(monkeypatch):
         conv.double()(big.double())
         conv.float()
     conv(big)  # autograd on: the direct convolution, for its backward pass
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(big).dtype == torch.bfloat16  # autocast's dtype, through its kernels
     assert len(calls) == 1
     with torch.no_grad():
         torch.testing.assert_close(fast, F.conv2d(big, conv.weight, conv.bias, padding=1),

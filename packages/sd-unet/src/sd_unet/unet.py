@@ -69,9 +69,10 @@ class SiLU(nn.Module):
 
 class Conv3x3(nn.Conv2d):
     """The 3x3, stride-1 convolutions of the ResBlocks and Upsamples (an ``nn.Conv2d``, same
-    parameters). In float32 on the CPU without autograd, over at least ``winograd_min_pixels``
-    output pixels (batch x height x width), it runs Winograd's F(4x4, 3x3) (winograd.py):
-    4 times fewer multiply-adds, equal to float32 rounding (1e-5 of the largest value).
+    parameters). In float32 on the CPU without autograd or autocast, over at least
+    ``winograd_min_pixels`` output pixels (batch x height x width), it runs Winograd's
+    F(4x4, 3x3) (winograd.py): 4 times fewer multiply-adds, equal to float32 rounding (1e-5 of
+    the largest value).
 
     Measured on a 2-core CPU at batch 2 (SD 1.5): 0.47-0.73 of oneDNN's direct time per
     convolution at the 64x64 and 32x32 levels, a whole step 0.87 (8.25 s against 9.53, one
@@ -93,6 +94,7 @@ class Conv3x3(nn.Conv2d):
             and x.device.type == "cpu"
             and x.dtype == self.weight.dtype == torch.float32
             and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")  # autocast: its dtype, its kernels
             and not torch.compiler.is_compiling()  # compiled: inductor prepares direct convs
         ):
             return winograd.conv3x3(x, self.weight, self.bias, self.workspace)
