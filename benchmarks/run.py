@@ -206,13 +206,16 @@ def _reference_text(args: dict):
     for key, value in _read_part(args["weights"], "text").items():
         key = key.removeprefix(PREFIXES["text"])
         state[key if key in names else key.removeprefix("text_model.")] = value  # transformers 5
-    for key in names - state.keys():  # a buffer (position_ids) the file does not carry
+    # position_ids, a buffer the file does not carry: in the state dict where transformers
+    # keeps it there (a strict load needs it), else set on the module (.to() refuses meta)
+    positions = torch.arange(c.max_positions)[None]
+    for key in names - state.keys():
         if key.endswith("position_ids"):
-            state[key] = torch.arange(c.max_positions)[None]
+            state[key] = positions
     model = _meta_build(lambda: transformers.CLIPTextModel(config), state)
-    for module in model.modules():  # a non-persistent buffer the file cannot fill: .to() needs it
+    for module in model.modules():
         if getattr(module, "position_ids", None) is not None and module.position_ids.is_meta:
-            module.position_ids = torch.arange(c.max_positions)[None]
+            module.position_ids = positions
     return model
 
 
@@ -226,15 +229,20 @@ def _device(args: dict) -> str:
     return args.get("device", "cpu")
 
 
+def _target(args: dict) -> dict:
+    """``dtype=`` and ``device=`` of the run, for our loaders and ``.to()``."""
+    return {"dtype": _dtype(args), "device": _device(args)}
+
+
 def _place(model, args: dict):
     """A reference model on the run's device, in its dtype (ours load straight there)."""
-    return model.to(device=_device(args), dtype=_dtype(args))
+    return model.to(**_target(args))
 
 
 def _put(tensor, args: dict):
     """An input on the run's device; floating-point ones in its dtype."""
     if tensor.is_floating_point():
-        return tensor.to(device=_device(args), dtype=_dtype(args))
+        return tensor.to(**_target(args))
     return tensor.to(_device(args))
 
 
@@ -263,7 +271,7 @@ def _unet_ours(args: dict, compile: bool = False):
 
     from sd_unet import UNet, compile_frozen
 
-    model = UNet.from_checkpoint(args["weights"], dtype=_dtype(args), device=_device(args))
+    model = UNet.from_checkpoint(args["weights"], **_target(args))
     if compile:  # what StableDiffusion.compile does; compiled in the warm-up call
         model = compile_frozen(model)
     x, t, c = (_put(a, args) for a in _unet_inputs(args))
@@ -328,8 +336,7 @@ def _clip_ours(args: dict):
 
     from sd_clip import CLIPTextModel
 
-    model = CLIPTextModel.from_checkpoint(args["weights"], dtype=_dtype(args),
-                                          device=_device(args))  # fmt: skip
+    model = CLIPTextModel.from_checkpoint(args["weights"], **_target(args))
     ids = _put(_clip_ids(), args)
 
     def run():
@@ -368,8 +375,7 @@ def _vae_decode_ours(args: dict):
 
     from sd_vae import AutoencoderKL
 
-    model = AutoencoderKL.from_checkpoint(args["weights"], dtype=_dtype(args),
-                                          device=_device(args))  # fmt: skip
+    model = AutoencoderKL.from_checkpoint(args["weights"], **_target(args))
     z = _put(_latents(args), args)
 
     def run():
@@ -408,8 +414,7 @@ def _vae_encode_ours(args: dict):
 
     from sd_vae import AutoencoderKL
 
-    model = AutoencoderKL.from_checkpoint(args["weights"], dtype=_dtype(args),
-                                          device=_device(args))  # fmt: skip
+    model = AutoencoderKL.from_checkpoint(args["weights"], **_target(args))
     x = _put(_image(args), args)
 
     def run():
@@ -446,8 +451,7 @@ def _txt2img_ours(args: dict, compile: bool = False):
     from sd_pipeline import StableDiffusion
 
     side = args["image"]
-    pipe = StableDiffusion.from_checkpoint(args["weights"], device=_device(args),
-                                           dtype=_dtype(args), native_size=side)  # fmt: skip
+    pipe = StableDiffusion.from_checkpoint(args["weights"], native_size=side, **_target(args))
     if compile:  # compiled here, by a one-step generation of the same shapes: not timed
         pipe.compile().txt2img(PROMPT, steps=1, seed=0, width=side, height=side, progress=False)
 
@@ -507,8 +511,7 @@ def _txt2img_diffusers(args: dict):
 def _load_ours(args: dict):
     from sd_pipeline import StableDiffusion
 
-    return lambda: StableDiffusion.from_checkpoint(args["weights"], device=_device(args),
-                                                   dtype=_dtype(args))  # fmt: skip
+    return lambda: StableDiffusion.from_checkpoint(args["weights"], **_target(args))
 
 
 def _load_safetensors(args: dict):

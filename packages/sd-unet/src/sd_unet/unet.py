@@ -263,7 +263,7 @@ class TimestepEmbedSequential(nn.Sequential):
 
     def forward(self, x, emb, context):
         for layer in self:
-            if isinstance(layer, ResBlock):
+            if isinstance(layer, ResBlock):  # (_grow: where a transformer here grew the batch)
                 x = layer(x, _grow(emb, x.shape[0]))
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
@@ -417,8 +417,10 @@ class UNet(nn.Module):
         h = x
         for block in self.input_blocks:
             h = self._run(block, h, emb, context)
+            emb = _grow(emb, h.shape[0])  # once, where the batch grows (shared latents)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        emb = _grow(emb, h.shape[0])
         for block in self.output_blocks:
             h = torch.cat([h, _grow(skips.pop(), h.shape[0])], dim=1)
             h = self._run(block, h, emb, context)
