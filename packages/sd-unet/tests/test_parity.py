@@ -5,7 +5,7 @@ import torch
 from conftest import inputs, random_unet
 
 from sd_unet import UNet, UNetConfig
-from sd_unet.weights import PREFIX, diffusers_key_map
+from sd_unet.weights import SD_PREFIX, diffusers_key_map
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -94,7 +94,7 @@ def test_sd_single_file_matches_diffusers(case, tmp_path):
 
     theirs = random_diffusers(CASES[case], seed=3)
     to_ours = {v: k for k, v in diffusers_key_map(OURS[case]).items()}
-    state = {PREFIX + to_ours[k]: v.contiguous() for k, v in theirs.state_dict().items()}
+    state = {SD_PREFIX + to_ours[k]: v.contiguous() for k, v in theirs.state_dict().items()}
     save_file(state, tmp_path / "sd.safetensors")
     ours = UNet.from_checkpoint(tmp_path / "sd.safetensors", config=OURS[case])
     assert compare(ours, theirs) < 1e-4

@@ -7,10 +7,10 @@ from conftest import inputs, random_unet
 from safetensors.torch import save_file
 
 from sd_unet import CheckpointError, UNet, UNetConfig
-from sd_unet.weights import PREFIX, diffusers_key_map, infer_config
+from sd_unet.weights import SD_PREFIX, diffusers_key_map, infer_config
 
 
-def sd_file_state(model: UNet, prefix: str = PREFIX) -> dict[str, torch.Tensor]:
+def sd_file_state(model: UNet, prefix: str = SD_PREFIX) -> dict[str, torch.Tensor]:
     """The tensors of an SD single file: the UNet under its prefix, plus the other components."""
     state = {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
     state["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4, 4, 3, 3)
@@ -160,7 +160,7 @@ def test_folder_without_a_unet(tmp_path):
 
 def test_wrong_shape_names_key_and_shapes(tiny, tmp_path):
     state = sd_file_state(tiny)
-    key = PREFIX + "input_blocks.1.0.in_layers.2.weight"
+    key = SD_PREFIX + "input_blocks.1.0.in_layers.2.weight"
     state[key] = torch.zeros(32, 32, 1, 1)
     path = tmp_path / "bad.safetensors"
     save_file(state, path)
@@ -173,7 +173,7 @@ def test_wrong_shape_names_key_and_shapes(tiny, tmp_path):
 
 def test_missing_key_is_named(tiny, tmp_path):
     state = sd_file_state(tiny)
-    del state[PREFIX + "middle_block.2.out_layers.3.bias"]
+    del state[SD_PREFIX + "middle_block.2.out_layers.3.bias"]
     path = tmp_path / "bad.safetensors"
     save_file(state, path)
     with pytest.raises(CheckpointError, match=r"missing \(first: 'middle_block\.2\.out_layers"):

@@ -40,14 +40,15 @@ from sd_clip._checkpoint import (
 from sd_clip.text_model import CLIPTextConfig, CLIPTextModel
 
 # Where single-file checkpoints keep the CLIP text encoder; "" is a bare text-encoder file.
-PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.", "")
+SD_PREFIX = "cond_stage_model.transformer."  # where an SD 1.x single file keeps the text encoder
+PREFIXES = (SD_PREFIX, "conditioner.embedders.0.transformer.", "")
 PROBE = "text_model.embeddings.token_embedding.weight"
 SHORT_PROBE = (
     "embeddings.token_embedding.weight"  # transformers 5 (and very old files) drop "text_model."
 )
 OPENCLIP_PROBE = "cond_stage_model.model.token_embedding.weight"  # SD 2.x
 IGNORED = ("position_ids",)  # a buffer (arange) that some files carry; the model recomputes it
-METADATA_KEY = "sd_clip.config"
+CONFIG_METADATA = "sd_clip.config"
 HEAD_SIZE = 64  # every CLIP text encoder (OpenAI and OpenCLIP) uses 64-wide heads
 
 
@@ -79,7 +80,7 @@ def load_text_model(
 def save_text_model(model: CLIPTextModel, path: str | os.PathLike) -> None:
     """Write the state dict and the config (as safetensors metadata) to ``path``."""
     config = json.dumps(dataclasses.asdict(model.config))
-    save_tensors(model.state_dict(), path, metadata={"format": "pt", METADATA_KEY: config})
+    save_tensors(model.state_dict(), path, metadata={"format": "pt", CONFIG_METADATA: config})
 
 
 def infer_config(tensors: dict[str, torch.Tensor], source: str) -> CLIPTextConfig:
@@ -186,9 +187,9 @@ def _saved_config(path: Path) -> CLIPTextConfig | None:
             meta = f.metadata() or {}
     except Exception:  # a pickle, or a file checkpoint_keys already vetted as readable
         return None
-    if METADATA_KEY not in meta:
+    if CONFIG_METADATA not in meta:
         return None
     try:
-        return CLIPTextConfig(**json.loads(meta[METADATA_KEY]))
+        return CLIPTextConfig(**json.loads(meta[CONFIG_METADATA]))
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable {METADATA_KEY!r} metadata ({e})") from e
+        raise CheckpointError(f"{path}: unreadable {CONFIG_METADATA!r} metadata ({e})") from e

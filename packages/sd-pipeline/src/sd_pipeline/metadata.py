@@ -13,19 +13,17 @@ with ``Negative prompt:``, the negative prompt.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from sd_vae._checkpoint import file_mode
+from sd_pipeline.files import replacing
 
 log = logging.getLogger(__name__)
 
@@ -222,24 +220,9 @@ def save_image(
         text = parameters if isinstance(parameters, str) else parameters.to_text()
         info.add_text("parameters", text)
         options["pnginfo"] = info
-    with _replacing(path, "wb") as f:
+    with replacing(path, "wb") as f:
         image.save(f, format=fmt, **options)
     return path
-
-
-@contextlib.contextmanager
-def _replacing(path: Path, mode: str, **kwargs):
-    """A temporary file beside ``path``, renamed onto it (with a new file's mode: mkstemp makes
-    it private) when the block ends, removed if the block fails: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------- the model hash
@@ -287,7 +270,7 @@ def _write_hash_cache(path: Path, cache: dict) -> None:
     """Atomically (a temporary file renamed into place); a failure only costs the cache."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _replacing(path, "w", encoding="utf-8") as f:
+        with replacing(path, "w", encoding="utf-8") as f:
             json.dump(cache, f, indent=1)
     except OSError as e:
         log.debug("model hash cache %s not written: %s", path, e)

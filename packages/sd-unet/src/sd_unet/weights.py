@@ -29,7 +29,7 @@ from sd_unet._checkpoint import (
 )
 from sd_unet.unet import UNet, UNetConfig
 
-PREFIX = "model.diffusion_model."  # the UNet inside a CompVis/SD single-file checkpoint
+SD_PREFIX = "model.diffusion_model."  # the UNet inside a CompVis/SD single-file checkpoint
 EMA_PREFIX = "model_ema."  # full (non-pruned) checkpoints: EMA weights, names without dots
 PROBE = "input_blocks.0.0.weight"  # a key every UNet has
 CONFIG_METADATA = "sd_unet.config"  # where save() records the config in a .safetensors file
@@ -73,12 +73,12 @@ def _read_file(
     path: Path, ema: bool, channels_last: bool = False
 ) -> tuple[dict, UNetConfig | None, str]:
     keys = checkpoint_keys(path)
-    prefix = pick_prefix(keys, (PREFIX, ""), PROBE)
+    prefix = pick_prefix(keys, (SD_PREFIX, ""), PROBE)
     if ema:
         return _read_ema(path, keys), None, f"{path} (EMA weights)"
     if prefix is None:
         raise CheckpointError(
-            f"{path}: no UNet in this file: expected '{PREFIX}{PROBE}' (an SD checkpoint) or "
+            f"{path}: no UNet in this file: expected '{SD_PREFIX}{PROBE}' (an SD checkpoint) or "
             f"'{PROBE}' (a bare UNet file); found {len(keys)} keys, such as {keys[:3]}"
         )
     tensors = load_tensors(path, prefix, channels_last=channels_last)
@@ -94,11 +94,11 @@ def _read_ema(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
             f"{path}: no EMA weights in this file (no '{stem}...' keys); it is an EMA-only or "
             "non-EMA checkpoint: load it with ema=False"
         )
-    names = [k[len(PREFIX) :] for k in keys if k.startswith(PREFIX)]
+    names = [k[len(SD_PREFIX) :] for k in keys if k.startswith(SD_PREFIX)]
     dotted = {name.replace(".", ""): name for name in names}
     if len(dotted) != len(names) or not names:
         raise CheckpointError(
-            f"{path}: cannot name the EMA weights: the file needs its '{PREFIX}*' keys, "
+            f"{path}: cannot name the EMA weights: the file needs its '{SD_PREFIX}*' keys, "
             "each distinct once dots are removed"
         )
     flat = load_tensors(path, stem)
