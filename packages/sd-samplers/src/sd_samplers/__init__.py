@@ -21,7 +21,7 @@ from sd_samplers.k_samplers import (
     sample_unipc,
 )
 from sd_samplers.noise import BrownianTreeNoise, GaussianNoise
-from sd_samplers.sampling import SAMPLERS, Sampler, sample
+from sd_samplers.sampling import SAMPLERS, Sampler, sample, sampler_from_label, sampler_label
 from sd_samplers.schedule import NoiseSchedule, exponential_sigmas, karras_sigmas
 
 __all__ = [
@@ -51,4 +51,6 @@ __all__ = [
     "sample_lms",
     "sample_plms",
     "sample_unipc",
+    "sampler_from_label",
+    "sampler_label",
 ]

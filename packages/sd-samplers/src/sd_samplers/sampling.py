@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable
@@ -13,20 +14,31 @@ from sd_samplers import k_samplers as ks
 from sd_samplers.denoiser import Denoiser
 from sd_samplers.schedule import NoiseSchedule
 
-__all__ = ["SAMPLERS", "Sampler", "sample"]
+__all__ = ["SAMPLERS", "Sampler", "sample", "sampler_from_label", "sampler_label"]
 
 LADDERS = ("uniform", "karras", "exponential", "compvis", "ddpm")
 
 
+NOISE_KINDS = ("gaussian", "brownian")
+# AUTOMATIC1111's names for the ladders, as it appends them to a label ("DPM++ 2M Karras") and
+# as its 1.9+ metadata writes them apart ("Sampler: DPM++ 2M, Schedule type: Karras").
+LADDER_LABELS = {"karras": "Karras", "exponential": "Exponential"}
+
+
 @dataclass(frozen=True)
 class Sampler:
-    """A registered sampler: its function, the sigma ladder it runs on, and default options.
+    """A registered sampler: its function, the sigma ladder it runs on, and what callers need to
+    know about it without reading its code.
 
     ladder: "uniform" (k-diffusion's get_sigmas), "karras" (rho 7), "exponential", "compvis"
     (the original DDIM/PLMS timesteps, ending at alpha_bar_0) or "ddpm" (the same, ending at 0).
     discard_penultimate: build steps + 1 sigmas and drop the next-to-last, as AUTOMATIC1111 does
     for DPM2, DPM2 a and DPM++ 3M SDE. second_order: two model calls per step (one for the last
     step, which is Euler to sigma 0). warmup_calls: extra calls once (PLMS' first Heun step).
+    label: AUTOMATIC1111's name for it ("DPM++ 2M Karras"). noise: the kind of noise source it
+    takes as ``noise_sampler`` ("gaussian": fresh draws, GaussianNoise; "brownian": increments of
+    one Brownian path, BrownianTreeNoise), None if it takes none. noise_options: options that
+    make it draw from ``generator`` itself when positive (DDIM's eta, the churn of Euler/Heun).
     """
 
     fn: Callable
@@ -35,11 +47,25 @@ class Sampler:
     second_order: bool = False
     warmup_calls: int = 0
     discard_penultimate: bool = False
+    label: str = ""
+    noise: str | None = None
+    noise_options: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.noise is not None and self.noise not in NOISE_KINDS:
+            raise ValueError(f"noise must be one of {NOISE_KINDS} or None, got {self.noise!r}")
 
     @property
     def vp(self) -> bool:
         """True for the CompVis samplers, which start from x_T = noise on the VP scale."""
         return self.ladder in ("compvis", "ddpm")
+
+    def draws_noise(self, options: dict | None = None) -> bool:
+        """Whether a run with these options draws random numbers (so depends on the seed)."""
+        options = {**self.options, **(options or {})}
+        if self.noise is not None or self.ladder == "ddpm":
+            return True
+        return any(options.get(name, 0) > 0 for name in self.noise_options)
 
     def sigmas(self, schedule: NoiseSchedule, steps: int) -> torch.Tensor:
         """The steps + 1 sigmas this sampler steps through for `steps` steps."""
@@ -61,24 +87,31 @@ class Sampler:
         return (2 * steps - 1 if self.second_order else steps) + self.warmup_calls
 
 
+_CHURN = ("s_churn",)
 _BASE = {
-    "ddpm": Sampler(ks.sample_ddpm, ladder="ddpm"),
-    "ddim": Sampler(ks.sample_ddim, ladder="compvis"),
-    "plms": Sampler(ks.sample_plms, ladder="compvis", warmup_calls=1),
-    "euler": Sampler(ks.sample_euler),
-    "euler_a": Sampler(ks.sample_euler_ancestral),
-    "heun": Sampler(ks.sample_heun, second_order=True),
-    "lms": Sampler(ks.sample_lms),
-    "dpm2": Sampler(ks.sample_dpm_2, second_order=True, discard_penultimate=True),
-    "dpm2_a": Sampler(ks.sample_dpm_2_ancestral, second_order=True, discard_penultimate=True),
-    "dpmpp_2s_a": Sampler(ks.sample_dpmpp_2s_ancestral, second_order=True),
-    "dpmpp_2m": Sampler(ks.sample_dpmpp_2m),
-    "dpmpp_sde": Sampler(ks.sample_dpmpp_sde, second_order=True),
-    "dpmpp_2m_sde": Sampler(ks.sample_dpmpp_2m_sde),
-    "dpmpp_2m_sde_heun": Sampler(ks.sample_dpmpp_2m_sde, options={"solver_type": "heun"}),
-    "dpmpp_3m_sde": Sampler(ks.sample_dpmpp_3m_sde, discard_penultimate=True),
-    "unipc": Sampler(ks.sample_unipc),
-}
+    "ddpm": Sampler(ks.sample_ddpm, ladder="ddpm", label="DDPM"),
+    "ddim": Sampler(ks.sample_ddim, ladder="compvis", label="DDIM", noise_options=("eta",)),
+    "plms": Sampler(ks.sample_plms, ladder="compvis", warmup_calls=1, label="PLMS"),
+    "euler": Sampler(ks.sample_euler, label="Euler", noise_options=_CHURN),
+    "euler_a": Sampler(ks.sample_euler_ancestral, label="Euler a", noise="gaussian"),
+    "heun": Sampler(ks.sample_heun, second_order=True, label="Heun", noise_options=_CHURN),
+    "lms": Sampler(ks.sample_lms, label="LMS"),
+    "dpm2": Sampler(ks.sample_dpm_2, second_order=True, discard_penultimate=True, label="DPM2",
+                    noise_options=_CHURN),
+    "dpm2_a": Sampler(ks.sample_dpm_2_ancestral, second_order=True, discard_penultimate=True,
+                      label="DPM2 a", noise="gaussian"),
+    "dpmpp_2s_a": Sampler(ks.sample_dpmpp_2s_ancestral, second_order=True, label="DPM++ 2S a",
+                          noise="gaussian"),
+    "dpmpp_2m": Sampler(ks.sample_dpmpp_2m, label="DPM++ 2M"),
+    "dpmpp_sde": Sampler(ks.sample_dpmpp_sde, second_order=True, label="DPM++ SDE",
+                         noise="brownian"),
+    "dpmpp_2m_sde": Sampler(ks.sample_dpmpp_2m_sde, label="DPM++ 2M SDE", noise="brownian"),
+    "dpmpp_2m_sde_heun": Sampler(ks.sample_dpmpp_2m_sde, options={"solver_type": "heun"},
+                                 label="DPM++ 2M SDE Heun", noise="brownian"),
+    "dpmpp_3m_sde": Sampler(ks.sample_dpmpp_3m_sde, discard_penultimate=True,
+                            label="DPM++ 3M SDE", noise="brownian"),
+    "unipc": Sampler(ks.sample_unipc, label="UniPC"),
+}  # fmt: skip
 # the ladder variants AUTOMATIC1111 lists
 _VARIANTS = {
     "karras": ["lms", "dpm2", "dpm2_a", "dpmpp_2s_a", "dpmpp_2m", "dpmpp_sde", "dpmpp_2m_sde",
@@ -90,9 +123,48 @@ SAMPLERS: dict[str, Sampler] = dict(_BASE)
 for _ladder, _names in _VARIANTS.items():
     for _name in _names:
         _b = _BASE[_name]
-        SAMPLERS[f"{_name}_{_ladder}"] = Sampler(
-            _b.fn, _ladder, _b.options, _b.second_order, _b.warmup_calls, _b.discard_penultimate
+        SAMPLERS[f"{_name}_{_ladder}"] = dataclasses.replace(
+            _b, ladder=_ladder, label=f"{_b.label} {LADDER_LABELS[_ladder]}"
         )
+_BY_LABEL = {spec.label.lower(): name for name, spec in SAMPLERS.items()}
+
+
+def sampler_label(name: str) -> str:
+    """AUTOMATIC1111's label for one of our sampler names: ``dpmpp_2m_karras`` -> ``DPM++ 2M
+    Karras``."""
+    spec = SAMPLERS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown sampler {name!r}; choose from: {', '.join(SAMPLERS)}")
+    return spec.label
+
+
+def sampler_from_label(label: str, schedule_type: str | None = None) -> str:
+    """Our sampler name for an AUTOMATIC1111 label, written either way it writes them: the
+    ladder in the label (``DPM++ 2M Karras``, before 1.9) or apart (``DPM++ 2M`` with
+    ``Schedule type: Karras``, 1.9 and later; ``Automatic`` means the sampler's own). Our own
+    names are accepted too. Raises a ValueError naming the label when nothing matches.
+    """
+    text = " ".join(label.split())
+    name = _BY_LABEL.get(text.lower()) or (text if text in SAMPLERS else None)
+    if name is None:
+        raise ValueError(
+            f"unknown sampler {label!r}; AUTOMATIC1111 labels known here: "
+            f"{', '.join(spec.label for spec in SAMPLERS.values())}"
+        )
+    kind = " ".join((schedule_type or "").split()).lower()
+    if kind in ("", "automatic") or SAMPLERS[name].ladder != "uniform":
+        return name
+    ladder = {v.lower(): k for k, v in LADDER_LABELS.items()}.get(kind)
+    if kind == "uniform" or (ladder is None and kind == "normal"):
+        return name
+    variant = f"{name}_{ladder}" if ladder else None
+    if variant not in SAMPLERS:
+        offered = [v for k, v in LADDER_LABELS.items() if f"{name}_{k}" in SAMPLERS]
+        raise ValueError(
+            f"sampler {SAMPLERS[name].label!r} with schedule type {schedule_type!r} is not "
+            f"available; schedule types for it: {', '.join(['Automatic', *offered])}"
+        )
+    return variant
 
 
 def _declared_timesteps(model) -> int | None:
