@@ -69,6 +69,33 @@ def write_checkpoint(path, in_channels: int = 4, seed: int = 0):
     return path
 
 
+def write_diffusers_root(root, sample_size=4):
+    """The tiny components as a diffusers model root (vae/, unet/, text_encoder/), each written
+    by its own package's saver or in diffusers' key layout; returns the components."""
+    import json
+
+    from sd_unet.weights import diffusers_config, to_diffusers
+    from sd_vae.weights import save_diffusers_folder
+
+    vae, text, unet = tiny_components()
+    save_diffusers_folder(vae, root / "vae")
+    (root / "unet").mkdir(parents=True)
+    cfg = {**diffusers_config(unet.config), "sample_size": sample_size}
+    (root / "unet" / "config.json").write_text(json.dumps(cfg))
+    save_file(
+        to_diffusers(unet.state_dict(), unet.config),
+        str(root / "unet" / "diffusion_pytorch_model.safetensors"),
+    )
+    (root / "text_encoder").mkdir()
+    (root / "text_encoder" / "config.json").write_text(json.dumps({
+        "hidden_size": text.config.width, "intermediate_size": text.config.mlp_width,
+        "num_hidden_layers": text.config.layers, "num_attention_heads": text.config.heads,
+        "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu",
+    }))  # fmt: skip
+    save_file(text.state_dict(), str(root / "text_encoder" / "model.safetensors"))
+    return vae, text, unet
+
+
 @pytest.fixture(scope="session")
 def _cache_home(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")

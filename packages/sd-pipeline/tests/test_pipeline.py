@@ -159,12 +159,12 @@ def test_inpaint_with_blur_and_9_channel_model(tiny_pipe, tiny_inpaint_checkpoin
     [
         (lambda p: p.txt2img("x", width=30, **FAST), "width must be a multiple of 8, got 30"),
         (lambda p: p.txt2img("x", height=0, **FAST), "height must be a positive integer"),
-        (lambda p: p.txt2img("x", sampler="eular", **FAST), "unknown sampler 'eular'; choose"),
+        (lambda p: p.txt2img("x", sampler="eular", **FAST), "sampler 'eular' is unknown; choose"),
         (lambda p: p.txt2img("x", steps=0, progress=False), "steps must be a positive integer"),
         (lambda p: p.txt2img("x", batch_size=0, **FAST), "batch_size must be a positive"),
         (lambda p: p.txt2img(["a", "b"], ["n"] * 3, **FAST), "one negative prompt or one per"),
         (lambda p: p.txt2img("x", latents=torch.zeros(1, 4, 2, 2), **FAST), "latents must have"),
-        (lambda p: p.txt2img("x", output_type="png", **FAST), "unknown output_type"),
+        (lambda p: p.txt2img("x", output_type="png", **FAST), "output_type is .png.; choose from"),
         (lambda p: p.img2img("x", _image(), strength=1.5, **FAST), r"strength must be in \[0, 1\]"),
         (lambda p: p.img2img("x", _image(), strength=-0.1, **FAST), r"strength must be in"),
         (lambda p: p.img2img("x", _image(36), **FAST), "width must be a multiple of 8, got 36"),
@@ -286,9 +286,9 @@ def test_compiled_unet_gives_the_same_image(tiny_checkpoint, monkeypatch):
 def test_tiled_vae_is_close_to_untiled(tiny_checkpoint):
     pipe = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu")
     latents = pipe.txt2img("x", width=64, height=64, seed=0, output_type="latent", **FAST)
-    whole = pipe._decode(latents)
+    whole = pipe.decode(latents)
     pipe.vae_tiling, pipe.vae_tile_size = True, 32
-    tiled = pipe._decode(latents)
+    tiled = pipe.decode(latents)
     assert tiled.shape == whole.shape
     assert (tiled - whole).abs().mean() < 0.5 * whole.abs().mean()
 
@@ -312,31 +312,11 @@ def test_default_falls_back_to_a_random_model_with_a_warning(monkeypatch, caplog
 
 def test_diffusers_model_root(tmp_path):
     """A diffusers model root, written by each package's own saver, with its scheduler config."""
-    import json
-
     diffusers = pytest.importorskip("diffusers")
-    from conftest import tiny_components
+    from conftest import write_diffusers_root
 
-    from sd_unet.weights import diffusers_config, to_diffusers
-    from sd_vae.weights import save_diffusers_folder
-
-    vae, text, unet = tiny_components()
     root = tmp_path / "model"
-    save_diffusers_folder(vae, root / "vae")
-    (root / "unet").mkdir(parents=True)
-    cfg = {**diffusers_config(unet.config), "sample_size": 4}
-    (root / "unet" / "config.json").write_text(json.dumps(cfg))
-    save_file(
-        to_diffusers(unet.state_dict(), unet.config),
-        str(root / "unet" / "diffusion_pytorch_model.safetensors"),
-    )
-    (root / "text_encoder").mkdir()
-    (root / "text_encoder" / "config.json").write_text(json.dumps({
-        "hidden_size": text.config.width, "intermediate_size": text.config.mlp_width,
-        "num_hidden_layers": text.config.layers, "num_attention_heads": text.config.heads,
-        "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "quick_gelu",
-    }))  # fmt: skip
-    save_file(text.state_dict(), str(root / "text_encoder" / "model.safetensors"))
+    write_diffusers_root(root, sample_size=4)
     scheduler = diffusers.DDIMScheduler(beta_start=0.001, beta_end=0.02, beta_schedule="linear")
     scheduler.save_pretrained(root / "scheduler")
     pipe = StableDiffusion.from_checkpoint(root, device="cpu")
@@ -379,3 +359,68 @@ def test_generation_defaults_stored_in_the_checkpoint(tmp_path):
     assert len(calls) == 2 and "Sampler: Euler," in image.info["parameters"]
     plain = StableDiffusion.from_checkpoint(write_checkpoint(tmp_path / "plain.safetensors"))
     assert plain.defaults == {"steps": 20, "guidance_scale": 7.5, "sampler": "euler_a"}
+
+
+def test_inpaint_pastes_the_original_pixels_back_outside_the_mask(tiny_pipe):
+    """As AUTOMATIC1111: the kept region is the original picture, not its VAE round trip; with
+    a blurred mask the blend follows the blurred mask; keep_unmasked=False turns it off."""
+    image = _image(32)
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 16))
+    original = pil_to_tensor(image)
+    out = tiny_pipe.inpaint("x", image, mask, seed=0, output_type="tensor", **FAST)
+    keep = pil_to_tensor(mask.convert("RGB"))[:, :1] < 0  # black = keep
+    assert torch.equal(out[:, :, keep[0, 0]], original[:, :, keep[0, 0]])
+    assert not torch.allclose(out[..., :16, :16], original[..., :16, :16])
+    pictures = tiny_pipe.inpaint("x", image, mask, seed=0, **FAST)
+    kept = np.asarray(pictures[0])[16:, 16:]
+    assert np.array_equal(kept, np.asarray(image)[16:, 16:])
+    raw = tiny_pipe.inpaint("x", image, mask, seed=0, keep_unmasked=False, output_type="tensor",
+                            **FAST)  # fmt: skip
+    assert not torch.allclose(raw[..., 16:, 16:], original[..., 16:, 16:], atol=1e-3)
+    blurred = tiny_pipe.inpaint("x", image, mask, seed=0, mask_blur=3, output_type="tensor",
+                                **FAST)  # fmt: skip
+    assert torch.equal(blurred[..., 28:, 28:], original[..., 28:, 28:])  # far from the edge
+    edge = (blurred - original)[..., 14:18, 14:18].abs().mean()
+    assert 0 < edge < (raw - original)[..., :16, :16].abs().mean()
+
+
+def test_constructor_leaves_the_parts_alone():
+    """StableDiffusion(...) neither moves, casts, freezes nor switches the modes of the parts."""
+    from sd_pipeline.loading import random_parts
+
+    parts = random_parts()
+    for part in parts.values():
+        part.train()
+    pipe = StableDiffusion(**parts, native_size=32, dtype=torch.float32)
+    assert all(p.training for p in parts.values())
+    assert all(q.requires_grad for p in parts.values() for q in p.parameters())
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
+    assert pipe.txt2img("x", seed=0, output_type="latent", **FAST).shape == (1, 4, 4, 4)
+    assert all(q.requires_grad for p in parts.values() for q in p.parameters())
+
+
+def test_save_writes_a_single_file_that_loads_back(tiny_pipe, tmp_path):
+    import safetensors
+
+    from sd_unet import UNet
+    from sd_vae import AutoencoderKL
+
+    path = tiny_pipe.save(tmp_path / "model.safetensors")
+    with safetensors.safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert all(k.startswith(tuple(PREFIXES.values())) for k in keys)
+    assert {"sd_vae.config", "sd_clip.config", "sd_unet.config", "sd_pipeline.config"} <= set(meta)
+    again = StableDiffusion.from_checkpoint(path, device="cpu")
+    assert again.native_size == tiny_pipe.native_size and again.defaults == tiny_pipe.defaults
+    assert torch.equal(
+        again.txt2img("x", seed=0, output_type="latent", **FAST),
+        tiny_pipe.txt2img("x", seed=0, output_type="latent", **FAST),
+    )
+    # each package's own loader reads its part of the file
+    assert torch.equal(UNet.from_checkpoint(path).out[2].weight, tiny_pipe.unet.out[2].weight)
+    assert AutoencoderKL.from_checkpoint(path).config == tiny_pipe.vae.config
+    half = tiny_pipe.save(tmp_path / "half.safetensors", dtype="float16")
+    with safetensors.safe_open(str(half), "pt") as f:
+        assert f.get_tensor(keys[0]).dtype == torch.float16

@@ -6,19 +6,52 @@
     sd-generate "a cat" --init-image in.png --mask mask.png -o out/
     sd-generate --from-png outputs/00000-1234.png                    # the same picture again
 
-Every input is checked before the model loads; an error prints one clear line, exits with a
-non-zero status and leaves no output file behind.
+The flags (or a PNG's parameters, overridden by the flags) become one
+:class:`~sd_pipeline.request.GenerationRequest`, checked before the model loads; an error prints
+one clear line naming the flag or PNG field it came from, exits with a non-zero status and
+leaves no output file behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 EXIT_USAGE = 2  # bad arguments or input files (argparse's own code)
 EXIT_FAILURE = 1  # the run failed (a checkpoint that does not load, say)
+
+# Where each request field comes from on the command line, and in a PNG's parameters.
+FLAGS = {
+    "prompts": "the prompt",
+    "negative_prompts": "--negative",
+    "steps": "--steps",
+    "sampler": "--sampler",
+    "guidance_scale": "--cfg",
+    "seed": "--seed",
+    "width": "--width",
+    "height": "--height",
+    "batch_size": "--batch",
+    "strength": "--strength",
+    "mask_blur": "--mask-blur",
+    "clip_skip": "--clip-skip",
+    "image": "--init-image",
+    "mask": "--mask",
+}
+PNG_FIELDS = {
+    "prompts": "prompt",
+    "negative_prompts": "Negative prompt",
+    "steps": "Steps",
+    "sampler": "Sampler",
+    "guidance_scale": "CFG scale",
+    "seed": "Seed",
+    "width": "Size",
+    "height": "Size",
+    "strength": "Denoising strength",
+    "clip_skip": "Clip skip",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,47 +62,43 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Images are PNGs carrying their generation parameters (AUTOMATIC1111 format).",
     )
     p.add_argument("prompt", nargs="?", help='the prompt ("" for an empty one)')
-    p.add_argument(
-        "-o", "--output", default=None, help="a .png file, or a folder (default: outputs/)"
-    )
+    p.add_argument("-o", "--output", default="outputs/", help="a .png file, or a folder")
     p.add_argument("--checkpoint", type=Path, help="SD 1.x .safetensors/.ckpt or diffusers folder")
     p.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoint's")
-    p.add_argument("--negative", default=None, help="the negative prompt")
+    p.add_argument("--negative", help="the negative prompt")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 20 for SD 1.x)")
     p.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="sampling steps (default: the model's, 20 for SD 1.x)",
+        "--sampler", help="sampler (default: the model's, euler_a for SD 1.x); see --list-samplers"
     )
     p.add_argument(
-        "--sampler",
-        default=None,
-        help="sampler name (default: the model's, euler_a for SD 1.x); see --list-samplers",
+        "--cfg", type=float, help="guidance scale (default: the model's, 7.5 for SD 1.x)"
     )
-    p.add_argument(
-        "--cfg",
-        type=float,
-        default=None,
-        help="guidance scale (default: the model's, 7.5 for SD 1.x)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="seed (random when absent, then printed)")
-    p.add_argument("--width", type=int, default=None, help="multiple of 8 (default: native size)")
-    p.add_argument("--height", type=int, default=None, help="multiple of 8 (default: native size)")
-    p.add_argument(
-        "--batch", type=int, default=None, help="number of images (seeds seed..seed+n-1)"
-    )
+    p.add_argument("--seed", type=int, help="seed (random when absent or -1, then printed)")
+    p.add_argument("--width", type=int, help="multiple of 8 (default: native size)")
+    p.add_argument("--height", type=int, help="multiple of 8 (default: native size)")
+    p.add_argument("--batch", type=int, default=1, help="number of images (seeds seed..seed+n-1)")
     p.add_argument("--init-image", type=Path, help="img2img / inpainting starting image")
-    p.add_argument("--strength", type=float, default=None, help="denoising strength in [0, 1]")
+    p.add_argument("--strength", type=float, help="denoising strength in [0, 1]")
     p.add_argument("--mask", type=Path, help="inpainting mask: white repaints, black keeps")
     p.add_argument("--mask-blur", type=float, default=0.0, help="mask edge blur in pixels")
-    p.add_argument("--clip-skip", type=int, default=None, help="2 = CLIP's penultimate layer")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if any)")
-    p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
+    p.add_argument(
+        "--no-paste-back",
+        action="store_true",
+        help="inpainting: keep the decoded pixels outside the mask instead of the original ones",
+    )
+    p.add_argument("--clip-skip", type=int, help="2 = CLIP's penultimate layer")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if any)")
+    p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
     p.add_argument("--offload", action="store_true", help="keep idle parts on the CPU")
     p.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the UNet (slow first run; pays off over many steps or images)",
+    )
+    p.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="lift the size, step and batch limits (see sd_pipeline.request.LIMITS)",
     )
     p.add_argument("--list-samplers", action="store_true", help="print the sampler names and exit")
     p.add_argument("--from-png", type=Path, help="take the settings from a PNG's parameters")
@@ -84,20 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="sd-generate: %(message)s")
     try:
         if args.list_samplers:
-            from sd_samplers import SAMPLERS
-
-            print("\n".join(SAMPLERS))
+            _list_samplers()
             return 0
-        job = _settings(args)
-        paths, pipe_args = _check(job)
-        images = _run(job, pipe_args)
+        request, sources = build_request(args)
+        request = check_request(request, sources)
+        paths = _check_run(args, request)
+        images = _run(args, request)
         from sd_pipeline.outputs import write_outputs
 
-        written = write_outputs(images, paths, overwrite=job["overwrite"])
+        written = write_outputs(images, paths, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print("sd-generate: interrupted; nothing written", file=sys.stderr)
         return 130
-    except _UsageError as e:
+    except UsageError as e:
         print(f"sd-generate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (ValueError, TypeError, OSError, RuntimeError) as e:
@@ -108,139 +136,152 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _UsageError(ValueError):
+class UsageError(ValueError):
     pass
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    """The run's settings: defaults, then a PNG's parameters, then the flags given."""
-    from sd_pipeline.metadata import read_parameters
+def _list_samplers() -> None:
+    from sd_samplers import SAMPLERS
 
-    job = dict(
-        prompt=None,
-        negative="",
-        steps=None,  # None: the model's default (see StableDiffusion.defaults)
-        sampler=None,
-        cfg=None,
-        seed=None,
-        width=None,
-        height=None,
-        strength=None,
-        clip_skip=None,
-    )
+    width = max(map(len, SAMPLERS))
+    for name, spec in SAMPLERS.items():
+        print(f"{name:<{width}}  {spec.label}")
+
+
+def build_request(args: argparse.Namespace):
+    """The request the flags describe (a PNG's parameters first, the flags over them), and
+    where each field came from (for error messages)."""
+    from sd_pipeline.request import GenerationRequest
+
+    fields, sources = {}, {}
     if args.from_png is not None:
-        try:
-            params = read_parameters(args.from_png)
-        except (OSError, ValueError) as e:
-            raise _UsageError(str(e)) from e
-        job.update(
-            prompt=params.prompt,
-            negative=params.negative_prompt,
-            steps=params.steps,
-            sampler=params.sampler,
-            cfg=params.cfg_scale,
-            seed=params.seed,
-            width=params.width,
-            height=params.height,
-            strength=params.denoising_strength,
-            clip_skip=params.clip_skip,
-        )
+        fields, sources = _png_fields(args.from_png)
     given = dict(
-        prompt=args.prompt,
-        negative=args.negative,
+        prompts=None if args.prompt is None else (args.prompt,),
+        negative_prompts=None if args.negative is None else (args.negative,),
         steps=args.steps,
         sampler=args.sampler,
-        cfg=args.cfg,
+        guidance_scale=args.cfg,
         seed=args.seed,
         width=args.width,
         height=args.height,
         strength=args.strength,
         clip_skip=args.clip_skip,
     )
-    job.update({k: v for k, v in given.items() if v is not None})
-    if job["prompt"] is None:
-        raise _UsageError('give a prompt (an empty one is "") or --from-png FILE')
-    job.update(
-        output=args.output if args.output is not None else "outputs/",
-        checkpoint=args.checkpoint,
-        vae=args.vae,
-        batch=args.batch if args.batch is not None else 1,
-        init_image=args.init_image,
-        mask=args.mask,
+    for name, value in given.items():
+        if value is not None:
+            fields[name], sources[name] = value, FLAGS[name]
+    if "prompts" not in fields:
+        raise UsageError('give a prompt (an empty one is "") or --from-png FILE')
+    fields.update(_images(args, fields, sources))
+    task = "inpaint" if args.mask else "img2img" if args.init_image else "txt2img"
+    if task == "txt2img" and "strength" in fields:
+        _refuse_strength_without_image(args, sources)
+    request = GenerationRequest(
+        task=task,
+        batch_size=args.batch,
         mask_blur=args.mask_blur,
-        device=args.device,
-        dtype=args.dtype,
-        offload=args.offload,
-        compile=args.compile,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
+        keep_unmasked=not args.no_paste_back,
+        limits=not args.no_limits,
+        **fields,
     )
-    return job
+    sources.update(batch_size="--batch", mask_blur="--mask-blur")
+    return request, sources
 
 
-def _check(job: dict):
-    """Validate everything that can be checked before loading a model; plan the output paths."""
-    from sd_pipeline.images import load_image, to_mask
-    from sd_pipeline.outputs import plan_outputs
-    from sd_pipeline.pipeline import check_sampler, random_seed, resolve_dtype
+def _png_fields(path: Path):
+    """Request fields from a PNG's AUTOMATIC1111 parameters, each sourced to its PNG field."""
+    from sd_pipeline.metadata import read_parameters
 
-    if job["steps"] is not None and job["steps"] < 1:
-        raise _UsageError(f"--steps must be at least 1, got {job['steps']}")
-    if job["batch"] < 1:
-        raise _UsageError(f"--batch must be at least 1, got {job['batch']}")
-    for name in ("width", "height"):
-        value = job[name]
-        if value is not None and (value < 8 or value % 8):
-            lo, hi = max(8, value // 8 * 8), -(-max(value, 1) // 8) * 8
-            raise _UsageError(
-                f"--{name} must be a positive multiple of 8, got {value}; try {lo} or {hi}"
-            )
-    strength = job["strength"]
-    if strength is not None and not 0.0 <= strength <= 1.0:
-        raise _UsageError(f"--strength must be in [0, 1], got {strength}")
-    if job["mask_blur"] < 0:
-        raise _UsageError(f"--mask-blur must be >= 0, got {job['mask_blur']}")
     try:
-        if job["sampler"] is not None:
-            check_sampler(job["sampler"])
-        resolve_dtype(job["dtype"])
-    except ValueError as e:
-        raise _UsageError(str(e)) from e
-    _check_device(job["device"])
-    if job["mask"] is not None and job["init_image"] is None:
-        raise _UsageError("--mask needs --init-image (the picture to inpaint)")
-    if job["compile"] and job["offload"]:
-        raise _UsageError("--compile keeps the UNet on its device: leave out --offload")
-    init = mask = None
-    try:
-        if job["init_image"] is not None:
-            init = load_image(job["init_image"])
-        if job["mask"] is not None:
-            mask = _load_mask(job["mask"])
-            to_mask(mask, size=init.size)
+        params = read_parameters(path)
     except (OSError, ValueError) as e:
-        raise _UsageError(str(e)) from e
-    if init is not None and (job["width"] is None or job["height"] is None):
-        w, h = init.size
-        if (job["width"] is None and w % 8) or (job["height"] is None and h % 8):
-            raise _UsageError(
-                f"--init-image is {w}x{h}, not a multiple of 8; pass --width and --height "
-                f"to resize it (e.g. --width {max(8, w // 8 * 8)} --height {max(8, h // 8 * 8)})"
-            )
-    if job["vae"] is not None and job["checkpoint"] is None:
-        raise _UsageError("--vae needs --checkpoint (the bundled model has its own VAE)")
-    for name in ("checkpoint", "vae"):
-        if job[name] is not None and not job[name].exists():
-            raise _UsageError(f"--{name} {job[name]}: no such file or folder")
-    if job["seed"] is None:
-        job["seed"] = random_seed()
-    print(f"seed: {job['seed']}", file=sys.stderr)
-    seeds = [job["seed"] + i for i in range(job["batch"])]
+        raise UsageError(str(e)) from e
+    fields = dict(
+        prompts=(params.prompt,),
+        negative_prompts=(params.negative_prompt,),
+        steps=params.steps,
+        sampler=params.sampler,
+        guidance_scale=params.cfg_scale,
+        seed=params.seed,
+        width=params.width,
+        height=params.height,
+        strength=params.denoising_strength,
+        clip_skip=params.clip_skip,
+    )
+    fields = {k: v for k, v in fields.items() if v is not None}
+    sources = {k: f"{path}: its {PNG_FIELDS[k]} field" for k in fields}
+    return fields, sources
+
+
+def _refuse_strength_without_image(args, sources) -> None:
+    if args.from_png is not None and sources["strength"] != FLAGS["strength"]:
+        raise UsageError(
+            f"{args.from_png} was made with img2img or inpainting (it has a Denoising strength): "
+            "give --init-image FILE (and --mask FILE for inpainting) to make it again"
+        )
+    raise UsageError("--strength needs --init-image (the picture to start from)")
+
+
+def _images(args, fields: dict, sources: dict) -> dict:
+    """The init image and mask the flags name, loaded and checked."""
+    from sd_pipeline.images import load_image, to_mask
+
+    if args.mask is not None and args.init_image is None:
+        raise UsageError("--mask needs --init-image (the picture to inpaint)")
+    out = {}
     try:
-        paths = plan_outputs(job["output"], seeds, overwrite=job["overwrite"])
+        if args.init_image is not None:
+            out["image"] = load_image(args.init_image)
+            sources["image"] = FLAGS["image"]
+            for name in ("width", "height"):
+                sources.setdefault(name, FLAGS["image"] + " (its size)")
+        if args.mask is not None:
+            out["mask"] = to_mask(_load_mask(args.mask), size=out["image"].size)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    return out
+
+
+def check_request(request, sources: dict):
+    """Check the request as far as it can be without the model (its defaults stand in for the
+    model's), decide the seed, and say which flag or PNG field a bad value came from."""
+    from sd_pipeline.loading import GENERATION_DEFAULTS
+    from sd_pipeline.request import RequestError
+
+    try:
+        dry = request.resolve(GENERATION_DEFAULTS, native_size=8, multiple=8)
+    except RequestError as e:
+        source = sources.get(e.field)
+        if source is None:
+            raise UsageError(str(e)) from e
+        raise UsageError(f"{source} {e.problem}") from e
+    return dataclasses.replace(request, seed=dry.seed)
+
+
+def _check_run(args, request) -> list[Path]:
+    """Check the model, device and output flags; plan the output paths."""
+    from sd_pipeline.loading import resolve_dtype
+    from sd_pipeline.outputs import plan_outputs
+
+    try:
+        resolve_dtype(args.dtype)
     except ValueError as e:
-        raise _UsageError(str(e)) from e
-    return paths, dict(init=init, mask=mask)
+        raise UsageError(str(e)) from e
+    _check_device(args.device)
+    if args.compile and args.offload:
+        raise UsageError("--compile keeps the UNet on its device: leave out --offload")
+    if args.vae is not None and args.checkpoint is None:
+        raise UsageError("--vae needs --checkpoint (the bundled model has its own VAE)")
+    for name in ("checkpoint", "vae"):
+        value = getattr(args, name)
+        if value is not None and not value.exists():
+            raise UsageError(f"--{name} {value}: no such file or folder")
+    print(f"seed: {request.seed}", file=sys.stderr)
+    try:
+        return plan_outputs(args.output, request.seeds, overwrite=args.overwrite)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def _load_mask(path: Path):
@@ -264,52 +305,25 @@ def _check_device(device: str | None) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise _UsageError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps") from e
+        raise UsageError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
+        raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise _UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
-def _run(job: dict, inputs: dict):
+def _run(args, request):
     from sd_pipeline.pipeline import StableDiffusion
 
-    options = dict(device=job["device"], dtype=job["dtype"])
-    if job["checkpoint"] is not None:
-        pipe = StableDiffusion.from_checkpoint(
-            job["checkpoint"], vae=job["vae"], offload=job["offload"], **options
-        )
+    options = dict(device=args.device, dtype=args.dtype, offload=args.offload)
+    if args.checkpoint is not None:
+        pipe = StableDiffusion.from_checkpoint(args.checkpoint, vae=args.vae, **options)
     else:
-        pipe = StableDiffusion.default(**options)
-        pipe.offload = job["offload"]
-    if job["compile"]:
+        pipe = StableDiffusion.default(device=args.device, dtype=args.dtype)
+        pipe.offload = args.offload
+    if args.compile:
         pipe.compile()
-    common = dict(
-        negative_prompt=job["negative"],
-        steps=job["steps"],
-        guidance_scale=job["cfg"],
-        sampler=job["sampler"],
-        seed=job["seed"],
-        width=job["width"],
-        height=job["height"],
-        batch_size=job["batch"],
-        progress=job["progress"],
-        clip_skip=job["clip_skip"],
-    )
-    if inputs["mask"] is not None:
-        strength = 1.0 if job["strength"] is None else job["strength"]
-        return pipe.inpaint(
-            job["prompt"],
-            inputs["init"],
-            inputs["mask"],
-            strength=strength,
-            mask_blur=job["mask_blur"],
-            **common,
-        )
-    if inputs["init"] is not None:
-        strength = 0.6 if job["strength"] is None else job["strength"]
-        return pipe.img2img(job["prompt"], inputs["init"], strength=strength, **common)
-    return pipe.txt2img(job["prompt"], **common)
+    return pipe.run(request, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

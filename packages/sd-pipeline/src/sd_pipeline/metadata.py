@@ -23,59 +23,34 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+import sd_samplers
 from sd_pipeline.files import replacing
 
 log = logging.getLogger(__name__)
-
-# Our sampler names (sd-samplers, after AUTOMATIC1111's) and the labels AUTOMATIC1111 writes.
-SAMPLER_LABELS = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "plms": "PLMS",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "lms": "LMS",
-    "dpm2": "DPM2",
-    "dpm2_a": "DPM2 a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2s_a": "DPM++ 2S a",
-    "dpmpp_sde": "DPM++ SDE",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_3m_sde": "DPM++ 3M SDE",
-    "unipc": "UniPC",
-}
-_NAMES_BY_LABEL = {label.lower(): name for name, label in SAMPLER_LABELS.items()}
 
 # One ``key: value`` pair of the last line; the value is a JSON string or runs to the next comma.
 _PARAM = re.compile(r'\s*([A-Za-z][\w \-/+.()]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def sampler_label(name: str) -> str:
-    """AUTOMATIC1111's label for a sampler name: ``dpmpp_2m_karras`` -> ``DPM++ 2M Karras``."""
-    base, karras = (name[: -len("_karras")], True) if name.endswith("_karras") else (name, False)
-    label = SAMPLER_LABELS.get(base, name)
-    return label + " Karras" if karras else label
+    """AUTOMATIC1111's label for a sampler name (``dpmpp_2m_karras`` -> ``DPM++ 2M Karras``),
+    as sd-samplers' registry records it; a name it does not know is written as it is."""
+    try:
+        return sd_samplers.sampler_label(name)
+    except ValueError:
+        return name
 
 
 def sampler_name(label: str, schedule_type: str | None = None) -> str:
-    """Our sampler name for an AUTOMATIC1111 label (and its newer ``Schedule type`` field).
+    """Our sampler name for an AUTOMATIC1111 label (and its 1.9+ ``Schedule type`` field).
 
-    Unknown labels come back unchanged, so that the pipeline's error can name them.
+    Labels sd-samplers does not know come back unchanged, so that reading a PNG never fails on
+    them and the request's check can name them.
     """
-    text = label.strip()
-    karras = text.lower().endswith(" karras")
-    if karras:
-        text = text[: -len(" karras")]
-    if schedule_type and schedule_type.strip().lower() == "karras":
-        karras = True
-    if text.lower() in _NAMES_BY_LABEL:
-        name = _NAMES_BY_LABEL[text.lower()]
-    elif text in SAMPLER_LABELS or text.removesuffix("_karras") in SAMPLER_LABELS:
-        name = text  # already one of our names
-    else:
+    try:
+        return sd_samplers.sampler_from_label(label, schedule_type)
+    except ValueError:
         return label.strip()
-    return name + "_karras" if karras and not name.endswith("_karras") else name
 
 
 @dataclass

@@ -67,6 +67,11 @@ class Sampler:
             return True
         return any(options.get(name, 0) > 0 for name in self.noise_options)
 
+    def accepted_options(self) -> set[str]:
+        """The options its function takes (beyond what `sample` itself passes)."""
+        accepted = set(inspect.signature(self.fn).parameters) - {"model", "x", "sigmas"}
+        return accepted - {"generator", "callback", "disable"}
+
     def sigmas(self, schedule: NoiseSchedule, steps: int) -> torch.Tensor:
         """The steps + 1 sigmas this sampler steps through for `steps` steps."""
         n = steps + 1 if self.discard_penultimate else steps
@@ -240,8 +245,7 @@ def sample(
             f"{len(schedule)}; build the schedule with num_timesteps={declared}"
         )
     options = {**spec.options, **options}
-    accepted = set(inspect.signature(spec.fn).parameters) - {"model", "x", "sigmas"}
-    accepted -= {"generator", "callback", "disable"}
+    accepted = spec.accepted_options()
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(

@@ -1,0 +1,123 @@
+"""The model the sampler sees: the UNet with classifier-free guidance and inpainting inputs.
+
+sd-samplers calls ``model(x_t, t)`` and expects one prediction per image; this module turns the
+UNet, the prompts' conditioning and (for inpainting) the mask into that function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sd_samplers import NoiseSchedule
+
+__all__ = ["GuidedModel", "NonFiniteError", "classifier_free_guidance"]
+
+
+class NonFiniteError(RuntimeError):
+    """Sampling produced NaN or infinite values (the result would be a black or noise image)."""
+
+
+def classifier_free_guidance(
+    uncond: torch.Tensor, cond: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Ho & Salimans' classifier-free guidance: move from the unconditional prediction towards
+    (and past, for scale > 1) the conditional one."""
+    return uncond + scale * (cond - uncond)
+
+
+def pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad latents (replicating the edge) so that the UNet's downsamplings divide their sides:
+    sizes that are multiples of 8 pixels but not of 8 * multiple work, cropped afterwards."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    if not pad_h and not pad_w:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+@dataclass
+class Inpainting:
+    """What inpainting adds to a step. ``masked`` (the masked image's latents) is set for a
+    9-channel inpainting UNet, which takes mask and masked image as extra input channels; an
+    ordinary UNet instead keeps the unmasked region on the noised original's path (``init``
+    noised with ``noise`` to each step's level)."""
+
+    mask: torch.Tensor  # (B, 1, h, w) at latent resolution, 1 = repaint
+    init: torch.Tensor  # the image's clean latents
+    noise: torch.Tensor  # the starting noise
+    masked: torch.Tensor | None = None
+
+
+class GuidedModel:
+    """``model(x_t, t)`` for sd-samplers: the UNet run on the latents with the context, the
+    unconditional and conditional predictions combined by classifier-free guidance.
+
+    With guidance the context holds two rows per image, [unconditional; conditional], and the
+    latents one: sd-unet then runs the part the text cannot reach yet once per image. Every call
+    checks its output for NaN and infinity: on the CPU at once (the check is free there), on
+    other devices in a flag kept on the device and read by :meth:`check_finite` after sampling,
+    so the sampling loop never waits for the device.
+    """
+
+    def __init__(
+        self,
+        unet: Callable,
+        context: torch.Tensor,
+        *,
+        scale: float,
+        guided: bool,
+        schedule: NoiseSchedule,
+        dtype: torch.dtype,
+        multiple: int,
+        inpainting: Inpainting | None = None,
+    ):
+        self.unet, self.context, self.scale, self.guided = unet, context, scale, guided
+        self.schedule, self.dtype, self.multiple = schedule, dtype, multiple
+        self.inpainting = inpainting
+        self.calls = 0
+        self._finite: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1)
+        t = t.expand(x.shape[0]) if t.numel() == 1 else t
+        x_in = self._inpainting_input(x, t)
+        out = self.unet(pad_to(x_in.to(self.dtype), self.multiple), t, self.context)
+        out = out[..., : x.shape[-2], : x.shape[-1]].float()
+        if self.guided:
+            out = classifier_free_guidance(*out.chunk(2), self.scale)
+        self.calls += 1
+        self._note_finite(out)
+        return out
+
+    def _inpainting_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        p = self.inpainting
+        if p is None:
+            return x
+        if p.masked is not None:
+            return torch.cat([x, p.mask, p.masked], dim=1)
+        alpha_bar = self.schedule.alpha_bar(t).to(x.device).view(-1, 1, 1, 1)
+        known = alpha_bar.sqrt() * p.init + (1 - alpha_bar).sqrt() * p.noise
+        return p.mask * x + (1 - p.mask) * known
+
+    def _note_finite(self, out: torch.Tensor) -> None:
+        finite = torch.isfinite(out).all()
+        if out.device.type == "cpu":
+            if not finite:
+                raise self._error(f"at model call {self.calls}")
+            return
+        self._finite = finite if self._finite is None else self._finite & finite
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteError if any call so far gave a non-finite prediction."""
+        if self._finite is not None and not bool(self._finite):
+            raise self._error("during sampling")
+
+    def _error(self, where: str) -> NonFiniteError:
+        return NonFiniteError(
+            f"the model's prediction became NaN or infinite {where}: "
+            "nothing was written. Likely causes: weights with NaN/inf in them, a guidance_scale "
+            "far too large, or float16 overflow (try dtype float32 or bfloat16)"
+        )
