@@ -67,11 +67,6 @@ def register(benchmark: Benchmark) -> Benchmark:
 # (transformers' CLIP takes the keys as they are), so nothing of ours converts what it is
 # compared against.
 
-PREFIXES = {
-    "vae": "first_stage_model.",
-    "text": "cond_stage_model.transformer.",
-    "unet": "model.diffusion_model.",
-}
 PROMPT = "a red circle above a blue square"
 # Per --size: latent side of the UNet and VAE inputs, and the txt2img image side by default.
 SIZES = {"full": {"latent": 64, "image": 512}, "tiny": {"latent": 8, "image": 64}}
@@ -121,9 +116,10 @@ def _checkpoint_prepare(workdir: Path, opts) -> dict:
     import torch
 
     from sd_clip import CLIPTextModel, CLIPTokenizer
+    from sd_pipeline.files import save_safetensors
+    from sd_pipeline.single_file import PREFIXES
     from sd_unet import UNet
     from sd_vae import AutoencoderKL
-    from sd_vae._checkpoint import save_tensors
 
     size = opts.size
     path = workdir / f"sd15-{size}-random.safetensors"
@@ -133,14 +129,14 @@ def _checkpoint_prepare(workdir: Path, opts) -> dict:
     if not path.exists():
         state = {}
         for seed, (key, cls, config) in enumerate(
-            zip(("vae", "text", "unet"), (AutoencoderKL, CLIPTextModel, UNet), _configs(size))
+            zip(("vae", "text_encoder", "unet"), (AutoencoderKL, CLIPTextModel, UNet), _configs(size))
         ):
             with torch.device("meta"):
                 model = cls(config)
             part = _random_state(model, seed)
             state.update({PREFIXES[key] + k: v for k, v in part.items()})
             del model, part
-        save_tensors(state, path, {"format": "pt"})
+        save_safetensors(state, path, {"format": "pt"})
         del state
     return {"weights": str(path), "tokenizer": str(tokenizer), "size": size}
 
@@ -148,6 +144,8 @@ def _checkpoint_prepare(workdir: Path, opts) -> dict:
 def _read_part(path: str, part: str) -> dict:
     """The tensors of one part of the SD file, keys as stored (prefix included)."""
     from safetensors import safe_open
+
+    from sd_pipeline.single_file import PREFIXES
 
     with safe_open(path, "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith(PREFIXES[part])}
@@ -202,9 +200,11 @@ def _reference_text(args: dict):
     )
     with torch.device("meta"):
         names = set(transformers.CLIPTextModel(config).state_dict())
+    from sd_pipeline.single_file import PREFIXES
+
     state = {}
-    for key, value in _read_part(args["weights"], "text").items():
-        key = key.removeprefix(PREFIXES["text"])
+    for key, value in _read_part(args["weights"], "text_encoder").items():
+        key = key.removeprefix(PREFIXES["text_encoder"])
         state[key if key in names else key.removeprefix("text_model.")] = value  # transformers 5
     # position_ids, a buffer the file does not carry: in the state dict where transformers
     # keeps it there (a strict load needs it), else set on the module (.to() refuses meta)

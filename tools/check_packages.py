@@ -4,6 +4,9 @@
    sd-pipeline composes them.
 2. A module whose first line is ``# Copied from pkg.module`` must equal that module, line for
    line, apart from the marker (STYLE.md, convention 4).
+3. No code imports another distribution's private module (``sd_x._anything``): a helper two
+   distributions need is either a checked copy (2) or public API. Applies to every package's
+   sources and tests, the benchmarks, examples and tools.
 
 Exits 1 and names each violation. ``--fix`` rewrites drifted copies from their source.
 """
@@ -46,6 +49,41 @@ def check_independence(root: Path = ROOT) -> list[str]:
     return errors
 
 
+def private_imports(path: Path) -> set[str]:
+    """The ``sd_x._y`` modules a file imports (``import sd_x._y``, ``from sd_x._y import``,
+    ``from sd_x import _y``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0].startswith("sd_") and any(p.startswith("_") for p in parts[1:2]):
+                found.add(".".join(parts[:2]))
+    return found
+
+
+def check_private_imports(root: Path = ROOT) -> list[str]:
+    errors = []
+    files = [(p, p.relative_to(root).parts) for p in sorted(root.glob("packages/*/*/**/*.py"))]
+    for extra in ("benchmarks", "examples", "tools"):
+        files += [(p, ()) for p in sorted((root / extra).rglob("*.py"))]
+    for path, parts in files:
+        own = parts[1].replace("-", "_") if len(parts) > 1 else None
+        for module in sorted(private_imports(path)):
+            if module.split(".")[0] != own and module != "sd_pipeline._version":
+                errors.append(
+                    f"{path.relative_to(root)}: imports {module}, private to another "
+                    "distribution; use its public API"
+                )
+    return errors
+
+
 def check_copies(root: Path = ROOT, fix: bool = False) -> list[str]:
     errors = []
     packages = root / "packages"
@@ -71,11 +109,12 @@ def check_copies(root: Path = ROOT, fix: bool = False) -> list[str]:
 
 
 def main() -> int:
-    errors = check_independence() + check_copies(fix="--fix" in sys.argv[1:])
+    errors = check_independence() + check_private_imports()
+    errors += check_copies(fix="--fix" in sys.argv[1:])
     for e in errors:
         print(e, file=sys.stderr)
     if not errors:
-        print("package independence and copied modules: ok")
+        print("package independence, private imports and copied modules: ok")
     return 1 if errors else 0
 
 

@@ -16,7 +16,23 @@ def make_tree(tmp_path: Path) -> Path:
 
 def test_the_real_tree_is_clean():
     assert cp.check_independence() == []
+    assert cp.check_private_imports() == []
     assert cp.check_copies() == []
+
+
+def test_private_import_of_another_distribution_is_caught(tmp_path):
+    root = make_tree(tmp_path)
+    planted = root / "packages/sd-pipeline/src/sd_pipeline/planted.py"
+    planted.write_text("from sd_vae._checkpoint import file_mode\nfrom sd_unet import _x\n")
+    (root / "benchmarks").mkdir()
+    (root / "benchmarks" / "b.py").write_text("import sd_clip._checkpoint\n")
+    own = root / "packages/sd-vae/src/sd_vae/own.py"
+    own.write_text("from sd_vae._checkpoint import load_tensors\n")  # its own: allowed
+    errors = cp.check_private_imports(root)
+    assert not any("own.py" in e for e in errors), errors
+    assert any("planted.py: imports sd_vae._checkpoint" in e for e in errors)
+    assert any("planted.py: imports sd_unet._x" in e for e in errors)
+    assert any("b.py: imports sd_clip._checkpoint" in e for e in errors)
 
 
 def test_planted_sibling_import_is_caught(tmp_path):
