@@ -58,3 +58,15 @@ def test_drifted_copy_is_caught_and_fixed(tmp_path):
     assert len(errors) == 1 and "sd_unet/_checkpoint.py has drifted" in errors[0]
     assert cp.check_copies(root, fix=True) == []
     assert cp.check_copies(root) == []
+
+
+def test_requirements_install_every_package():
+    """The root requirements.txt (the README's way to install everything) names each package."""
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    listed = {line.strip() for line in lines if line.startswith("./packages/")}
+    present = {
+        f"./packages/{p.name}"
+        for p in (ROOT / "packages").iterdir()
+        if (p / "pyproject.toml").is_file()
+    }
+    assert listed == present
