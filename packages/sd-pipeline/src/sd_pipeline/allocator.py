@@ -3,10 +3,10 @@
 glibc serves each allocation above its *mmap threshold* (adjusted as the program runs, 32 MiB at
 most by default) with a fresh mapping from the kernel and unmaps it when it is freed, and it gives
 free memory at the top of its heap back to the kernel beyond the *trim threshold*. A diffusion
-step allocates and frees gigabytes of activations in such blocks (SD 1.5's UNet at 512 px: 3.1 GB
-a step), so every step the kernel hands out freshly zeroed pages again, one page fault per 4 KiB:
-750,000 faults and 1.4 s of system time in a 10 s step on a 2-core CPU. With both thresholds
-raised, freed blocks stay in the heap and the next step reuses them, as torch's caching allocator
+step allocates and frees gigabytes of activations in such blocks, so every step the kernel
+hands out freshly zeroed pages again, one page fault per 4 KiB, and the system time of those
+faults is a large share of a step on a small CPU (figures: benchmarks/README.md). With both
+thresholds raised, freed blocks stay in the heap and the next step reuses them, as torch's caching allocator
 does on a GPU. The peak is the same; memory freed after a generation stays with the process for
 the next one instead of going back to the system.
 

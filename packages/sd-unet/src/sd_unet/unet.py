@@ -74,10 +74,9 @@ class Conv3x3(nn.Conv2d):
     F(4x4, 3x3) (winograd.py): 4 times fewer multiply-adds, equal to float32 rounding (1e-5 of
     the largest value).
 
-    Measured on a 2-core CPU at batch 2 (SD 1.5): 0.47-0.73 of oneDNN's direct time per
-    convolution at the 64x64 and 32x32 levels, a whole step 0.87 (8.25 s against 9.53, one
-    process, medians of three); 1.05-1.9 at 16x16, where the weights are large next to the
-    image, hence the threshold. ``Conv3x3.winograd_min_pixels = None`` turns it off.
+    It is faster than oneDNN's direct convolution where the image is large next to the weights
+    (SD's 64x64 and 32x32 levels) and slower below that, hence the threshold (figures:
+    benchmarks/README.md). ``Conv3x3.winograd_min_pixels = None`` turns it off.
     """
 
     winograd_min_pixels: int | None = 2048
@@ -184,7 +183,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     """GEGLU to 4x the width, back to the width; over at most ``chunk`` tokens at a time."""
 
-    chunk = 2048  # GEGLU's temporaries are 12x its input's size: 126 MB at SD 1.5's 64x64, batch 2
+    chunk = 2048  # GEGLU's temporaries are 12x its input's size: bound them to 2048 tokens
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
@@ -475,9 +474,8 @@ def compile_frozen(unet: nn.Module, mode: str | None = None):
 
     The option is set by patching inductor's global config around each call (it compiles in
     the first call, and again for each new input shape): passed as
-    ``torch.compile(options={"freezing": True})`` the graph is frozen but runs no faster
-    (torch 2.13, four 1280-channel 3x3 convolutions at 8x8: 160 ms eager, 160 ms compiled that
-    way, 67-75 ms with the patched config).
+    ``torch.compile(options={"freezing": True})`` the graph is frozen but runs no faster than
+    eager (as measured with torch 2.13); with the patched config it does.
     """
     from torch._inductor import config as inductor_config
 
