@@ -1,7 +1,7 @@
 """txt2img, img2img and inpainting composed from sd-vae, sd-clip, sd-unet and sd-samplers, with a CLI and training."""
 
 from sd_pipeline._version import __version__
-from sd_pipeline.guidance import NonFiniteError
+from sd_pipeline.guidance import NonFiniteError, StopSampling
 from sd_pipeline.images import (
     image_grid,
     load_image,
@@ -25,6 +25,7 @@ __all__ = [
     "NonFiniteError",
     "RequestError",
     "StableDiffusion",
+    "StopSampling",
     "__version__",
     "bundled_checkpoint",
     "image_grid",

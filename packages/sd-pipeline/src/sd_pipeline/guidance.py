@@ -14,11 +14,16 @@ import torch.nn.functional as F
 
 from sd_samplers import NoiseSchedule
 
-__all__ = ["GuidedModel", "NonFiniteError", "classifier_free_guidance"]
+__all__ = ["GuidedModel", "NonFiniteError", "StopSampling", "classifier_free_guidance"]
 
 
 class NonFiniteError(RuntimeError):
     """Sampling produced NaN or infinite values (the result would be a black or noise image)."""
+
+
+class StopSampling(Exception):
+    """Raised by a step callback to stop sampling: the pipeline then returns what it has (each
+    image's current estimate of the clean latents, decoded as usual)."""
 
 
 def classifier_free_guidance(

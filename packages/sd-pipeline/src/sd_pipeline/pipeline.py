@@ -23,7 +23,7 @@ from PIL import Image
 
 from sd_clip import CLIPTextModel, CLIPTokenizer
 from sd_pipeline import allocator, loading, single_file
-from sd_pipeline.guidance import GuidedModel, Inpainting, NonFiniteError
+from sd_pipeline.guidance import GuidedModel, Inpainting, NonFiniteError, StopSampling
 from sd_pipeline.images import (
     ImageLike,
     mask_to_tensor,
@@ -117,6 +117,7 @@ class StableDiffusion:
         self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
         self._hash: str | None = None
         self._compiled_unet: Callable | None = None  # see compile()
+        self._stopped = False  # a callback raised StopSampling in the last run
 
     # construction
 
@@ -229,7 +230,8 @@ class StableDiffusion:
         ``seed``: image i of the output uses ``seed + i`` (random when None), so a batch repeats
         single runs. ``latents``: the standard-normal starting noise (B, 4, h, w), overriding the
         seed. ``callback`` gets sd-samplers' per-step dict (``x``, ``i``, ``sigma``,
-        ``denoised``). ``clip_skip=2`` conditions on CLIP's penultimate layer. ``limits=False``
+        ``denoised``); it may raise ``sd_pipeline.StopSampling`` to stop early and get what
+        there is. ``clip_skip=2`` conditions on CLIP's penultimate layer. ``limits=False``
         lifts the size, step and batch limits (``sd_pipeline.request.LIMITS``).
         """
         request = GenerationRequest(
@@ -470,9 +472,15 @@ class StableDiffusion:
             options.setdefault("noise_sampler", self._row_noise(spec.noise, start))
         elif spec.draws_noise(options):
             groups = [slice(i, i + 1) for i in range(n)]
+        self._stopped = False
+        outputs = []
         with self._on_device(self.unet):
-            outputs = [self._sample_rows(request, context, start, rows, options, callback,
-                                         progress) for rows in groups]  # fmt: skip
+            for rows in groups:
+                if self._stopped:  # stopped while an earlier image ran
+                    outputs.append(self._starting_latents(start, rows))
+                    continue
+                outputs.append(self._sample_rows(request, context, start, rows, options,
+                                                 callback, progress))  # fmt: skip
         latents = torch.cat(outputs)
         if start.inpainting is not None and start.inpainting.masked is None:
             mask = start.inpainting.mask
@@ -494,11 +502,28 @@ class StableDiffusion:
         extra = {}
         if start.init_latents is not None:
             extra = dict(init=start.init_latents[rows], strength=request.strength)
-        x = sample(request.sampler, model, start.noise[rows], self.schedule, request.steps,
-                   generator=start.generators[rows.start], callback=callback, progress=progress,
-                   **extra, **options)  # fmt: skip
+        latest = {}
+
+        def on_step(d: dict) -> None:
+            latest["denoised"] = d["denoised"]
+            if callback is not None:
+                callback(d)
+
+        try:
+            x = sample(request.sampler, model, start.noise[rows], self.schedule, request.steps,
+                       generator=start.generators[rows.start], callback=on_step,
+                       progress=progress, **extra, **options)  # fmt: skip
+        except StopSampling:
+            self._stopped = True
+            x = latest.get("denoised", self._starting_latents(start, rows))
         model.check_finite()
         return x
+
+    def _starting_latents(self, start: Start, rows: slice) -> torch.Tensor:
+        """What an image that was never sampled is: its image's latents, or its noise."""
+        if start.init_latents is not None:
+            return start.init_latents[rows]
+        return start.noise[rows]
 
     def _row_noise(self, kind: str, start: Start) -> Callable:
         """noise(sigma, sigma_next) for a batch: row i drawn from image i's generator."""

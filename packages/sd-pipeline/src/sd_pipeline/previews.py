@@ -1,0 +1,54 @@
+"""Cheap previews of latents while sampling runs: AUTOMATIC1111's "Approx cheap".
+
+A fixed linear map from the 4 latent channels to RGB, fitted by AUTOMATIC1111's authors to the
+SD VAE's decoder (``modules/sd_vae_approx.py``, ``cheap_approximation``); the coefficients below
+are those published values, one table per latent space. It costs one small matrix product per
+preview, so a callback can show every step; the picture is at latent resolution (1/8 of the
+image's side) and only roughly right in colour.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from sd_pipeline.images import tensor_to_pil
+
+__all__ = ["CHEAP_COEFFICIENTS", "cheap_preview", "latent_preview"]
+
+# (latent channel, RGB) for scaled latents (as the sampler sees them), giving [-1, 1] pixels.
+CHEAP_COEFFICIENTS = {
+    "sd1": (
+        (0.298, 0.207, 0.208),
+        (0.187, 0.286, 0.173),
+        (-0.158, 0.189, 0.264),
+        (-0.184, -0.271, -0.473),
+    ),
+    "sdxl": (
+        (0.3448, 0.4168, 0.4395),
+        (-0.1953, -0.0290, 0.0250),
+        (0.1074, 0.0886, -0.0163),
+        (-0.3730, -0.2499, -0.2088),
+    ),
+}
+
+
+def cheap_preview(latents: torch.Tensor, space: str = "sd1") -> torch.Tensor:
+    """Approximate images (B, 3, h, w) in [-1, 1] from scaled latents (B, 4, h, w)."""
+    if space not in CHEAP_COEFFICIENTS:
+        raise ValueError(f"unknown latent space {space!r}; choose from: sd1, sdxl")
+    if latents.ndim != 4 or latents.shape[1] != 4:
+        raise ValueError(f"expected latents (B, 4, h, w), got shape {tuple(latents.shape)}")
+    coefficients = torch.tensor(CHEAP_COEFFICIENTS[space], dtype=torch.float32)
+    rgb = torch.einsum("bchw,cr->brhw", latents.float().cpu(), coefficients)
+    return rgb.clamp(-1.0, 1.0)
+
+
+def latent_preview(
+    latents: torch.Tensor, space: str = "sd1", size: tuple[int, int] | None = None
+) -> list[Image.Image]:
+    """:func:`cheap_preview` as PIL images, resized to ``size`` (width, height) when given."""
+    pictures = tensor_to_pil(cheap_preview(latents, space))
+    if size is not None:
+        pictures = [p.resize(size, Image.Resampling.BILINEAR) for p in pictures]
+    return pictures

@@ -1,0 +1,64 @@
+"""Live previews (AUTOMATIC1111's Approx cheap) and stopping a run from its callback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd_pipeline import StopSampling
+from sd_pipeline.previews import cheap_preview, latent_preview
+
+# AUTOMATIC1111's cheap_approximation table for SD 1.x latents, typed from its source.
+A1111_SD1 = [
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+]
+
+
+def test_cheap_preview_is_the_linear_map():
+    latents = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0)) * 0.5
+    expected = torch.zeros(2, 3, 6, 5)
+    for c in range(4):
+        for r in range(3):
+            expected[:, r] += latents[:, c] * A1111_SD1[c][r]
+    torch.testing.assert_close(cheap_preview(latents), expected.clamp(-1, 1))
+    pictures = latent_preview(latents, size=(40, 48))
+    assert len(pictures) == 2 and pictures[0].size == (40, 48)
+    assert latent_preview(latents)[0].size == (5, 6)  # latent resolution by default
+    with pytest.raises(ValueError, match="unknown latent space 'sd3'"):
+        cheap_preview(latents, "sd3")
+
+
+def test_a_callback_can_stop_the_run_and_get_what_there_is(tiny_pipe):
+    seen = []
+
+    def stop_at_second_step(d):
+        seen.append(d["denoised"].clone())
+        if d["i"] == 1:
+            raise StopSampling
+
+    out = tiny_pipe.txt2img("x", seed=0, steps=6, sampler="euler", callback=stop_at_second_step,
+                            output_type="latent", progress=False)  # fmt: skip
+    assert len(seen) == 2
+    torch.testing.assert_close(out, seen[-1])
+    full = tiny_pipe.txt2img("x", seed=0, steps=6, sampler="euler", output_type="latent",
+                             progress=False)  # fmt: skip
+    assert not torch.allclose(out, full)
+    images = tiny_pipe.txt2img("x", seed=0, steps=6, callback=stop_at_second_step, progress=False)
+    assert len(images) == 1 and images[0].size == (32, 32)
+
+
+def test_stopping_one_image_of_a_batch_stops_the_rest(tiny_pipe):
+    """A sampler that runs a batch one image at a time (DDIM with eta > 0) stops them all."""
+    calls = []
+
+    def stop(d):
+        calls.append(d["i"])
+        raise StopSampling
+
+    out = tiny_pipe.txt2img("x", seed=0, steps=4, sampler="ddim", eta=1.0, batch_size=3,
+                            callback=stop, output_type="latent", progress=False)  # fmt: skip
+    assert calls == [0] and out.shape[0] == 3
+    assert torch.isfinite(out).all()
