@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +25,23 @@ from sd_clip import CLIPTextModel, CLIPTokenizer
 from sd_pipeline import allocator, loading, single_file
 from sd_pipeline.guidance import GuidedModel, Inpainting, NonFiniteError, StopSampling
 from sd_pipeline.images import (
-    ImageLike,
     mask_to_tensor,
     pil_to_tensor,
     tensor_to_pil,
-    to_mask,
-    to_pil,
 )
 from sd_pipeline.loading import GENERATION_DEFAULTS, bundled_checkpoint, resolve_dtype
 from sd_pipeline.metadata import GenerationParameters, model_hash
-from sd_pipeline.request import GenerationRequest, as_texts, random_seed
-from sd_samplers import SAMPLERS, BrownianTreeNoise, GaussianNoise, NoiseSchedule, sample
+from sd_pipeline.noise import image_noise
+from sd_pipeline.request import GenerationRequest, random_seed
+from sd_pipeline.tasks import Tasks
+from sd_samplers import (
+    SAMPLERS,
+    BrownianTreeNoise,
+    GaussianNoise,
+    NoiseSchedule,
+    sample,
+    sampler_label,
+)
 from sd_unet import UNet, compile_frozen
 from sd_vae import AutoencoderKL
 
@@ -63,7 +69,7 @@ class Start:
     inpainting: Inpainting | None = None
 
 
-class StableDiffusion:
+class StableDiffusion(Tasks):
     """A text-to-image latent diffusion model: tokenizer, text encoder, UNet, VAE and schedule.
 
     Build it with :meth:`from_checkpoint` (an SD 1.x file or a diffusers model root),
@@ -203,160 +209,6 @@ class StableDiffusion:
         parts = {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
         return single_file.save(path, parts, settings, dtype=resolve_dtype(dtype))
 
-    # the three tasks
-
-    def txt2img(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] = "",
-        *,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: str | None = None,
-        seed: int | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        batch_size: int = 1,
-        latents: torch.Tensor | None = None,
-        callback: Callable[[dict], None] | None = None,
-        progress: bool = True,
-        clip_skip: int | None = None,
-        output_type: OutputType = "pil",
-        limits: bool = True,
-        **sampler_options,
-    ) -> list[Image.Image] | torch.Tensor:
-        """Images from text. ``prompt``: one text or a list (``batch_size`` images of each).
-
-        ``seed``: image i of the output uses ``seed + i`` (random when None), so a batch repeats
-        single runs. ``latents``: the standard-normal starting noise (B, 4, h, w), overriding the
-        seed. ``callback`` gets sd-samplers' per-step dict (``x``, ``i``, ``sigma``,
-        ``denoised``); it may raise ``sd_pipeline.StopSampling`` to stop early and get what
-        there is. ``clip_skip=2`` conditions on CLIP's penultimate layer. ``limits=False``
-        lifts the size, step and batch limits (``sd_pipeline.request.LIMITS``).
-        """
-        request = GenerationRequest(
-            task="txt2img",
-            prompts=as_texts(prompt, "prompt"),
-            negative_prompts=as_texts(negative_prompt, "negative_prompt"),
-            steps=steps,
-            sampler=sampler,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            width=width,
-            height=height,
-            batch_size=batch_size,
-            clip_skip=clip_skip,
-            output_type=output_type,
-            sampler_options=tuple(sampler_options.items()),
-            limits=limits,
-        )
-        return self.run(request, latents=latents, callback=callback, progress=progress)
-
-    def img2img(
-        self,
-        prompt: str | Sequence[str],
-        image: ImageLike,
-        negative_prompt: str | Sequence[str] = "",
-        *,
-        strength: float = 0.6,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: str | None = None,
-        seed: int | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        batch_size: int = 1,
-        latents: torch.Tensor | None = None,
-        callback: Callable[[dict], None] | None = None,
-        progress: bool = True,
-        clip_skip: int | None = None,
-        output_type: OutputType = "pil",
-        limits: bool = True,
-        **sampler_options,
-    ) -> list[Image.Image] | torch.Tensor:
-        """Images from text and a starting image, noised to depth ``strength`` (0 returns the
-        image's VAE round trip, 1 ignores it). The image is resized to ``width`` x ``height``
-        when given; otherwise its own size must be a multiple of 8. Other arguments as txt2img.
-        """
-        request = GenerationRequest(
-            task="img2img",
-            prompts=as_texts(prompt, "prompt"),
-            negative_prompts=as_texts(negative_prompt, "negative_prompt"),
-            steps=steps,
-            sampler=sampler,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            width=width,
-            height=height,
-            batch_size=batch_size,
-            strength=strength,
-            clip_skip=clip_skip,
-            output_type=output_type,
-            sampler_options=tuple(sampler_options.items()),
-            image=to_pil(image),
-            limits=limits,
-        )
-        return self.run(request, latents=latents, callback=callback, progress=progress)
-
-    def inpaint(
-        self,
-        prompt: str | Sequence[str],
-        image: ImageLike,
-        mask: ImageLike,
-        negative_prompt: str | Sequence[str] = "",
-        *,
-        strength: float = 1.0,
-        mask_blur: float = 0.0,
-        keep_unmasked: bool = True,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: str | None = None,
-        seed: int | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        batch_size: int = 1,
-        latents: torch.Tensor | None = None,
-        callback: Callable[[dict], None] | None = None,
-        progress: bool = True,
-        clip_skip: int | None = None,
-        output_type: OutputType = "pil",
-        limits: bool = True,
-        **sampler_options,
-    ) -> list[Image.Image] | torch.Tensor:
-        """Repaint the white part of ``mask`` (same size as ``image``, greyscale-convertible).
-
-        A 9-channel inpainting UNet is conditioned on the mask and the masked image's latents,
-        as it was trained. An ordinary UNet keeps the unmasked region by latent blending: at
-        every step its latents there are replaced by the image's latents noised to that step,
-        and at the end by the clean latents. ``keep_unmasked`` (the default, as AUTOMATIC1111)
-        then pastes the original pixels back outside the (blurred) mask, so the kept region
-        does not even change by the VAE's round trip. ``mask_blur`` (pixels, Gaussian) softens
-        the mask edge; without it the mask is binarised at 0.5.
-        """
-        picture = to_pil(image)
-        request = GenerationRequest(
-            task="inpaint",
-            prompts=as_texts(prompt, "prompt"),
-            negative_prompts=as_texts(negative_prompt, "negative_prompt"),
-            steps=steps,
-            sampler=sampler,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            width=width,
-            height=height,
-            batch_size=batch_size,
-            strength=strength,
-            mask_blur=mask_blur,
-            keep_unmasked=keep_unmasked,
-            clip_skip=clip_skip,
-            output_type=output_type,
-            sampler_options=tuple(sampler_options.items()),
-            image=picture,
-            mask=to_mask(mask, size=picture.size),
-            limits=limits,
-        )
-        return self.run(request, latents=latents, callback=callback, progress=progress)
-
     # the named steps
 
     @torch.inference_mode()
@@ -368,17 +220,63 @@ class StableDiffusion:
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
     ) -> list[Image.Image] | torch.Tensor:
-        """Carry out a request: the steps below, in order. ``latents``, ``callback`` and
+        """Carry out a request: the steps below, in order (for each of ``n_iter`` batches, and
+        with the hires fix's second pass when asked). ``latents``, ``callback`` and
         ``progress`` as in :meth:`txt2img`."""
         request = self.check_inputs(request, latents)
         if self.keep_freed_memory and self.device.type == "cpu":
             allocator.keep_freed_memory()
-        context = self.encode_prompt(request)
+        if request.n_iter > 1:
+            batches = [self._run_one(request.iteration(j), None, callback, progress)
+                       for j in range(request.n_iter)]  # fmt: skip
+            if request.output_type == "pil":
+                return [picture for batch in batches for picture in batch]
+            return torch.cat(batches)
+        return self._run_one(request, latents, callback, progress)
+
+    def _run_one(self, request, latents, callback, progress):
         start = self.prepare_latents(request, latents)
-        result = self.denoise(request, context, start, callback, progress)
+        result = self.denoise(request, self.encode_prompt(request), start, callback, progress)
+        if request.hires is not None and not self._stopped:
+            second = self.hires_request(request, result)
+            start = self.prepare_latents(second, None)
+            result = self.denoise(second, self.encode_prompt(second), start, callback, progress)
         if request.output_type == "latent":
             return result
         return self.postprocess(request, self.decode(result), start)
+
+    def hires_request(self, request: GenerationRequest, latents: torch.Tensor):
+        """The hires fix's second pass: img2img from the first pass's latents, upscaled (in
+        latent space, or as pictures with Lanczos), at the hires denoising strength."""
+        hires = request.hires
+        width = int(request.width * hires.scale) // self.scale * self.scale
+        height = int(request.height * hires.scale) // self.scale * self.scale
+        size = (height // self.scale, width // self.scale)
+        if hires.upscaler == "lanczos":
+            pictures = tensor_to_pil(self.decode(latents))
+            pictures = [p.resize((width, height), Image.Resampling.LANCZOS) for p in pictures]
+            upscaled = torch.cat([self._encode_image(pil_to_tensor(p), 1) for p in pictures])
+        else:
+            upscaled = upscale_latents(latents, size, hires.upscaler)
+        prompts, negatives = request.prompts, request.negative_prompts
+        if hires.prompt is not None:
+            prompts = (hires.prompt,) * len(prompts)
+        if hires.negative_prompt is not None:
+            negatives = (hires.negative_prompt,)
+        return dataclasses.replace(
+            request,
+            task="img2img",
+            width=width,
+            height=height,
+            steps=hires.steps or request.steps,
+            sampler=hires.sampler or request.sampler,
+            strength=hires.denoise,
+            prompts=prompts,
+            negative_prompts=negatives,
+            init_latents=upscaled,
+            seed_resize_from=None,
+            hires=None,
+        ).check()
 
     def check_inputs(
         self, request: GenerationRequest, latents: torch.Tensor | None = None
@@ -415,13 +313,18 @@ class StableDiffusion:
         """The starting noise (drawn on the CPU, one generator per image, so that a seed gives
         the same picture on any device and image i of a batch equals a run with seed + i) and,
         for img2img and inpainting, the image's latents and the mask."""
-        generators = [_generator(random_seed() if s is None else s) for s in request.seeds]
+        seeds = [random_seed() if s is None else s for s in request.seeds]
+        generators = [_generator(seed) for seed in seeds]
+        shape = self._latent_shape(request)[1:]
         if latents is not None:
             noise = torch.as_tensor(latents).float().cpu()
         else:
-            shape = self._latent_shape(request)[1:]
-            noise = torch.cat([torch.randn(shape, generator=g)[None] for g in generators])
+            noise = torch.stack([self._image_noise(request, i, seed, g, shape)
+                                 for i, (seed, g) in enumerate(zip(seeds, generators))])  # fmt: skip
         start = Start(noise=noise.to(self.device), generators=generators)
+        if request.init_latents is not None:
+            start.init_latents = request.init_latents.to(self.device, torch.float32)
+            return start
         if request.image is None:
             return start
         size = (request.width, request.height)
@@ -433,6 +336,26 @@ class StableDiffusion:
         if request.mask is not None:
             self._prepare_mask(request, start, size)
         return start
+
+    def _image_noise(self, request, i: int, seed: int, generator, shape) -> torch.Tensor:
+        """Image i's starting noise. The generator that then gives the sampler its noise has
+        drawn one noise of the image's shape first, whatever the noise's recipe, as
+        AUTOMATIC1111's per-image generators have."""
+        plain = torch.randn(shape, generator=generator)
+        if (request.rng, request.subseed_strength, request.seed_resize_from) == ("cpu", 0, None):
+            return plain
+        resize = request.seed_resize_from
+        return image_noise(
+            seed,
+            shape,
+            subseed=request.subseeds[i],
+            subseed_strength=request.subseed_strength,
+            resize_from=None
+            if resize is None
+            else (resize[1] // self.scale, resize[0] // self.scale),
+            source=request.rng,
+            device=self.device,
+        )
 
     def _prepare_mask(self, request: GenerationRequest, start: Start, size) -> None:
         mask = request.mask
@@ -565,6 +488,7 @@ class StableDiffusion:
 
     def parameters(self, request: GenerationRequest) -> list[GenerationParameters]:
         """What made each image of a resolved request, as the PNG metadata records it."""
+        extra = _extra_parameters(request)
         return [
             GenerationParameters(
                 prompt=prompt,
@@ -577,10 +501,13 @@ class StableDiffusion:
                 height=request.height,
                 model_hash=self.model_hash,
                 model=self.name,
-                denoising_strength=request.strength if request.image is not None else None,
+                denoising_strength=_denoising_strength(request),
                 clip_skip=request.clip_skip,
+                extra={**extra, **_variation(request, subseed)},
             )
-            for (prompt, negative), seed in zip(request.image_prompts, request.seeds)
+            for (prompt, negative), seed, subseed in zip(
+                request.image_prompts, request.seeds, request.subseeds
+            )
         ]
 
     # properties and helpers of the steps
@@ -721,6 +648,58 @@ def _rows(context: torch.Tensor, rows: slice, n: int, guided: bool) -> torch.Ten
     if not guided:
         return context[rows]
     return torch.cat([context[:n][rows], context[n:][rows]])
+
+
+def _denoising_strength(request: GenerationRequest) -> float | None:
+    if request.hires is not None:
+        return request.hires.denoise
+    return request.strength if request.task != "txt2img" else None
+
+
+def _extra_parameters(request: GenerationRequest) -> dict[str, str]:
+    """AUTOMATIC1111's infotext fields beyond GenerationParameters' own, under its names."""
+    from sd_pipeline.request import HIRES_UPSCALER_LABELS
+
+    extra = {"RNG": request.rng.upper()} if request.rng != "gpu" else {}
+    if request.seed_resize_from is not None:
+        extra["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
+    hires = request.hires
+    if hires is not None:
+        extra["Hires upscale"] = f"{hires.scale:g}"
+        if hires.steps is not None:
+            extra["Hires steps"] = str(hires.steps)
+        extra["Hires upscaler"] = HIRES_UPSCALER_LABELS[hires.upscaler]
+        if hires.sampler is not None:
+            extra["Hires sampler"] = sampler_label(hires.sampler)
+        if hires.prompt is not None:
+            extra["Hires prompt"] = hires.prompt
+        if hires.negative_prompt is not None:
+            extra["Hires negative prompt"] = hires.negative_prompt
+    return extra
+
+
+def _variation(request: GenerationRequest, subseed: int | None) -> dict[str, str]:
+    if subseed is None or not request.subseed_strength:
+        return {}
+    return {"Variation seed": str(subseed),
+            "Variation seed strength": f"{request.subseed_strength:g}"}  # fmt: skip
+
+
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int], upscaler: str) -> torch.Tensor:
+    """Latents resized to ``size`` (h, w) as AUTOMATIC1111's latent upscalers do it."""
+    mode, antialias = {
+        "latent": ("bilinear", False),
+        "latent-antialiased": ("bilinear", True),
+        "latent-bicubic": ("bicubic", False),
+        "latent-bicubic-antialiased": ("bicubic", True),
+        "latent-nearest": ("nearest", False),
+        "latent-nearest-exact": ("nearest-exact", False),
+    }[upscaler]
+    if mode in ("nearest", "nearest-exact"):
+        return torch.nn.functional.interpolate(latents, size=size, mode=mode)
+    return torch.nn.functional.interpolate(
+        latents, size=size, mode=mode, align_corners=False, antialias=antialias
+    )
 
 
 def _inpainting_rows(p: Inpainting | None, rows: slice) -> Inpainting | None:

@@ -25,7 +25,16 @@ from PIL import Image
 
 from sd_samplers import SAMPLERS
 
-__all__ = ["LIMITS", "TASKS", "GenerationRequest", "Limits", "RequestError", "as_texts"]
+__all__ = [
+    "HIRES_UPSCALERS",
+    "LIMITS",
+    "TASKS",
+    "GenerationRequest",
+    "HiresFix",
+    "Limits",
+    "RequestError",
+    "as_texts",
+]
 
 TASKS = ("txt2img", "img2img", "inpaint")
 OUTPUT_TYPES = ("pil", "tensor", "latent")
@@ -49,6 +58,7 @@ class Limits:
     pixels: int = 64 * 1024 * 1024  # pixels per call, all images together (64 at 1024x1024)
     guidance_scale: float = 100.0  # |guidance_scale|; AUTOMATIC1111's interface stops at 30
     mask_blur: float = 512.0  # pixels
+    iterations: int = 100  # n_iter: batches run one after the other (AUTOMATIC1111 stops at 100)
 
 
 LIMITS = Limits()
@@ -75,6 +85,50 @@ def as_texts(value: str | Sequence[str], name: str) -> tuple[str, ...]:
     raise TypeError(f"{name} must be a str or a non-empty list of str, got {value!r}")
 
 
+HIRES_UPSCALERS = (
+    # AUTOMATIC1111's latent upscalers (torch interpolation of the latents) ...
+    "latent", "latent-antialiased", "latent-bicubic", "latent-bicubic-antialiased",
+    "latent-nearest", "latent-nearest-exact",
+    # ... and a pixel-space one: decode, resize the picture, encode again
+    "lanczos",
+)  # fmt: skip
+# AUTOMATIC1111's names for them, as its PNG metadata writes them
+HIRES_UPSCALER_LABELS = {
+    "latent": "Latent", "latent-antialiased": "Latent (antialiased)",
+    "latent-bicubic": "Latent (bicubic)",
+    "latent-bicubic-antialiased": "Latent (bicubic antialiased)",
+    "latent-nearest": "Latent (nearest)", "latent-nearest-exact": "Latent (nearest-exact)",
+    "lanczos": "Lanczos",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """AUTOMATIC1111's "hires fix": after the first pass, upscale by ``scale`` and run an
+    img2img pass at ``denoise`` strength over a ladder of ``steps`` steps (None: the request's),
+    with another sampler or prompt when given."""
+
+    scale: float = 2.0
+    steps: int | None = None
+    denoise: float = 0.7
+    upscaler: str = "latent"
+    sampler: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+    def check(self) -> None:
+        _number("hires.scale", self.scale, low=1.0, high=8.0, limit=False)
+        _integer("hires.steps", self.steps, low=1, high=LIMITS.steps)
+        _number("hires.denoise", self.denoise, low=0.0, high=1.0, limit=False)
+        if self.upscaler not in HIRES_UPSCALERS:
+            raise RequestError(
+                "hires.upscaler",
+                f"{self.upscaler!r} is unknown; choose from: {', '.join(HIRES_UPSCALERS)}",
+            )
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise RequestError("hires.sampler", f"{self.sampler!r} is unknown")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """What to generate. ``None`` means "the model's default" until :meth:`resolve`."""
@@ -97,7 +151,17 @@ class GenerationRequest:
     sampler_options: tuple[tuple[str, Any], ...] = ()  # eta, s_noise, ... for the sampler
     image: Image.Image | None = field(default=None, compare=False, repr=False)
     mask: Image.Image | None = field(default=None, compare=False, repr=False)
+    # img2img from latents (scaled, (count, 4, h, w)) instead of an image: the hires fix does
+    init_latents: Any = field(default=None, compare=False, repr=False)
     limits: bool = True  # check LIMITS
+    # AUTOMATIC1111's seed extras (see sd_pipeline.noise): a variation seed mixed in, the size
+    # (width, height) the seed's noise is drawn at, and the source of the random numbers
+    subseed: int | None = None  # image i uses subseed + i
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None
+    rng: str = "cpu"  # cpu | gpu | nv
+    n_iter: int = 1  # batches, one after the other; seeds continue from batch to batch
+    hires: HiresFix | None = None
 
     # derived facts
 
@@ -123,6 +187,21 @@ class GenerationRequest:
     def seeds(self) -> list[int | None]:
         return [None if self.seed is None else self.seed + i for i in range(self.count)]
 
+    @property
+    def subseeds(self) -> list[int | None]:
+        return [None if self.subseed is None else self.subseed + i for i in range(self.count)]
+
+    def iteration(self, j: int) -> GenerationRequest:
+        """Batch ``j`` of ``n_iter``: one batch, its seeds (and subseeds) following on from
+        the batches before it, as AUTOMATIC1111 numbers them."""
+        shift = j * self.count
+        return dataclasses.replace(
+            self,
+            n_iter=1,
+            seed=None if self.seed is None else self.seed + shift,
+            subseed=None if self.subseed is None else self.subseed + shift,
+        )
+
     # resolution and checks
 
     def resolve(
@@ -138,12 +217,17 @@ class GenerationRequest:
         if self.image is not None:
             width = self.image.size[0] if width is None else width
             height = self.image.size[1] if height is None else height
+        elif self.init_latents is not None:
+            width = self.init_latents.shape[-1] * multiple if width is None else width
+            height = self.init_latents.shape[-2] * multiple if height is None else height
         filled["width"] = native_size if width is None else width
         filled["height"] = native_size if height is None else height
         if self.strength is None and self.task in DEFAULT_STRENGTH:
             filled["strength"] = DEFAULT_STRENGTH[self.task]
         if self.seed is None or self.seed == -1:
             filled["seed"] = random_seed()
+        if self.subseed == -1 or (self.subseed is None and self.subseed_strength):
+            filled["subseed"] = random_seed()
         resolved = dataclasses.replace(self, **filled).check()
         for name in ("steps", "sampler", "guidance_scale"):
             if getattr(resolved, name) is None:
@@ -161,6 +245,7 @@ class GenerationRequest:
         if self.seed is not None and self.seed != -1:
             _integer("seed", self.seed, low=0, high=2**63 - 1, limit=False)
         _integer("clip_skip", self.clip_skip, low=1)
+        self._check_seed_extras()
         for name in ("width", "height"):
             _integer(name, getattr(self, name), low=1, high=LIMITS.side if self.limits else None)
         self._check_guidance()
@@ -177,10 +262,32 @@ class GenerationRequest:
             self._check_totals()
         return self
 
+    def _check_seed_extras(self) -> None:
+        if self.subseed is not None and self.subseed != -1:
+            _integer("subseed", self.subseed, low=0, high=2**63 - 1, limit=False)
+        _number("subseed_strength", self.subseed_strength, low=0.0, high=1.0, limit=False)
+        if self.seed_resize_from is not None:
+            if not isinstance(self.seed_resize_from, tuple) or len(self.seed_resize_from) != 2:
+                raise RequestError(
+                    "seed_resize_from", f"must be (width, height), got {self.seed_resize_from!r}"
+                )
+            for value in self.seed_resize_from:
+                _integer("seed_resize_from", value, low=8,
+                         high=LIMITS.side if self.limits else None)  # fmt: skip
+        if self.rng not in ("cpu", "gpu", "nv"):
+            raise RequestError("rng", f"is {self.rng!r}; choose from: cpu, gpu, nv")
+        _integer("n_iter", self.n_iter, low=1, high=LIMITS.iterations if self.limits else None)
+        if self.hires is not None:
+            if not isinstance(self.hires, HiresFix):
+                raise RequestError("hires", f"must be a HiresFix, got {self.hires!r}")
+            if self.task != "txt2img":
+                raise RequestError("hires", "is a txt2img option (AUTOMATIC1111's hires fix)")
+            self.hires.check()
+
     def _check_task(self) -> None:
         if self.task not in TASKS:
             raise RequestError("task", f"is {self.task!r}; choose from: {', '.join(TASKS)}")
-        if self.task != "txt2img" and self.image is None:
+        if self.task != "txt2img" and self.image is None and self.init_latents is None:
             raise RequestError("image", f"is needed for {self.task} (the picture to start from)")
         if self.task == "inpaint" and self.mask is None:
             raise RequestError("mask", "is needed for inpaint (white repaints, black keeps)")
@@ -234,7 +341,8 @@ class GenerationRequest:
                 f"asks for {self.count} images in one call; at most {LIMITS.images}" + LIFT,
             )
         if self.width is not None and self.height is not None:
-            pixels = self.width * self.height * self.count
+            factor = 1.0 if self.hires is None else self.hires.scale**2
+            pixels = int(self.width * self.height * self.count * factor)
             if pixels > LIMITS.pixels:
                 raise RequestError(
                     "batch_size",
