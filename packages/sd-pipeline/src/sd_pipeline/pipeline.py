@@ -104,9 +104,15 @@ class StableDiffusion:
         self._hash: str | None = None
         self._compiled_unet: Callable | None = None  # see compile()
         _check_dtype(self.dtype, self.device)
+        # The modules are the caller's: left in the mode, device and dtype they come in (the
+        # loaders below place what they load; see _take).
+
+    def _take(self) -> StableDiffusion:
+        """Freeze the parts this class loaded itself and put them on its device and dtype."""
         for module in self._modules():
             module.eval().requires_grad_(False)
-            module.to(device="cpu" if offload else self.device, dtype=self.dtype)
+            module.to(device="cpu" if self.offload else self.device, dtype=self.dtype)
+        return self
 
     # construction
 
@@ -143,7 +149,7 @@ class StableDiffusion:
             options = {**_diffusers_root_options(path, autoencoder), **options}
         else:
             options = {**_file_options(path), **options}
-        return cls(autoencoder, text_encoder, unet, device=device, dtype=dtype, **options)
+        return cls(autoencoder, text_encoder, unet, device=device, dtype=dtype, **options)._take()
 
     @classmethod
     def from_components(
@@ -686,7 +692,7 @@ def random_tiny(
         unet = UNet(unet_config)
     return StableDiffusion(
         vae, text_encoder, unet, native_size=64, device=device, dtype=dtype, name="random-tiny"
-    )
+    )._take()
 
 
 def _diffusers_root_options(root: Path, vae: AutoencoderKL) -> dict:
