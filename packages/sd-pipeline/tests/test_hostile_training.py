@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sd_pipeline import StableDiffusion, single_file
+from sd_pipeline import StableDiffusion, bundled_checkpoint, single_file
 from sd_pipeline.training import TrainConfig, TrainingError, cli, losses, train
 from sd_pipeline.training.data import ImageFolder
 from sd_pipeline.training.shapes import ShapesConfig, write_dataset
@@ -110,13 +110,21 @@ def float16_checkpoint(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("precision", ["no", "fp16"])
+@pytest.mark.parametrize(
+    ("model", "precision"), [("tiny", "no"), ("tiny", "fp16"), ("bundled", "fp16")]
+)
 def test_finetune_float16_checkpoint_trains_float32_master_weights(
-    tmp_path, shapes_dir, capsys, precision
+    tmp_path, shapes_dir, capsys, model, precision
 ):
-    """A float16 file crashed with a dtype mismatch, and with fp16 autocast with 'Attempting to
-    unscale FP16 gradients': the weights are float32 whatever the file's precision."""
-    code, err = sd_train(capsys, "finetune", "--checkpoint", float16_checkpoint(tmp_path),
+    """A float16 file (the bundled model is one) crashed with a dtype mismatch, and with fp16
+    autocast with 'Attempting to unscale FP16 gradients': the weights are float32 whatever the
+    file's precision."""
+    checkpoint = float16_checkpoint(tmp_path) if model == "tiny" else bundled_checkpoint()
+    if checkpoint is None:
+        pytest.skip("no bundled model installed")
+    with safe_open(str(checkpoint), "pt") as f:
+        assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F16"
+    code, err = sd_train(capsys, "finetune", "--checkpoint", checkpoint,
                          "--data", shapes_dir, "--out", tmp_path / "ft", "--resolution", 64,
                          "--steps", 1, "--lr", 1e-4, "--mixed-precision", precision,
                          "--no-progress")  # fmt: skip

@@ -86,7 +86,11 @@ def _mode_parser(sub, mode: str, summary: str) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sd-train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="sd-train",
+        description="Fine-tune a Stable Diffusion checkpoint, train a small one from scratch, "
+        "or export a model file in another precision.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     _mode_parser(sub, "finetune", "fine-tune the UNet (and text encoder) of a checkpoint")
     _mode_parser(sub, "scratch", "train VAE, text encoder and UNet from nothing")

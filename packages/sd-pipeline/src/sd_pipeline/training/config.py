@@ -80,6 +80,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a :class:`TrainingError` naming the first setting that is not usable."""
+        for name in ("data", "out", "checkpoint"):  # paths may come as Path objects
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
         check_types(dataclasses.asdict(self), "settings")
         self._check_choices()
         self._check_ranges()
