@@ -21,6 +21,8 @@ import sys
 import threading
 from typing import Any
 
+import torch
+
 from sd_pipeline.training.config import TrainConfig, load_recipe
 from sd_pipeline.training.run import EXPORT_DTYPES, export, train
 
@@ -149,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # TrainingError, DataError, CheckpointError, disk errors
         print(f"sd-train: error: {e}", file=sys.stderr)
         return 2
+    except torch.OutOfMemoryError:
+        print("sd-train: error: out of memory on the device; lower --batch-size (raising "
+              "--grad-accum keeps the batch), or add --gradient-checkpointing or "
+              "--mixed-precision bf16", file=sys.stderr)  # fmt: skip
+        return 1
     print(message)
     return 0
 
