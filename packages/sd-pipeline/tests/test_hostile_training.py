@@ -161,30 +161,33 @@ def test_pipeline_leaves_the_modules_it_is_given_alone():
 
 def test_sample_grid_is_the_pipelines_picture(tmp_path, shapes_dir, monkeypatch):
     """The grid of the last step is what StableDiffusion makes of the saved model (the same
-    weights: no EMA), and the trained models are back in train mode afterwards."""
+    weights: no EMA), image i from seed + i as txt2img's batches, and the trained models are
+    back in train mode afterwards."""
     from sd_pipeline.training import samples
 
+    prompts = ["a red circle on a blue background", "a white square on a green background"]
     config = TrainConfig(**{**TINY, "data": str(shapes_dir), "out": str(tmp_path / "o"),
                             "vae_steps": 1, "steps": 1, "sample_every": 1,
-                            "sample_guidance": 3.0})  # fmt: skip
-    seen = []
+                            "sample_prompts": prompts, "sample_guidance": 3.0})  # fmt: skip
+    modes = []
     real = samples.sample_images
 
     def spy(trainer):
         out = real(trainer)
-        seen.append({k: m.training for k, m in trainer.models.items()})
+        modes.append({k: m.training for k, m in trainer.models.items()})
         return out
 
     monkeypatch.setattr(samples, "sample_images", spy)
     train(config)
-    assert seen[-1] == {"vae": False, "text_encoder": True, "unet": True}
+    assert modes[-1] == {"vae": False, "text_encoder": True, "unet": True}
     grid = np.asarray(Image.open(tmp_path / "o" / "diffusion" / "samples" / "step-0000001.png"))
     pipe = StableDiffusion.from_checkpoint(tmp_path / "o" / "diffusion" / "model.safetensors",
                                            device="cpu")  # fmt: skip
-    image = pipe.txt2img(TINY["sample_prompts"], sampler="euler", steps=2, guidance_scale=3.0,
-                         seed=0, progress=False)[0]  # fmt: skip
-    diff = np.abs(grid.astype(int) - np.asarray(image).astype(int))
-    assert diff.max() <= 1
+    images = pipe.txt2img(prompts, sampler="euler", steps=2, guidance_scale=3.0, seed=0,
+                          progress=False)  # fmt: skip
+    expect = np.concatenate([np.asarray(im) for im in images], axis=1)
+    assert grid.shape == expect.shape == (64, 128, 3)
+    assert np.abs(grid.astype(int) - expect.astype(int)).max() <= 1
 
 
 # ---------------------------------------------------------------------------- issue 17 #2
