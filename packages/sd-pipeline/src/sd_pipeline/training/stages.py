@@ -43,6 +43,7 @@ class Stage:
     steps: int
     batch_size: int
     lr: float
+    settings: tuple[str, ...] = ("lr", "batch_size")  # the TrainConfig fields of lr and batch
     frozen: tuple[str, ...] = ()  # submodules of trained parts kept fixed ("encoder", ...)
     rescales_latents: bool = False  # afterwards, scale its VAE's latents to unit variance
     on_latents: bool = False  # trains on a frozen VAE's latents (cached when it can be)
@@ -57,6 +58,9 @@ class Stage:
         return self.parts == ("vae",)
 
 
+VAE_SETTINGS = ("vae_lr", "vae_batch_size")
+
+
 def plan(config: TrainConfig) -> list[Stage]:
     """The stages ``config`` runs, in order."""
     c = config
@@ -67,14 +71,15 @@ def plan(config: TrainConfig) -> list[Stage]:
         return [_diffusion(c, sources, trains)]
     stages = [
         Stage("vae", 1, {"vae": FRESH}, ("vae",), losses.reconstruction, c.vae_steps,
-              vae_batch, c.vae_lr, rescales_latents=True),
+              vae_batch, c.vae_lr, VAE_SETTINGS, rescales_latents=True),
         _diffusion(c, {"vae": VAE_STAGE, "text_encoder": FRESH, "unet": FRESH},
                    ("text_encoder", "unet")),
     ]  # fmt: skip
     if c.decoder_steps:
         stages.append(
             Stage("decoder", 3, {"vae": VAE_STAGE}, ("vae",), losses.reconstruction,
-                  c.decoder_steps, vae_batch, c.vae_lr, frozen=("encoder", "quant_conv"))
+                  c.decoder_steps, vae_batch, c.vae_lr, VAE_SETTINGS,
+                  frozen=("encoder", "quant_conv"))
         )  # fmt: skip
     return stages
 

@@ -176,8 +176,9 @@ def _saved_config(meta: dict, path: Path) -> dict:
 
 
 def _compare_settings(trainer, meta: dict, path: Path) -> None:
-    """Another architecture is an error; another seed or learning rate a warning."""
-    saved, now = _saved_config(meta, path), dataclasses.asdict(trainer.config)
+    """Another architecture is an error; another seed, learning rate or batch a warning."""
+    saved = _saved_config(meta, path)
+    now = json.loads(json.dumps(dataclasses.asdict(trainer.config)))  # as the file has it
     for part, source in trainer.stage.sources.items():
         if source == FRESH and part in saved and saved[part] != now[part]:
             raise TrainingError(
@@ -185,16 +186,13 @@ def _compare_settings(trainer, meta: dict, path: Path) -> None:
                 f"was started with ({saved[part]}); resume with the recipe it was started "
                 "with, or start a new run in another --out folder"
             )
-    changed = [k for k in ("seed", "lr", "vae_lr", "batch_size", "grad_accum") if
-               k in saved and saved[k] != now[k]]  # fmt: skip
-    if meta.get("world", str(trainer.dist.world)) != str(trainer.dist.world):
-        changed.append("world")
-        saved["world"], now["world"] = meta["world"], trainer.dist.world
-    for k in changed:
-        log.warning(
-            "%s: resuming with %s=%s, but the run was started with %s=%s: the remaining "
-            "steps will differ from an uninterrupted run", path, k, now[k], k, saved[k],
-        )  # fmt: skip
+    saved["world"], now["world"] = meta.get("world", trainer.dist.world), trainer.dist.world
+    for k in ("seed", *trainer.stage.settings, "grad_accum", "world"):
+        if k in saved and str(saved[k]) != str(now[k]):
+            log.warning(
+                "%s: resuming with %s=%s, but the run was started with %s=%s: the remaining "
+                "steps will differ from an uninterrupted run", path, k, now[k], k, saved[k],
+            )  # fmt: skip
 
 
 def _check_tensors(trainer, tensors: dict, path: Path, step: int) -> None:
