@@ -10,8 +10,8 @@ bottom row from combinations held out of it) and prints what the analyser reads 
 import sys
 
 from sd_pipeline import StableDiffusion, image_grid, save_image
-from sd_pipeline.evaluate import analyse
-from sd_pipeline.shapes import COLORS, SHAPES, caption, is_held_out
+from sd_pipeline.training.evaluate import analyse
+from sd_pipeline.training.shapes import COLORS, SHAPES, caption, is_held_out
 
 pipe = StableDiffusion.default()
 scenes = [(c, s, b) for s in SHAPES for c in COLORS for b in COLORS if c != b]

@@ -1,6 +1,6 @@
 """The bundled model: what `StableDiffusion.default()` and `sd-generate` give out of the box.
 
-The golden picture is checked two ways: the deterministic analyser of sd_pipeline.evaluate must
+The golden picture is checked two ways: the deterministic analyser of sd_pipeline.training.evaluate must
 read the prompt's colours and shape in it (an independent check of what the model draws), and
 it must match the stored picture closely (a regression check on the whole pipeline).
 """
@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from sd_pipeline import StableDiffusion
-from sd_pipeline.evaluate import analyse, evaluate
 from sd_pipeline.pipeline import bundled_checkpoint
+from sd_pipeline.training.evaluate import analyse, evaluate
 
 GOLDEN = Path(__file__).parent / "data" / "golden-red-circle-on-blue-seed0.png"
 PROMPT = "a red circle on a blue background"

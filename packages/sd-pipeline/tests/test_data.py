@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_pipeline.data import DataError, ImageFolder, check_resolution
+from sd_pipeline.training.data import DataError, ImageFolder, check_resolution
 
 
 def write(folder, name, size=(80, 64), caption="a caption", colour=(200, 10, 10)):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from sd_pipeline import evaluate as ev
-from sd_pipeline.shapes import (
+from sd_pipeline.training import evaluate as ev
+from sd_pipeline.training.shapes import (
     Scene,
     ShapesConfig,
     all_combinations,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_pipeline import shapes
-from sd_pipeline.shapes import (
+from sd_pipeline.training import shapes
+from sd_pipeline.training.shapes import (
     COLORS,
     SHAPES,
     Scene,

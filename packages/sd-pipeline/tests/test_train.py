@@ -11,8 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_pipeline import train as tr
-from sd_pipeline.shapes import ShapesConfig, write_dataset
+from sd_pipeline import single_file
+from sd_pipeline import training as tr
+from sd_pipeline.training import stages
+from sd_pipeline.training.shapes import ShapesConfig, write_dataset
 
 TINY = {
     "mode": "scratch",
@@ -74,7 +76,7 @@ def test_scratch_outputs_load_and_sample(tmp_path, shapes_dir):
     final = tr.train(config)
     out = tmp_path / "o"
     keys = load_file(str(final)).keys()
-    for prefix in tr.SD_PREFIXES.values():
+    for prefix in single_file.PREFIXES.values():
         assert any(k.startswith(prefix) for k in keys), prefix
     # VAE stage: a standalone file; logs with one line per step; sample grids.
     vae_keys = load_file(str(out / "vae" / "model.safetensors")).keys()
@@ -94,7 +96,7 @@ def test_scratch_outputs_load_and_sample(tmp_path, shapes_dir):
 
 
 def test_vae_rescale_gives_unit_variance_latents(tmp_path, shapes_dir):
-    from sd_pipeline.data import ImageFolder
+    from sd_pipeline.training.data import ImageFolder
     from sd_vae import AutoencoderKL
 
     config = tr.TrainConfig(**{**TINY, "data": str(shapes_dir), "out": str(tmp_path / "o"),
@@ -126,14 +128,14 @@ def test_decoder_stage_refines_only_the_decoder(tmp_path, shapes_dir):
     assert frozen and trained and len(frozen) + len(trained) == len(vae)
     assert all(torch.equal(vae[k], refined[k]) for k in frozen)
     assert not all(torch.equal(vae[k], refined[k]) for k in trained)
-    prefix = tr.SD_PREFIXES["vae"]
+    prefix = single_file.PREFIXES["vae"]
     assert all(torch.equal(final[prefix + k], refined[k]) for k in refined)
     assert all(torch.equal(final[k], v) for k, v in diffusion.items() if not k.startswith(prefix))
     assert len((out / "decoder" / "log.jsonl").read_text().splitlines()) == 2
 
 
 def run_cli(args, **kw):
-    cmd = [sys.executable, "-m", "sd_pipeline.train", *args]
+    cmd = [sys.executable, "-m", "sd_pipeline.training", *args]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, **kw)
 
 
@@ -141,7 +143,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, shapes_dir):
     path, values = recipe(tmp_path, shapes_dir, steps=6)
     reference = tr.train(tr.TrainConfig(**{**values, "out": str(tmp_path / "ref")}))
 
-    cmd = [sys.executable, "-m", "sd_pipeline.train", "scratch", "--recipe", str(path)]
+    cmd = [sys.executable, "-m", "sd_pipeline.training", "scratch", "--recipe", str(path)]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = tmp_path / "out" / "diffusion" / "state.safetensors"
     deadline = time.time() + 240
@@ -165,7 +167,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path, shapes_dir):
     # Two ranks of 1 image x 2 accumulation steps == one process of 2 images x 2.
     path, values = recipe(tmp_path, shapes_dir, batch_size=1, steps=3, vae_steps=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "sd_pipeline.train", "scratch", "--recipe", str(path)]  # fmt: skip
+           "2", "-m", "sd_pipeline.training", "scratch", "--recipe", str(path)]  # fmt: skip
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(x) for x in
@@ -212,12 +214,13 @@ def test_finetune_unet_only(tmp_path, shapes_dir):
 
 
 def test_helpers():
-    idx = [tr.batch_indices(0, "diffusion", s, 3, 8) for s in range(8)]
+    stage = stages.plan(tr.TrainConfig(data="x", checkpoint="m.safetensors"))[0]
+    idx = [stages.batch_indices(0, stage, s, 3, 8) for s in range(8)]
     flat = [i for step in idx for i in step]
     assert sorted(flat[:8]) == list(range(8)) and sorted(flat[8:16]) == list(range(8))
-    assert idx == [tr.batch_indices(0, "diffusion", s, 3, 8) for s in range(8)]
+    assert idx == [stages.batch_indices(0, stage, s, 3, 8) for s in range(8)]
     c = tr.TrainConfig(data="x", warmup_steps=4, lr_schedule="linear")
-    assert [tr.lr_factor(s, c, 8) for s in (0, 3, 4, 6)] == [0.25, 1.0, 1.0, 0.5]
+    assert [stages.lr_factor(s, c, 8) for s in (0, 3, 4, 6)] == [0.25, 1.0, 1.0, 0.5]
 
 
 @pytest.mark.parametrize(

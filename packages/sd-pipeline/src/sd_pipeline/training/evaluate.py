@@ -13,7 +13,7 @@
 each of the three reads, separately for the combinations seen in training and the held-out
 ones::
 
-    python -m sd_pipeline.evaluate --count 240 --steps 20
+    python -m sd_pipeline.training.evaluate --count 240 --steps 20
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sd_pipeline.shapes import COLORS, caption, is_held_out, palette_array
+from sd_pipeline.training.shapes import COLORS, caption, is_held_out, palette_array
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def evaluation_prompts(count: int, seed: int = 0) -> list[tuple[str, str, str]]:
     Deterministic. A third of the list is held-out scenes (cycling through all 32 of them, so
     each appears at least twice in 200 prompts); the rest are distinct seen combinations.
     """
-    from sd_pipeline.shapes import held_out_combinations, train_combinations
+    from sd_pipeline.training.shapes import held_out_combinations, train_combinations
 
     rng = np.random.default_rng(seed)
     held = held_out_combinations()
@@ -209,7 +209,7 @@ def format_report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m sd_pipeline.evaluate",
+        prog="python -m sd_pipeline.training.evaluate",
         description="Score a model on 'a {color} {shape} on a {color} background' prompts.",
     )
     p.add_argument("--checkpoint", help="model to evaluate (default: the bundled model)")

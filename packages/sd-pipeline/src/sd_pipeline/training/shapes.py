@@ -3,7 +3,7 @@
 Every picture is ``a {color} {shape} on a {background} background``: an upright, filled
 circle, square or triangle in one of twelve colours, on a background of another of them.
 Pixels are drawn with exactly the palette's sRGB values (hard edges, no anti-aliasing), so an
-analyser can read the scene back (see :mod:`sd_pipeline.evaluate`).
+analyser can read the scene back (see :mod:`sd_pipeline.training.evaluate`).
 
 Held-out combinations: a scene (colour ``c``, shape ``s``, background ``b``) is held out of
 training when ``(PALETTE index of c + SHAPES index of s + PALETTE index of b) % 12 == 0``
@@ -14,7 +14,7 @@ three-way combination is new.
 
 Everything is deterministic from a seed::
 
-    python -m sd_pipeline.shapes data/shapes --count 5000 --seed 0 --resolution 64
+    python -m sd_pipeline.training.shapes data/shapes --count 5000 --seed 0 --resolution 64
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def write_dataset(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m sd_pipeline.shapes",
+        prog="python -m sd_pipeline.training.shapes",
         description="Write a folder of captioned shape pictures (name.png + name.txt).",
     )
     p.add_argument("folder")

@@ -11,7 +11,8 @@ or random for augmentation) and optionally flipped. Everything is decoded once, 
 a uint8 tensor: the datasets this is meant for (fine-tuning sets, the shapes set) fit in memory.
 
 Bad files: a folder with no usable image is an error; so is one where more than ``max_bad`` of
-the files are bad. A few bad files among many (no caption, unreadable image) are skipped with a
+the files are bad. A few bad files among many (no caption, an unreadable image or caption, an
+image whose header claims more pixels than PIL's decompression-bomb limit) are skipped with a
 warning naming them.
 """
 
@@ -73,8 +74,19 @@ def _caption_pairs(folder: Path) -> tuple[list[tuple[Path, str]], list[str]]:
         if not text_file.is_file():
             bad.append(f"{path.name}: no caption (expected {text_file.name} beside it)")
             continue
-        pairs.append((path, text_file.read_text(encoding="utf-8").strip()))
+        try:
+            pairs.append((path, text_file.read_text(encoding="utf-8").strip()))
+        except (OSError, UnicodeDecodeError) as e:
+            bad.append(f"{text_file.name}: cannot read the caption ({type(e).__name__}: {e})")
     return pairs, bad
+
+
+def _unreadable() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    # DecompressionBombError: a header claiming more than twice PIL's MAX_IMAGE_PIXELS (a few
+    # bytes that would decode to gigabytes) is refused before decoding, like a damaged file.
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def load_image(path: Path, resolution: int) -> np.ndarray:
@@ -121,10 +133,11 @@ class ImageFolder:
             raise DataError(f"{folder}: not a folder of images")
         pairs, bad = _caption_pairs(folder)
         images, captions = [], []
+        unreadable = _unreadable()
         for path, text in pairs:
             try:
                 images.append(load_image(path, resolution))
-            except (OSError, ValueError, SyntaxError) as e:
+            except unreadable as e:
                 bad.append(f"{path.name}: cannot read the image ({type(e).__name__}: {e})")
                 continue
             captions.append(text)

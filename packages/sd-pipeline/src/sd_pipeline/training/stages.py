@@ -1,0 +1,147 @@
+"""The stages of a run, each a frozen record of what it builds, trains and optimises.
+
+``finetune``: one ``diffusion`` stage on a checkpoint's models. ``scratch``: the latent
+diffusion recipe, ``vae`` (reconstruction), then ``diffusion`` on the frozen VAE's latents, then
+optionally ``decoder`` (the VAE's decoder alone). The trainer reads everything stage-specific
+from the record; nothing branches on a stage's name.
+
+The randomness of a step (which images, crops, flips, noise, timesteps, caption dropout) is
+drawn from generators seeded by (seed, stage, step, sample): a resumed run, or a data-parallel
+one, computes exactly the same steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sd_pipeline.training import losses
+from sd_pipeline.training.config import TrainConfig, model_configs
+
+__all__ = ["Stage", "batch_indices", "build_models", "lr_factor", "plan", "sample_generator"]
+
+# Where a part's starting weights come from.
+CHECKPOINT = "checkpoint"  # the finetune checkpoint
+FRESH = "fresh"  # a new model at the recipe's size, seeded
+VAE_STAGE = "vae-stage"  # OUT/vae/model.safetensors, the VAE stage's result
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its folder name, its models and their sources, what it trains and how."""
+
+    name: str
+    seed_id: int  # part of every generator's seed, so that stages draw different numbers
+    sources: Mapping[str, str]  # part ("vae", "text_encoder", "unet") -> CHECKPOINT/FRESH/...
+    trains: tuple[str, ...]  # the parts whose weights it optimises
+    loss: Callable  # loss(trainer, indices, generators) -> scalar tensor
+    steps: int
+    batch_size: int
+    lr: float
+    settings: tuple[str, ...] = ("lr", "batch_size")  # the TrainConfig fields of lr and batch
+    frozen: tuple[str, ...] = ()  # submodules of trained parts kept fixed ("encoder", ...)
+    rescales_latents: bool = False  # afterwards, scale its VAE's latents to unit variance
+    on_latents: bool = False  # trains on a frozen VAE's latents (cached when it can be)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.sources)
+
+    @property
+    def standalone(self) -> bool:
+        """Whether its model file is a standalone VAE file rather than an SD single file."""
+        return self.parts == ("vae",)
+
+
+VAE_SETTINGS = ("vae_lr", "vae_batch_size")
+
+
+def plan(config: TrainConfig) -> list[Stage]:
+    """The stages ``config`` runs, in order."""
+    c = config
+    vae_batch = c.vae_batch_size or c.batch_size
+    if c.mode == "finetune":
+        trains = ("text_encoder", "unet") if c.train_text_encoder else ("unet",)
+        sources = dict.fromkeys(("vae", "text_encoder", "unet"), CHECKPOINT)
+        return [_diffusion(c, sources, trains)]
+    stages = [
+        Stage("vae", 1, {"vae": FRESH}, ("vae",), losses.reconstruction, c.vae_steps,
+              vae_batch, c.vae_lr, VAE_SETTINGS, rescales_latents=True),
+        _diffusion(c, {"vae": VAE_STAGE, "text_encoder": FRESH, "unet": FRESH},
+                   ("text_encoder", "unet")),
+    ]  # fmt: skip
+    if c.decoder_steps:
+        stages.append(
+            Stage("decoder", 3, {"vae": VAE_STAGE}, ("vae",), losses.reconstruction,
+                  c.decoder_steps, vae_batch, c.vae_lr, VAE_SETTINGS,
+                  frozen=("encoder", "quant_conv"))
+        )  # fmt: skip
+    return stages
+
+
+def _diffusion(c: TrainConfig, sources: dict, trains: tuple[str, ...]) -> Stage:
+    return Stage("diffusion", 2, sources, trains, losses.diffusion, c.steps, c.batch_size, c.lr,
+                 on_latents=True)  # fmt: skip
+
+
+def build_models(config: TrainConfig, stage: Stage) -> dict[str, nn.Module]:
+    """The stage's models, from their sources, in float32 (the master weights: autocast does
+    any half precision, so a float16 checkpoint trains as well as a float32 one)."""
+    from sd_clip import CLIPTextModel
+    from sd_unet import UNet
+    from sd_vae import AutoencoderKL
+
+    classes = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "unet": UNet}
+    configs = model_configs(config) if FRESH in stage.sources.values() else {}
+    models = {}
+    for part, source in stage.sources.items():
+        if source == CHECKPOINT:
+            models[part] = classes[part].from_checkpoint(config.checkpoint, dtype=torch.float32)
+        elif source == VAE_STAGE:
+            path = Path(config.out) / "vae" / "model.safetensors"
+            models[part] = classes[part].from_checkpoint(path, dtype=torch.float32)
+        else:
+            # The seeds of the initial weights: the VAE's, then the text encoder's and UNet's.
+            if part in ("vae", "text_encoder"):
+                torch.manual_seed(config.seed + (part != "vae"))
+            models[part] = classes[part](configs[part])
+    return models
+
+
+def sample_generator(seed: int, stage: Stage, step: int, index: int) -> torch.Generator:
+    """The generator for one training sample of one step: a pure function of its position."""
+    g = torch.Generator()
+    g.manual_seed(((seed * 7919 + stage.seed_id) * 1_000_003 + step) * 65_536 + index)
+    return g
+
+
+def epoch_order(seed: int, stage: Stage, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=sample_generator(seed, stage, epoch, 65_535))
+
+
+def batch_indices(seed: int, stage: Stage, step: int, global_batch: int, n: int) -> list[int]:
+    """Dataset indices of one optimizer step: the step's slice of the shuffled epochs."""
+    out, start = [], step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n)
+        order = epoch_order(seed, stage, epoch, n)
+        out += order[offset : offset + global_batch - len(out)].tolist()
+    return out
+
+
+def lr_factor(step: int, config: TrainConfig, total: int) -> float:
+    """Learning-rate multiplier at an optimizer step: warm-up, then the chosen schedule."""
+    warm = config.warmup_steps
+    if step < warm:
+        return (step + 1) / warm
+    if config.lr_schedule == "constant" or total <= warm:
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0 - progress
