@@ -39,6 +39,12 @@ FLAGS = {
     "clip_skip": "--clip-skip",
     "image": "--init-image",
     "mask": "--mask",
+    "n_iter": "--n-iter",
+    "subseed": "--subseed",
+    "subseed_strength": "--subseed-strength",
+    "seed_resize_from": "--seed-resize-from",
+    "rng": "--rng",
+    "hires": "--hires-*",
 }
 PNG_FIELDS = {
     "prompts": "prompt",
@@ -51,6 +57,11 @@ PNG_FIELDS = {
     "height": "Size",
     "strength": "Denoising strength",
     "clip_skip": "Clip skip",
+    "subseed": "Variation seed",
+    "subseed_strength": "Variation seed strength",
+    "seed_resize_from": "Seed resize from",
+    "rng": "RNG",
+    "hires": "Hires",
 }
 
 
@@ -77,6 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="multiple of 8 (default: native size)")
     p.add_argument("--height", type=int, help="multiple of 8 (default: native size)")
     p.add_argument("--batch", type=int, default=1, help="number of images (seeds seed..seed+n-1)")
+    p.add_argument("--n-iter", type=int, default=1, help="batch count: batches run one by one")
+    p.add_argument("--grid", action="store_true", help="also write a grid of all the images")
+    p.add_argument("--subseed", type=int, help="variation seed (AUTOMATIC1111's)")
+    p.add_argument("--subseed-strength", type=float, help="how much of the variation seed, 0..1")
+    p.add_argument(
+        "--seed-resize-from", metavar="WxH", help="draw the seed's noise at this size (keeps a "
+        "seed's composition at a new size)"
+    )  # fmt: skip
+    p.add_argument(
+        "--rng", choices=("cpu", "gpu", "nv"),
+        help="random numbers: cpu (default), gpu (torch's CUDA generator), nv (the CUDA "
+        "generator emulated: reproduces AUTOMATIC1111's default on any device)",
+    )  # fmt: skip
+    p.add_argument("--hires-scale", type=float, help="hires fix: upscale factor (e.g. 2)")
+    p.add_argument("--hires-steps", type=int, help="hires fix: steps of the second pass")
+    p.add_argument("--hires-denoise", type=float, help="hires fix: denoising strength (0.7)")
+    p.add_argument(
+        "--hires-upscaler", help="hires fix: latent (default), latent-antialiased, "
+        "latent-bicubic, latent-bicubic-antialiased, latent-nearest, latent-nearest-exact, lanczos"
+    )  # fmt: skip
+    p.add_argument("--hires-sampler", help="hires fix: another sampler for the second pass")
+    p.add_argument("--hires-prompt", help="hires fix: another prompt for the second pass")
+    p.add_argument("--preview", type=Path, help="write a cheap preview PNG here while sampling")
+    p.add_argument("--preview-every", type=int, default=1, help="steps between previews")
     p.add_argument("--init-image", type=Path, help="img2img / inpainting starting image")
     p.add_argument("--strength", type=float, help="denoising strength in [0, 1]")
     p.add_argument("--mask", type=Path, help="inpainting mask: white repaints, black keeps")
@@ -122,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         from sd_pipeline.outputs import write_outputs
 
         written = write_outputs(images, paths, overwrite=args.overwrite)
+        if args.grid:
+            written.append(_write_grid(images, written))
     except KeyboardInterrupt:
         print("sd-generate: interrupted; nothing written", file=sys.stderr)
         return 130
@@ -157,6 +194,11 @@ def build_request(args: argparse.Namespace):
     if args.from_png is not None:
         fields, sources = _png_fields(args.from_png)
     given = dict(
+        subseed=args.subseed,
+        subseed_strength=args.subseed_strength,
+        seed_resize_from=_size_flag(args.seed_resize_from, "--seed-resize-from"),
+        rng=args.rng,
+        hires=_hires_flags(args, fields.get("hires")),
         prompts=None if args.prompt is None else (args.prompt,),
         negative_prompts=None if args.negative is None else (args.negative,),
         steps=args.steps,
@@ -171,6 +213,8 @@ def build_request(args: argparse.Namespace):
     for name, value in given.items():
         if value is not None:
             fields[name], sources[name] = value, FLAGS[name]
+    if args.preview_every < 1:
+        raise UsageError(f"--preview-every must be at least 1, got {args.preview_every}")
     if "prompts" not in fields:
         raise UsageError('give a prompt (an empty one is "") or --from-png FILE')
     fields.update(_images(args, fields, sources))
@@ -180,12 +224,13 @@ def build_request(args: argparse.Namespace):
     request = GenerationRequest(
         task=task,
         batch_size=args.batch,
+        n_iter=args.n_iter,
         mask_blur=args.mask_blur,
         keep_unmasked=not args.no_paste_back,
         limits=not args.no_limits,
         **fields,
     )
-    sources.update(batch_size="--batch", mask_blur="--mask-blur")
+    sources.update(batch_size="--batch", mask_blur="--mask-blur", n_iter="--n-iter")
     return request, sources
 
 
@@ -209,9 +254,74 @@ def _png_fields(path: Path):
         strength=params.denoising_strength,
         clip_skip=params.clip_skip,
     )
+    fields.update(_png_extras(params.extra, path))
+    if "hires" in fields:
+        fields.pop("strength", None)  # the Denoising strength is the hires pass's
     fields = {k: v for k, v in fields.items() if v is not None}
     sources = {k: f"{path}: its {PNG_FIELDS[k]} field" for k in fields}
     return fields, sources
+
+
+def _png_extras(extra: dict, path: Path) -> dict:
+    """Request fields from AUTOMATIC1111's infotext fields beyond the basic ones."""
+    from sd_pipeline.request import HIRES_UPSCALER_LABELS, HiresFix
+
+    fields = {}
+    try:
+        if "Variation seed" in extra:
+            fields["subseed"] = int(extra["Variation seed"])
+            fields["subseed_strength"] = float(extra.get("Variation seed strength", 0))
+        if "Seed resize from" in extra:
+            fields["seed_resize_from"] = _size_flag(extra["Seed resize from"], "")
+        # AUTOMATIC1111 writes RNG only when it is not its default, the GPU's: emulated here
+        fields["rng"] = extra.get("RNG", "NV").lower()
+        if "Hires upscale" in extra:
+            names = {v.lower(): k for k, v in HIRES_UPSCALER_LABELS.items()}
+            upscaler = extra.get("Hires upscaler", "Latent")
+            fields["hires"] = HiresFix(
+                scale=float(extra["Hires upscale"]),
+                steps=int(extra["Hires steps"]) if "Hires steps" in extra else None,
+                denoise=float(extra.get("Denoising strength", 0.7)),
+                upscaler=names.get(upscaler.lower(), upscaler),
+                sampler=_sampler_or_none(extra.get("Hires sampler")),
+                prompt=extra.get("Hires prompt"),
+                negative_prompt=extra.get("Hires negative prompt"),
+            )
+    except (ValueError, UsageError) as e:
+        raise UsageError(f"{path}: malformed generation parameters ({e})") from e
+    return fields
+
+
+def _sampler_or_none(label):
+    from sd_pipeline.metadata import sampler_name
+
+    return None if label is None else sampler_name(label)
+
+
+def _size_flag(text: str | None, flag: str):
+    """(width, height) from ``WxH``."""
+    if text is None:
+        return None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"{flag} must be WIDTHxHEIGHT (e.g. 512x512), got {text!r}") from None
+    return (width, height)
+
+
+def _hires_flags(args, from_png):
+    """The hires fix the --hires-* flags describe, over a PNG's (None when neither asks)."""
+    import dataclasses as dc
+
+    from sd_pipeline.request import HiresFix
+
+    flags = dict(scale=args.hires_scale, steps=args.hires_steps, denoise=args.hires_denoise,
+                 upscaler=args.hires_upscaler, sampler=args.hires_sampler,
+                 prompt=args.hires_prompt)  # fmt: skip
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return None
+    return dc.replace(from_png or HiresFix(), **given)
 
 
 def _refuse_strength_without_image(args, sources) -> None:
@@ -279,9 +389,19 @@ def _check_run(args, request) -> list[Path]:
             raise UsageError(f"--{name} {value}: no such file or folder")
     print(f"seed: {request.seed}", file=sys.stderr)
     try:
-        return plan_outputs(args.output, request.seeds, overwrite=args.overwrite)
+        return plan_outputs(args.output, request.all_seeds, overwrite=args.overwrite)
     except ValueError as e:
         raise UsageError(str(e)) from e
+
+
+def _write_grid(images, written: list[Path]) -> Path:
+    """All the images in one picture beside the first, carrying its parameters."""
+    from sd_pipeline.images import image_grid
+    from sd_pipeline.metadata import save_image
+
+    first = Path(written[0])
+    grid = image_grid(images)
+    return save_image(grid, first.with_name(f"grid-{first.stem}.png"), images[0].info["parameters"])
 
 
 def _load_mask(path: Path):
@@ -323,7 +443,20 @@ def _run(args, request):
         pipe.offload = args.offload
     if args.compile:
         pipe.compile()
-    return pipe.run(request, progress=not args.no_progress)
+    callback = None if args.preview is None else _preview_writer(args.preview, args.preview_every)
+    return pipe.run(request, progress=not args.no_progress, callback=callback)
+
+
+def _preview_writer(path: Path, every: int):
+    """A step callback writing AUTOMATIC1111's cheap preview of the batch's first image."""
+    from sd_pipeline.metadata import save_image
+    from sd_pipeline.previews import latent_preview
+
+    def write(d: dict) -> None:
+        if d["i"] % every == 0:
+            save_image(latent_preview(d["denoised"][:1])[0], path, parameters="")
+
+    return write
 
 
 if __name__ == "__main__":

@@ -188,6 +188,12 @@ class GenerationRequest:
         return [None if self.seed is None else self.seed + i for i in range(self.count)]
 
     @property
+    def all_seeds(self) -> list[int | None]:
+        """The seeds of every image of every batch (``n_iter`` of them), in output order."""
+        total = self.count * self.n_iter
+        return [None if self.seed is None else self.seed + i for i in range(total)]
+
+    @property
     def subseeds(self) -> list[int | None]:
         return [None if self.subseed is None else self.subseed + i for i in range(self.count)]
 
