@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sd_pipeline.files import handle_sigterm
+
+    handle_sigterm()  # SIGTERM (kill, systemd, docker stop) cleans up as Ctrl-C does
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="sd-generate: %(message)s")
