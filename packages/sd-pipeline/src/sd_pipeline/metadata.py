@@ -51,25 +51,6 @@ SAMPLER_LABELS = {
 }
 _NAMES_BY_LABEL = {label.lower(): name for name, label in SAMPLER_LABELS.items()}
 
-# The last line is read as ``key: value`` pairs, from left to right: a key (a letter, then letters,
-# digits, spaces and ``_-/+.()``) ends at a colon; its value is a JSON string followed by a comma
-# or the end, or else runs to the next comma. Text where no key starts is skipped. Each pattern
-# is matched at a known position (``match(line, pos)``), never searched for, and a failed key
-# skips the whole run of key characters it scanned, so every character is looked at a bounded
-# number of times: linear in the line's length, however hostile (a regex ``findall`` over the
-# line rescans the rest of such a run from each of its characters: quadratic).
-_LETTERS = frozenset(string.ascii_letters)
-_SPACE = re.compile(r"\s*")
-_KEY = re.compile(r"([A-Za-z][\w \-/+.()]*):")
-_KEY_RUN = re.compile(r"[\w \-/+.()]*")
-_QUOTED = re.compile(r'\s*("(?:\\.|[^\\"])*")(?:,|$)')
-_PLAIN = re.compile(r"\s*([^,]*)(?:,|$)")
-
-# The most ``parameters`` text read from a PNG (characters, after decompression): a long
-# AUTOMATIC1111 prompt with every extension's fields is a few KiB; a larger chunk is refused
-# rather than held in memory and parsed (a 1 KB file can carry 1 MiB of compressed text).
-MAX_PARAMETERS_TEXT = 256 * 1024
-
 
 def sampler_label(name: str) -> str:
     """AUTOMATIC1111's label for a sampler name: ``dpmpp_2m_karras`` -> ``DPM++ 2M Karras``."""
@@ -187,6 +168,21 @@ class GenerationParameters:
         return params
 
 
+# The last line is read as ``key: value`` pairs, from left to right: a key (a letter, then letters,
+# digits, spaces and ``_-/+.()``) ends at a colon; its value is a JSON string followed by a comma
+# or the end, or else runs to the next comma. Text where no key starts is skipped. Each pattern
+# is matched at a known position (``match(line, pos)``), never searched for, and a failed key
+# skips the whole run of key characters it scanned, so every character is looked at a bounded
+# number of times: linear in the line's length, however hostile (a regex ``findall`` over the
+# line rescans the rest of such a run from each of its characters: quadratic).
+_LETTERS = frozenset(string.ascii_letters)
+_SPACE = re.compile(r"\s*")
+_KEY = re.compile(r"([A-Za-z][\w \-/+.()]*):")
+_KEY_RUN = re.compile(r"[\w \-/+.()]*")
+_QUOTED = re.compile(r'\s*("(?:\\.|[^\\"])*")(?:,|$)')
+_PLAIN = re.compile(r"\s*([^,]*)(?:,|$)")
+
+
 def _pairs(line: str) -> list[tuple[str, str]]:
     """The ``(key, value)`` pairs of a parameters line, in linear time (see ``_KEY``)."""
     pairs = []
@@ -219,6 +215,12 @@ def _unquote(value: str) -> str:
         except json.JSONDecodeError:
             return value[1:-1]
     return value
+
+
+# The most ``parameters`` text read from a PNG (characters, after decompression): a long
+# AUTOMATIC1111 prompt with every extension's fields is a few KiB; a larger chunk is refused
+# rather than held in memory and parsed (a 1 KB file can carry 1 MiB of compressed text).
+MAX_PARAMETERS_TEXT = 256 * 1024
 
 
 def read_parameters(path: str | os.PathLike) -> GenerationParameters:
