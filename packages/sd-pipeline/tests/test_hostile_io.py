@@ -589,6 +589,24 @@ def test_png_reading_errors_are_clear(tmp_path):
         read_parameters(tmp_path)
 
 
+def test_image_reading_errors_say_what_is_wrong(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64)).save(good)
+    cases = {
+        "empty.png": (b"", "the file is empty"),
+        "header.png": (good.read_bytes()[:40], "a PNG that is cut short or damaged"),
+        "cut.png": (good.read_bytes()[:-30], "truncated"),
+        "notes.png": (b"some words", "not in a format PIL reads"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        for reader in (load_image, load_mask):
+            with pytest.raises(ValueError, match=rf"{name}: not a readable .*{message}"):
+                reader(tmp_path / name)
+    with pytest.raises(ValueError, match=r"empty\.png: not a readable image \(the file is empty"):
+        read_parameters(tmp_path / "empty.png")
+
+
 def test_unreadable_files_are_reported_truthfully(tmp_path, monkeypatch):
     path = tmp_path / "secret.png"
     Image.new("RGB", (4, 4)).save(path)
@@ -670,6 +688,24 @@ def test_writing_works_without_hard_links(tmp_path, monkeypatch):
     folder = tmp_path / "out"
     written = write_outputs([Image.new("RGB", (4, 4))] * 2, plan_outputs(folder, [1, 2]))
     assert _all_files(folder) == [p.name for p in written] == ["00000-1.png", "00001-2.png"]
+
+
+def test_a_hung_lock_holder_does_not_stop_writing(tmp_path, monkeypatch, caplog):
+    """A run stopped while holding a folder's lock (SIGSTOP, a debugger) is waited for only so
+    long; placement goes on without the lock and still never overwrites."""
+    import fcntl
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    holder = os.open(folder, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    monkeypatch.setattr(files, "_LOCK_WAIT_S", 0.2)
+    try:
+        written = write_outputs([Image.new("RGB", (4, 4))], plan_outputs(folder, [1]))
+    finally:
+        os.close(holder)
+    assert [p.name for p in written] == ["00000-1.png"]
+    assert "holds its lock" in caplog.text
 
 
 def test_the_readme_names_the_limits():

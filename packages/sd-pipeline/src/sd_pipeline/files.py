@@ -170,11 +170,30 @@ def locked_folder(folder: str | os.PathLike) -> Iterator[None]:
         yield
         return
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        _wait_for_lock(fd, folder)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+# A run holds a folder's lock for the milliseconds its placement takes; one that holds it for
+# longer is stopped or hung, and the others go on without it (links still never overwrite).
+_LOCK_WAIT_S = 60.0
+
+
+def _wait_for_lock(fd: int, folder) -> None:
+    deadline = time.monotonic() + _LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                log.warning("%s: another process holds its lock; writing without it", folder)
+                return
+            time.sleep(0.02)
+        except OSError:  # a file system without locks
+            return
 
 
 def _pid_running(pid: int) -> bool:
@@ -312,7 +331,8 @@ _KINDS = {
 def _check_regular(path: str, mode: int, what: str) -> None:
     if not stat.S_ISREG(mode):
         kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
-        raise ValueError(f"{path} is {kind}, not a regular file; give a {what}")
+        article = "an" if what[:1].lower() in "aeiou" else "a"
+        raise ValueError(f"{path} is {kind}, not a regular file; give {article} {what}")
 
 
 # ---------------------------------------------------------------------------- signals

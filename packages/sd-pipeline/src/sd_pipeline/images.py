@@ -159,9 +159,11 @@ def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
                 f"{path}: too large to read safely ({e}); the limit is {MAX_IMAGE_PIXELS:,} "
                 "pixels (sd_pipeline.images.MAX_IMAGE_PIXELS)"
             ) from None
+        except _TooManyPixels:
+            raise
+        except Image.UnidentifiedImageError:
+            raise ValueError(f"{path}: not a readable {what} ({unknown_format(f)})") from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
-            if isinstance(e, ValueError) and str(e).startswith(f"{path}:"):
-                raise
             raise ValueError(f"{path}: not a readable {what} ({e})") from None
     try:
         return ImageOps.exif_transpose(image)
@@ -169,9 +171,23 @@ def open_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
         return image
 
 
+def unknown_format(f) -> str:
+    """Why PIL could not identify the open file ``f``, in words."""
+    if os.fstat(f.fileno()).st_size == 0:
+        return "the file is empty"
+    f.seek(0)
+    if f.read(8) == b"\x89PNG\r\n\x1a\n":
+        return "a PNG that is cut short or damaged"
+    return "not in a format PIL reads, such as PNG, JPEG or WebP"
+
+
+class _TooManyPixels(ValueError):
+    pass
+
+
 def _check_pixels(path, width: int, height: int) -> None:
     if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(
+        raise _TooManyPixels(
             f"{path}: {width}x{height} is {width * height:,} pixels, more than the limit of "
             f"{MAX_IMAGE_PIXELS:,} (sd_pipeline.images.MAX_IMAGE_PIXELS); "
             "give a smaller image or raise the limit"

@@ -274,7 +274,7 @@ def _png_text(f, keyword: str) -> str | _TooLong | None:
     while True:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError("the file ends before its IEND chunk")
+            raise ValueError("it is cut short: it ends before its IEND chunk")
         length, kind = struct.unpack(">I4s", head)
         if length > 2**31 - 1:
             raise ValueError(f"a chunk declares {length} bytes")
@@ -294,7 +294,7 @@ def _png_text(f, keyword: str) -> str | _TooLong | None:
         rest = f.read(length - len(start))
         crc = f.read(4)
         if len(rest) < length - len(start) or len(crc) < 4:
-            raise ValueError(f"the file ends inside its {kind.decode()} chunk")
+            raise ValueError(f"it is cut short inside its {kind.decode()} chunk")
         if zlib.crc32(rest, zlib.crc32(kind + start)) != struct.unpack(">I", crc)[0]:
             raise ValueError(f"its '{keyword}' chunk is damaged (CRC mismatch)")
         return _chunk_text(kind, rest)
@@ -347,6 +347,10 @@ def _refuse_other_image(f, path) -> None:
                 kind = im.format or "non-PNG"
         except Image.DecompressionBombError:
             kind = "very large"
+        except Image.UnidentifiedImageError:
+            from sd_pipeline.images import unknown_format
+
+            raise ValueError(f"{path}: not a readable image ({unknown_format(f)})") from None
         except (OSError, ValueError, SyntaxError) as e:
             raise ValueError(f"{path}: not a readable image ({e})") from None
     raise ValueError(
