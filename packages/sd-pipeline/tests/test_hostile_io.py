@@ -20,11 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sd_pipeline import files
 from sd_pipeline.files import handle_sigterm, remove_stale_temporaries
-from sd_pipeline.images import MAX_IMAGE_PIXELS, load_image, load_mask, to_mask, to_pil
+from sd_pipeline.images import (
+    MAX_IMAGE_PIXELS,
+    load_image,
+    load_mask,
+    tensor_to_pil,
+    to_mask,
+    to_pil,
+)
 from sd_pipeline.metadata import (
     MAX_PARAMETERS_TEXT,
     GenerationParameters,
@@ -480,6 +488,8 @@ def test_non_finite_pixels_are_refused():
         to_mask(f)
     with pytest.raises(ValueError, match="non-finite"):
         to_pil(np.full((4, 4, 3), np.inf, np.float32))
+    with pytest.raises(ValueError, match="non-finite"):  # a decoded NaN latent: no black PNG
+        tensor_to_pil(torch.full((1, 3, 4, 4), float("nan")))
 
 
 # ---------------------------------------------------------------- 5. FIFOs, sockets, bombs
