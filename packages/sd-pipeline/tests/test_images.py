@@ -59,8 +59,12 @@ def test_bad_shapes_are_named():
 
 
 def test_masks():
+    # Transparency makes the alpha the mask (AUTOMATIC1111's create_binary_mask): a fully
+    # transparent white mask keeps everything; a fully opaque one is read by its grey level.
     rgba = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
-    assert to_mask(rgba).mode == "L" and np.asarray(to_mask(rgba)).min() == 255
+    assert to_mask(rgba).mode == "L" and np.asarray(to_mask(rgba)).max() == 0
+    opaque = Image.new("RGBA", (8, 8), (255, 255, 255, 255))
+    assert np.asarray(to_mask(opaque)).min() == 255
     arr = np.zeros((8, 8), bool)
     arr[:4] = True
     m = mask_to_tensor(to_mask(arr))

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sd_pipeline.files import handle_sigterm
+
+    handle_sigterm()  # SIGTERM (kill, systemd, docker stop) cleans up as Ctrl-C does
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="sd-generate: %(message)s")
@@ -335,7 +338,7 @@ def _refuse_strength_without_image(args, sources) -> None:
 
 def _images(args, fields: dict, sources: dict) -> dict:
     """The init image and mask the flags name, loaded and checked."""
-    from sd_pipeline.images import load_image, to_mask
+    from sd_pipeline.images import load_image, load_mask, to_mask
 
     if args.mask is not None and args.init_image is None:
         raise UsageError("--mask needs --init-image (the picture to inpaint)")
@@ -347,7 +350,7 @@ def _images(args, fields: dict, sources: dict) -> dict:
             for name in ("width", "height"):
                 sources.setdefault(name, FLAGS["image"] + " (its size)")
         if args.mask is not None:
-            out["mask"] = to_mask(_load_mask(args.mask), size=out["image"].size)
+            out["mask"] = to_mask(load_mask(args.mask), size=out["image"].size)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from e
     return out
@@ -402,19 +405,6 @@ def _write_grid(images, written: list[Path]) -> Path:
     first = Path(written[0])
     grid = image_grid(images)
     return save_image(grid, first.with_name(f"grid-{first.stem}.png"), images[0].info["parameters"])
-
-
-def _load_mask(path: Path):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such mask file") from None
-    except OSError as e:
-        raise ValueError(f"{path}: not a readable mask image ({e})") from e
 
 
 def _check_device(device: str | None) -> None:

@@ -18,18 +18,19 @@ import json
 import logging
 import os
 import re
+import string
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
 import sd_samplers
-from sd_pipeline.files import replacing
+from sd_pipeline.files import WriteError, open_regular, replacing
 
 log = logging.getLogger(__name__)
-
-# One ``key: value`` pair of the last line; the value is a JSON string or runs to the next comma.
-_PARAM = re.compile(r'\s*([A-Za-z][\w \-/+.()]*?):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def sampler_label(name: str) -> str:
@@ -103,7 +104,7 @@ class GenerationParameters:
         """Parse an AUTOMATIC1111 ``parameters`` text (the inverse of ``to_text``)."""
         lines = text.strip("\n").split("\n")
         last = lines[-1] if lines else ""
-        pairs = {k.strip(): _unquote(v.strip()) for k, v in _PARAM.findall(last)}
+        pairs = {k.strip(): _unquote(v.strip()) for k, v in _pairs(last)}
         if "Steps" in pairs:
             lines = lines[:-1]
         else:
@@ -142,6 +143,42 @@ class GenerationParameters:
         return params
 
 
+# The last line is read as ``key: value`` pairs, from left to right: a key (a letter, then letters,
+# digits, spaces and ``_-/+.()``) ends at a colon; its value is a JSON string followed by a comma
+# or the end, or else runs to the next comma. Text where no key starts is skipped. Each pattern
+# is matched at a known position (``match(line, pos)``), never searched for, and a failed key
+# skips the whole run of key characters it scanned, so every character is looked at a bounded
+# number of times: linear in the line's length, however hostile (a regex ``findall`` over the
+# line rescans the rest of such a run from each of its characters: quadratic).
+_LETTERS = frozenset(string.ascii_letters)
+_SPACE = re.compile(r"\s*")
+_KEY = re.compile(r"([A-Za-z][\w \-/+.()]*):")
+_KEY_RUN = re.compile(r"[\w \-/+.()]*")
+_QUOTED = re.compile(r'\s*("(?:\\.|[^\\"])*")(?:,|$)')
+_PLAIN = re.compile(r"\s*([^,]*)(?:,|$)")
+
+
+def _pairs(line: str) -> list[tuple[str, str]]:
+    """The ``(key, value)`` pairs of a parameters line, in linear time (see ``_KEY``)."""
+    pairs = []
+    pos, end = 0, len(line)
+    while pos < end:
+        start = _SPACE.match(line, pos).end()
+        key = _KEY.match(line, start)
+        if key is None:
+            if start < end and line[start] in _LETTERS:
+                # No pair starts anywhere from here to the end of this run of key characters
+                # (each start inside it scans to the same end, where no colon is).
+                pos = _KEY_RUN.match(line, start).end()
+            else:
+                pos = start + 1
+            continue
+        value = _QUOTED.match(line, key.end()) or _PLAIN.match(line, key.end())
+        pairs.append((key.group(1), value.group(1)))
+        pos = value.end()
+    return pairs
+
+
 def _quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if ("," in value or ":" in value) else value
 
@@ -155,22 +192,146 @@ def _unquote(value: str) -> str:
     return value
 
 
+# The most ``parameters`` text read from a PNG (characters, after decompression): a long
+# AUTOMATIC1111 prompt with every extension's fields is a few KiB; a larger chunk is refused
+# rather than held in memory and parsed (a 1 KB file can carry 1 MiB of compressed text).
+MAX_PARAMETERS_TEXT = 256 * 1024
+
+
 def read_parameters(path: str | os.PathLike) -> GenerationParameters:
-    """The generation parameters stored in a PNG's ``parameters`` text chunk."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            text = im.info.get("parameters")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image file") from None
-    except OSError as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from e
-    if not isinstance(text, str):
+    """The generation parameters stored in a PNG's ``parameters`` text chunk.
+
+    The PNG's chunks are read directly, the pixels never decoded (so an image of any size is
+    fine), and a chunk of more than ``MAX_PARAMETERS_TEXT`` characters is refused. Errors name
+    the file: ``FileNotFoundError``, ``PermissionError`` or ``ValueError``.
+    """
+    with open_regular(path, "image file") as f:
+        try:
+            text = _png_text(f, "parameters")
+        except _NotPNG:
+            text = None
+            f.seek(0)
+            _refuse_other_image(f, path)
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable PNG ({e})") from None
+    if text is None:
         raise ValueError(
             f"{path}: carries no generation parameters (no 'parameters' text chunk); "
             "give a PNG written by sd-generate or AUTOMATIC1111"
         )
+    if isinstance(text, _TooLong):
+        size = f" ({text.size:,} bytes)" if text.size is not None else ""
+        raise ValueError(
+            f"{path}: its 'parameters' text{size} is over the {MAX_PARAMETERS_TEXT // 1024} KiB "
+            "limit (sd_pipeline.metadata.MAX_PARAMETERS_TEXT); not reading it"
+        )
     return GenerationParameters.from_text(text)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class _NotPNG(Exception):
+    pass
+
+
+class _TooLong:
+    def __init__(self, size: int | None):
+        self.size = size  # None: compressed, and not decompressed past the limit
+
+
+def _png_text(f, keyword: str) -> str | _TooLong | None:
+    """The first ``tEXt``/``zTXt``/``iTXt`` chunk named ``keyword``, read (and decompressed) up
+    to ``MAX_PARAMETERS_TEXT``; None if there is none. Other chunks are skipped unread."""
+    if f.read(8) != _PNG_SIGNATURE:
+        raise _NotPNG
+    name = keyword.encode("latin-1")
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("it is cut short: it ends before its IEND chunk")
+        length, kind = struct.unpack(">I4s", head)
+        if length > 2**31 - 1:
+            raise ValueError(f"a chunk declares {length} bytes")
+        if kind == b"IEND":
+            return None
+        if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+            f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+            continue
+        start = f.read(min(length, len(name) + 1))
+        if start != name + b"\0":
+            f.seek(length - len(start) + 4, os.SEEK_CUR)
+            continue
+        # Compressed text is at most a few bytes per 64 KiB longer than the text, and a plain
+        # one is the text itself: a chunk over the cap (plus headers) is not read at all.
+        if length > MAX_PARAMETERS_TEXT + 1024:
+            return _TooLong(length - len(start) if kind == b"tEXt" else None)
+        rest = f.read(length - len(start))
+        crc = f.read(4)
+        if len(rest) < length - len(start) or len(crc) < 4:
+            raise ValueError(f"it is cut short inside its {kind.decode()} chunk")
+        if zlib.crc32(rest, zlib.crc32(kind + start)) != struct.unpack(">I", crc)[0]:
+            raise ValueError(f"its '{keyword}' chunk is damaged (CRC mismatch)")
+        return _chunk_text(kind, rest)
+
+
+def _chunk_text(kind: bytes, data: bytes) -> str | _TooLong:
+    """The text of a text chunk's data after its keyword (PNG spec 11.3.4)."""
+    if kind == b"tEXt":
+        raw, encoding = data, "latin-1"
+    elif kind == b"zTXt":
+        if data[:1] != b"\0":
+            raise ValueError("its zTXt chunk uses an unknown compression method")
+        raw, encoding = _inflate(data[1:]), "latin-1"
+    else:
+        if len(data) < 2:
+            raise ValueError("its iTXt chunk is cut short")
+        compressed, method, rest = data[0], data[1], data[2:]
+        parts = rest.split(b"\0", 2)  # language tag, translated keyword, text
+        if len(parts) != 3:
+            raise ValueError("its iTXt chunk is malformed")
+        raw, encoding = parts[2], "utf-8"
+        if compressed:
+            if method != 0:
+                raise ValueError("its iTXt chunk uses an unknown compression method")
+            raw = _inflate(raw)
+    if isinstance(raw, _TooLong):
+        return raw
+    if len(raw) > MAX_PARAMETERS_TEXT:
+        return _TooLong(len(raw))
+    return raw.decode(encoding, errors="replace")
+
+
+def _inflate(data: bytes) -> bytes | _TooLong:
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(data, MAX_PARAMETERS_TEXT + 1)
+    except zlib.error as e:
+        raise ValueError(f"its compressed text is damaged ({e})") from None
+    if len(raw) > MAX_PARAMETERS_TEXT or inflater.unconsumed_tail:
+        return _TooLong(None)
+    return raw
+
+
+def _refuse_other_image(f, path) -> None:
+    """A file that is no PNG: say whether it is some other image or none at all."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(f) as im:
+                kind = im.format or "non-PNG"
+        except Image.DecompressionBombError:
+            kind = "very large"
+        except Image.UnidentifiedImageError:
+            from sd_pipeline.images import unknown_format
+
+            raise ValueError(f"{path}: not a readable image ({unknown_format(f)})") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise ValueError(f"{path}: not a readable image ({e})") from None
+    raise ValueError(
+        f"{path}: a {kind} image carries no generation parameters; give a PNG written by "
+        "sd-generate or AUTOMATIC1111"
+    )
 
 
 def save_image(
@@ -195,8 +356,11 @@ def save_image(
         text = parameters if isinstance(parameters, str) else parameters.to_text()
         info.add_text("parameters", text)
         options["pnginfo"] = info
-    with replacing(path, "wb") as f:
-        image.save(f, format=fmt, **options)
+    try:
+        with replacing(path, "wb") as f:
+            image.save(f, format=fmt, **options)
+    except OSError as e:
+        raise WriteError(path, e) from e
     return path
 
 
