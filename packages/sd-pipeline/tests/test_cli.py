@@ -215,3 +215,46 @@ def test_from_png_of_an_img2img_picture_needs_the_init_image(run, tmp_path):
     assert np.array_equal(
         np.asarray(Image.open(made)), np.asarray(Image.open(tmp_path / "again.png"))
     )
+
+
+def test_features_round_trip_through_a_png(run, tmp_path):
+    """Variation seed, seed resize, RNG and the hires fix are written to the PNG and --from-png
+    makes the same picture from them."""
+    first = tmp_path / "first.png"
+    code, _, err = run("a dog", "-o", str(first), "--seed", "4", "--width", "16", "--height",
+                       "16", "--subseed", "9", "--subseed-strength", "0.3",
+                       "--seed-resize-from", "24x24", "--rng", "nv", "--hires-scale", "2",
+                       "--hires-denoise", "0.5", "--hires-upscaler", "latent-nearest")  # fmt: skip
+    assert code == 0, err
+    params = read_parameters(first)
+    assert Image.open(first).size == (32, 32) and (params.width, params.height) == (16, 16)
+    assert params.extra["RNG"] == "NV" and params.extra["Variation seed"] == "9"
+    assert params.extra["Hires upscaler"] == "Latent (nearest)"
+    again = tmp_path / "again.png"
+    code, _, err = run("--from-png", str(first), "-o", str(again))
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+def test_batch_count_grid_and_previews(run, tmp_path):
+    out = tmp_path / "out"
+    preview = tmp_path / "preview.png"
+    code, stdout, err = run("x", "-o", f"{out}/", "--seed", "1", "--batch", "2", "--n-iter",
+                            "2", "--grid", "--width", "16", "--height", "16", "--preview",
+                            str(preview))  # fmt: skip
+    assert code == 0, err
+    written = stdout.split()
+    assert len(written) == 5 and "grid-" in written[-1]
+    seeds = sorted(read_parameters(p).seed for p in written[:4])
+    assert seeds == [1, 2, 3, 4]
+    assert Image.open(written[-1]).size == (32, 32)
+    assert Image.open(preview).size == (2, 2)  # latent resolution of the first image
+
+
+def test_bad_feature_flags(run, tmp_path):
+    code, _, err = run("x", "--seed-resize-from", "big", "-o", str(tmp_path / "a.png"))
+    assert code == 2 and "--seed-resize-from must be WIDTHxHEIGHT" in err
+    code, _, err = run("x", "--hires-upscaler", "esrgan", "-o", str(tmp_path / "a.png"))
+    assert code == 2 and "hires.upscaler 'esrgan' is unknown" in err
+    code, _, err = run("x", "--n-iter", "0", "-o", str(tmp_path / "a.png"))
+    assert code == 2 and "--n-iter must be a positive integer" in err
