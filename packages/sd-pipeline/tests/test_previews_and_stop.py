@@ -62,3 +62,16 @@ def test_stopping_one_image_of_a_batch_stops_the_rest(tiny_pipe):
                             callback=stop, output_type="latent", progress=False)  # fmt: skip
     assert calls == [0] and out.shape[0] == 3
     assert torch.isfinite(out).all()
+
+
+def test_taesd_previews_are_full_size_and_the_decoders_pictures(tiny_pipe, tmp_path):
+    from sd_pipeline.images import tensor_to_pil
+    from sd_vae import TinyDecoder
+
+    decoder = TinyDecoder().eval()
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    picture = latent_preview(latents, decoder=decoder)[0]
+    assert picture.size == (32, 32)
+    with torch.no_grad():
+        expected = tensor_to_pil(decoder(latents))[0]
+    assert picture.tobytes() == expected.tobytes()

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hires-prompt", help="hires fix: another prompt for the second pass")
     p.add_argument("--preview", type=Path, help="write a cheap preview PNG here while sampling")
     p.add_argument("--preview-every", type=int, default=1, help="steps between previews")
+    p.add_argument(
+        "--preview-decoder", type=Path,
+        help="TAESD decoder weights (taesd_decoder.pth) for full-size previews",
+    )  # fmt: skip
     p.add_argument("--init-image", type=Path, help="img2img / inpainting starting image")
     p.add_argument("--strength", type=float, help="denoising strength in [0, 1]")
     p.add_argument("--mask", type=Path, help="inpainting mask: white repaints, black keeps")
@@ -433,18 +437,28 @@ def _run(args, request):
         pipe.offload = args.offload
     if args.compile:
         pipe.compile()
-    callback = None if args.preview is None else _preview_writer(args.preview, args.preview_every)
+    callback = None
+    if args.preview is not None:
+        callback = _preview_writer(args.preview, args.preview_every, args.preview_decoder)
     return pipe.run(request, progress=not args.no_progress, callback=callback)
 
 
-def _preview_writer(path: Path, every: int):
-    """A step callback writing AUTOMATIC1111's cheap preview of the batch's first image."""
+def _preview_writer(path: Path, every: int, decoder_file: Path | None):
+    """A step callback writing a preview of the batch's first image (AUTOMATIC1111's cheap
+    approximation, or TAESD's decoder when its weights are given)."""
     from sd_pipeline.metadata import save_image
     from sd_pipeline.previews import latent_preview
 
+    decoder = None
+    if decoder_file is not None:
+        from sd_vae import TinyDecoder
+
+        decoder = TinyDecoder.from_checkpoint(decoder_file)
+
     def write(d: dict) -> None:
         if d["i"] % every == 0:
-            save_image(latent_preview(d["denoised"][:1])[0], path, parameters="")
+            picture = latent_preview(d["denoised"][:1], decoder=decoder)[0]
+            save_image(picture, path, parameters="")
 
     return write
 

@@ -1,10 +1,12 @@
-"""Cheap previews of latents while sampling runs: AUTOMATIC1111's "Approx cheap".
+"""Previews of latents while sampling runs: AUTOMATIC1111's "Approx cheap", or TAESD.
 
 A fixed linear map from the 4 latent channels to RGB, fitted by AUTOMATIC1111's authors to the
 SD VAE's decoder (``modules/sd_vae_approx.py``, ``cheap_approximation``); the coefficients below
 are those published values, one table per latent space. It costs one small matrix product per
 preview, so a callback can show every step; the picture is at latent resolution (1/8 of the
-image's side) and only roughly right in colour.
+image's side) and only roughly right in colour. Given TAESD's decoder weights
+(``sd_vae.TinyDecoder.from_checkpoint("taesd_decoder.pth")``), previews are full-size and close
+to the real decode, at a small fraction of the VAE's cost.
 """
 
 from __future__ import annotations
@@ -45,10 +47,20 @@ def cheap_preview(latents: torch.Tensor, space: str = "sd1") -> torch.Tensor:
 
 
 def latent_preview(
-    latents: torch.Tensor, space: str = "sd1", size: tuple[int, int] | None = None
+    latents: torch.Tensor,
+    space: str = "sd1",
+    size: tuple[int, int] | None = None,
+    decoder: torch.nn.Module | None = None,
 ) -> list[Image.Image]:
-    """:func:`cheap_preview` as PIL images, resized to ``size`` (width, height) when given."""
-    pictures = tensor_to_pil(cheap_preview(latents, space))
+    """Previews as PIL images: :func:`cheap_preview`, or with ``decoder`` (a TAESD
+    ``sd_vae.TinyDecoder``) the tiny autoencoder's pictures at full size; resized to ``size``
+    (width, height) when given."""
+    if decoder is None:
+        pictures = tensor_to_pil(cheap_preview(latents, space))
+    else:
+        weight = next(decoder.parameters())
+        with torch.inference_mode():
+            pictures = tensor_to_pil(decoder(latents.to(weight.device, weight.dtype)).float())
     if size is not None:
         pictures = [p.resize(size, Image.Resampling.BILINEAR) for p in pictures]
     return pictures

@@ -3,11 +3,13 @@
 from sd_vae._checkpoint import CheckpointError
 from sd_vae._version import __version__
 from sd_vae.autoencoder import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
+from sd_vae.taesd import TinyDecoder
 
 __all__ = [
     "AutoencoderKL",
     "AutoencoderKLConfig",
     "CheckpointError",
     "DiagonalGaussianDistribution",
+    "TinyDecoder",
     "__version__",
 ]
