@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd_clip import CheckpointError, Embedding, load_embedding, load_embeddings
+from sd_clip import CheckpointError, Embedding, load_embedding, load_embeddings, ti_hashes
 
 VECTORS = torch.randn(3, 768, generator=torch.Generator().manual_seed(0))
 
@@ -120,3 +120,12 @@ def test_missing_paths(tmp_path):
         load_embeddings(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no such embedding file"):
         load_embedding(tmp_path / "nope.pt")
+
+
+def test_ti_hashes_as_a1111_writes_them(tmp_path):
+    a = load_embedding(write_a1111_pt(tmp_path / "bad,hands.pt"))
+    b = load_embedding(write_a1111_pt(tmp_path / "style:v2.pt", VECTORS[:1]))
+    memory = Embedding("mem", VECTORS)
+    want = f"badhands: {a.sha256[:12]}, stylev2: {b.sha256[:12]}"
+    assert ti_hashes([a, memory, b, a]) == want
+    assert ti_hashes([]) == ""

@@ -2,7 +2,7 @@
 
 from sd_clip._checkpoint import CheckpointError
 from sd_clip._version import __version__
-from sd_clip.embeddings import Embedding, load_embedding, load_embeddings
+from sd_clip.embeddings import Embedding, load_embedding, load_embeddings, ti_hashes
 from sd_clip.prompt import parse_attention, prompt_schedule, split_and
 from sd_clip.text_model import CLIPTextConfig, CLIPTextModel, pad_to_same_length
 from sd_clip.tokenizer import Chunk, CLIPTokenizer, EmbeddingSlot
@@ -22,4 +22,5 @@ __all__ = [
     "parse_attention",
     "prompt_schedule",
     "split_and",
+    "ti_hashes",
 ]

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from sd_clip._checkpoint import CheckpointError
 
-__all__ = ["Embedding", "load_embedding", "load_embeddings"]
+__all__ = ["Embedding", "load_embedding", "load_embeddings", "ti_hashes"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,23 @@ class Embedding:
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {tuple(t.shape)}" for k, t in self.tensors.items())
         return f"Embedding({self.name!r}, {{{shapes}}}, shorthash={self.shorthash!r})"
+
+
+def ti_hashes(embeddings: Iterable[Embedding]) -> str:
+    """The ``TI hashes`` value AUTOMATIC1111 writes in an image's parameters.
+
+    ``name: shorthash`` for each embedding, in the order given, each name once (AUTOMATIC1111
+    drops ``:`` and ``,`` from names); embeddings without a file hash are left out. For a
+    prompt, give its embeddings in the order its chunks use them:
+    ``[slot.embedding for chunk in chunks for slot in chunk.embedding_slots]``.
+    """
+    seen: dict[str, str] = {}
+    for embedding in embeddings:
+        if embedding.shorthash and embedding.name not in seen:
+            seen[embedding.name] = embedding.shorthash
+    return ", ".join(
+        f"{name.replace(':', '').replace(',', '')}: {short}" for name, short in seen.items()
+    )
 
 
 def _describe(value) -> str:
