@@ -259,3 +259,12 @@ def test_pad_to_same_length():
     assert torch.equal(la[:, 77:], a[:, -1:].expand(1, 154, 4))
     with pytest.raises(ValueError, match="divides"):
         pad_to_same_length(a, b, empty=torch.randn(1, 50, 4))
+
+
+def test_gradients_reach_an_embedding_in_memory(models, tok):
+    # Textual-inversion training: an Embedding built on a trainable tensor gets its gradient.
+    _, ours = models
+    vectors = torch.randn(2, CONFIG.width, requires_grad=True)
+    ours.encode_prompt("a (trained:1.2) cat", tok, [Embedding("trained", vectors)]).sum().backward()
+    assert vectors.grad is not None and vectors.grad.abs().sum() > 0
+    ours.zero_grad()

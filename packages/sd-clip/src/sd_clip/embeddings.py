@@ -66,7 +66,7 @@ class Embedding:
                     f"{where}: embedding tensor {key!r} must be a float tensor (vectors x width), "
                     f"got {_describe(t)}"
                 )
-            tensors[key] = t.detach().reshape(1, -1) if t.ndim == 1 else t.detach()
+            tensors[key] = t.reshape(1, -1) if t.ndim == 1 else t  # as given: may be trained
         counts = {t.shape[0] for t in tensors.values()}
         if not tensors or len(counts) != 1 or 0 in counts:
             raise CheckpointError(
@@ -134,8 +134,8 @@ def load_embedding(path: str | os.PathLike, name: str | None = None) -> Embeddin
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such embedding file")
-    data = _read(path)
-    return Embedding(name or path.stem, _vectors(data, path), path=path, sha256=_file_sha256(path))
+    tensors = {key: t.detach() for key, t in _vectors(_read(path), path).items()}
+    return Embedding(name or path.stem, tensors, path=path, sha256=_file_sha256(path))
 
 
 def load_embeddings(folder: str | os.PathLike) -> dict[str, Embedding]:
