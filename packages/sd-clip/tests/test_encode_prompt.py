@@ -268,3 +268,25 @@ def test_gradients_reach_an_embedding_in_memory(models, tok):
     ours.encode_prompt("a (trained:1.2) cat", tok, [Embedding("trained", vectors)]).sum().backward()
     assert vectors.grad is not None and vectors.grad.abs().sum() > 0
     ours.zero_grad()
+
+
+def test_repeated_texts_are_encoded_once(models, tok):
+    # A schedule such as [a|b] repeats its texts; the mean still counts every repeat.
+    _, ours = models
+    dogs = " ".join(["dog"] * 80)
+    texts = ["(cat:1.4)", "(cat:1.4)", dogs]
+    calls = []
+    hook = ours.text_model.embeddings.register_forward_hook(lambda m, a, o: calls.append(o.shape))
+    try:
+        with torch.no_grad():
+            got = ours.encode_prompt(texts, tok)
+    finally:
+        hook.remove()
+    assert [shape[0] for shape in calls] == [4]  # cat, dogs x2, the empty padding chunk
+    ref, _ = models
+    weighted = plain_encode(ref, plain_chunks(tok, [("cat", 1.4)]), normalize=False)
+    unweighted = plain_encode(ref, plain_chunks(tok, [("cat", 1.0)]), normalize=False)
+    long = plain_encode(ref, plain_chunks(tok, [(dogs, 1.0)]), normalize=False)
+    first = torch.cat([weighted, weighted, long[:, :77]])
+    scale = torch.cat([unweighted, unweighted, long[:, :77]]).mean() / first.mean()
+    check(got[:, :77], first * scale)

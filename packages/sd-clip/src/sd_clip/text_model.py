@@ -295,7 +295,8 @@ class CLIPTextModel(nn.Module):
 
         A list of texts gives (B, 77 * most chunks, width), encoded as AUTOMATIC1111 encodes
         the texts of one prompt's schedule together: a text with fewer chunks is padded with
-        the empty prompt's chunk, and the mean of chunk i is taken over all the texts' chunk i.
+        the empty prompt's chunk, and the mean of chunk i is taken over all the texts' chunk i
+        (repeats included). Each distinct text goes through the encoder once.
 
         ``tokenizer``: the bundled CLIP tokenizer by default (SD 2.x pads with ``pad_id=0``:
         pass ``CLIPTokenizer(pad_id=0)``). ``clip_skip``: as in ``forward`` (``None``: 1).
@@ -310,15 +311,25 @@ class CLIPTextModel(nn.Module):
         tokenizer = _default_tokenizer() if tokenizer is None else tokenizer
         if not isinstance(tokenizer, CLIPTokenizer):
             raise TypeError(f"tokenizer must be a CLIPTokenizer, got {type(tokenizer).__name__}")
-        per_text = [tokenizer.chunks(t, embeddings, comma_padding_backtrack) for t in texts]
-        count = max(len(chunks) for chunks in per_text)
-        empty = tokenizer.chunks("")[0]
-        # Rows ordered chunk-major: row i * B + b is chunk i of text b.
-        rows = [
-            chunks[i] if i < len(chunks) else empty for i in range(count) for chunks in per_text
+        # Each distinct text's chunks are encoded once, with one empty chunk if a text needs
+        # padding; then gathered into rows chunk-major: row i * B + b is chunk i of text b.
+        distinct = {t: tokenizer.chunks(t, embeddings, comma_padding_backtrack) for t in texts}
+        count = max(len(chunks) for chunks in distinct.values())
+        rows, first_row = [], {}
+        for t, chunks in distinct.items():
+            first_row[t] = len(rows)
+            rows += chunks
+        if any(len(chunks) < count for chunks in distinct.values()):
+            rows.append(tokenizer.chunks("")[0])
+        index = [
+            first_row[t] + i if i < len(distinct[t]) else len(rows) - 1
+            for i in range(count)
+            for t in texts
         ]
-        z = self._encode_chunks(rows, 1 if clip_skip is None else clip_skip)
-        weights = torch.tensor([row.weights for row in rows], dtype=z.dtype, device=z.device)
+        encoded = self._encode_chunks(rows, 1 if clip_skip is None else clip_skip)
+        weights = torch.tensor([row.weights for row in rows], dtype=encoded.dtype)
+        index = torch.tensor(index, device=encoded.device)
+        z, weights = encoded[index], weights.to(encoded.device)[index]
         weighted = z * weights[..., None]
         if normalize:
             B = len(texts)
