@@ -209,6 +209,13 @@ def test_stray_bar_keeps_the_prompt_and_warns(text):
         assert prompt_schedule(text, 10) == [(10, text)]
 
 
+def test_deep_nesting_is_text_not_a_crash():
+    text = "(" * 3000 + "a" + ")" * 3000
+    with pytest.warns(UserWarning, match="nested too deep"):
+        assert prompt_schedule(text, 10) == [(10, text)]
+    assert parse_attention(text) == [("a", pytest.approx(1.1**3000, rel=1e-9))]
+
+
 def test_old_scheduling():
     # Before AUTOMATIC1111 1.6: below 1 a fraction, from 1 on a step, "." or not.
     assert prompt_schedule("[a:b:2.5]", 10, use_old_scheduling=True) == [(2, "a"), (10, "b")]

@@ -344,6 +344,13 @@ def prompt_schedule(
         step_offset, fraction_offset, total = steps, 1.0, hires_steps
     try:
         tree = _parse_schedule(text)
+    except RecursionError:  # brackets nested hundreds deep: read as written, not a crash
+        warnings.warn(
+            f"prompt {text[:40]!r}...: brackets nested too deep for prompt editing; the whole "
+            "prompt is used as written",
+            stacklevel=2,
+        )
+        return [(total, text)]
     except _Unparsable:
         if "|" in text:
             warnings.warn(
