@@ -2,7 +2,25 @@
 
 from sd_clip._checkpoint import CheckpointError
 from sd_clip._version import __version__
-from sd_clip.text_model import CLIPTextConfig, CLIPTextModel
-from sd_clip.tokenizer import CLIPTokenizer
+from sd_clip.embeddings import Embedding, load_embedding, load_embeddings, ti_hashes
+from sd_clip.prompt import parse_attention, prompt_schedule, split_and
+from sd_clip.text_model import CLIPTextConfig, CLIPTextModel, pad_to_same_length
+from sd_clip.tokenizer import Chunk, CLIPTokenizer, EmbeddingSlot
 
-__all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTokenizer", "CheckpointError", "__version__"]
+__all__ = [
+    "CLIPTextConfig",
+    "CLIPTextModel",
+    "CLIPTokenizer",
+    "CheckpointError",
+    "Chunk",
+    "Embedding",
+    "EmbeddingSlot",
+    "__version__",
+    "load_embedding",
+    "load_embeddings",
+    "pad_to_same_length",
+    "parse_attention",
+    "prompt_schedule",
+    "split_and",
+    "ti_hashes",
+]

@@ -8,13 +8,22 @@ attention, the block, then the config and the model. Module names are those of t
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from functools import lru_cache
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from sd_clip.embeddings import Embedding
+    from sd_clip.tokenizer import CLIPTokenizer
+
+logger = logging.getLogger(__name__)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -149,10 +158,10 @@ class Embeddings(nn.Module):
         if config.position_embedding == "learned":
             self.position_embedding = nn.Embedding(config.max_positions, config.width)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.token_embedding(ids)
+    def forward(self, ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.token_embedding(ids) if inputs_embeds is None else inputs_embeds
         if hasattr(self, "position_embedding"):
-            x = x + self.position_embedding.weight[: ids.shape[1]]
+            x = x + self.position_embedding.weight[: x.shape[1]]
         return x
 
 
@@ -196,21 +205,34 @@ class CLIPTextModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text_model.final_layer_norm.weight.dtype
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor | None,
+        clip_skip: int = 1,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Hidden states (B, T, width) for token ids (B, T), T <= max_positions.
 
         ``clip_skip=1`` is the last layer's output; ``clip_skip=2`` the penultimate layer's (as
         AUTOMATIC1111's "Clip skip: 2" and diffusers' ``clip_skip=1``), and so on. Either way the
         final LayerNorm is applied, as Stable Diffusion does.
+
+        ``inputs_embeds`` (B, T, width), as in transformers: token embeddings to use in place of
+        looking ``ids`` up (textual inversion puts its vectors there); the position embedding
+        is added to them all the same. ``ids`` may then be ``None``.
         """
-        self._check_ids(ids)
+        if inputs_embeds is None or ids is not None:
+            self._check_ids(ids)
+        if inputs_embeds is not None:
+            self._check_inputs_embeds(inputs_embeds, ids)
         n = self.config.layers
         if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= n:
             raise ValueError(
                 f"clip_skip must be an integer from 1 (last layer) to {n}, got {clip_skip!r}"
             )
         tm = self.text_model
-        x = tm.embeddings(ids)
+        x = tm.embeddings(ids, inputs_embeds)
         for layer in tm.encoder.layers[: n - clip_skip + 1]:
             x = layer(x)
         return tm.final_layer_norm(x)
@@ -232,6 +254,106 @@ class CLIPTextModel(nn.Module):
                 f"token ids must be in [0, {c.vocab_size}), got values from {int(ids.min())} "
                 f"to {int(ids.max())}"
             )
+
+    def _check_inputs_embeds(self, embeds: torch.Tensor, ids: torch.Tensor | None) -> None:
+        c = self.config
+        if not isinstance(embeds, torch.Tensor) or embeds.ndim != 3 or embeds.shape[2] != c.width:
+            what = (
+                tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+            )
+            raise ValueError(
+                f"inputs_embeds must be a tensor (batch, tokens, {c.width}), got {what}"
+            )
+        if ids is not None and tuple(ids.shape) != tuple(embeds.shape[:2]):
+            raise ValueError(
+                f"ids {tuple(ids.shape)} and inputs_embeds {tuple(embeds.shape)} must have the "
+                "same batch and token count"
+            )
+        if c.position_embedding == "learned" and embeds.shape[1] > c.max_positions:
+            raise ValueError(
+                f"{embeds.shape[1]} tokens do not fit the {c.max_positions} positions of this model"
+            )
+
+    def encode_prompt(
+        self,
+        text: str | Sequence[str],
+        tokenizer: CLIPTokenizer | None = None,
+        embeddings: Mapping[str, Embedding] | Iterable[Embedding] | None = None,
+        clip_skip: int | None = None,
+        normalize: bool = True,
+        comma_padding_backtrack: int = 20,
+    ) -> torch.Tensor:
+        """A prompt in AUTOMATIC1111's language -> its conditioning (1, 77 * chunks, width).
+
+        As AUTOMATIC1111's ``FrozenCLIPEmbedderWithCustomWords``: the prompt is cut into chunks
+        (:meth:`CLIPTokenizer.chunks`: emphasis, ``BREAK``, 75 tokens each, the comma rule,
+        embeddings), every chunk goes through the encoder in one batched forward pass, with the
+        embeddings' vectors in place of their token embeddings, and each token's output is
+        multiplied by its weight. With ``normalize`` (AUTOMATIC1111's default) each chunk is
+        then scaled back to its unweighted mean; ``normalize=False`` is ComfyUI's and
+        AUTOMATIC1111's "No norm". The chunks' outputs are concatenated.
+
+        A list of texts gives (B, 77 * most chunks, width), encoded as AUTOMATIC1111 encodes
+        the texts of one prompt's schedule together: a text with fewer chunks is padded with
+        the empty prompt's chunk, and the mean of chunk i is taken over all the texts' chunk i
+        (repeats included). Each distinct text goes through the encoder once.
+
+        ``tokenizer``: the bundled CLIP tokenizer by default (SD 2.x pads with ``pad_id=0``:
+        pass ``CLIPTokenizer(pad_id=0)``). ``clip_skip``: as in ``forward`` (``None``: 1).
+        """
+        from sd_clip.tokenizer import CLIPTokenizer
+
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("text must be a str or a non-empty list of str")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}")
+        tokenizer = _default_tokenizer() if tokenizer is None else tokenizer
+        if not isinstance(tokenizer, CLIPTokenizer):
+            raise TypeError(f"tokenizer must be a CLIPTokenizer, got {type(tokenizer).__name__}")
+        # Each distinct text's chunks are encoded once, with one empty chunk if a text needs
+        # padding; then gathered into rows chunk-major: row i * B + b is chunk i of text b.
+        distinct = {t: tokenizer.chunks(t, embeddings, comma_padding_backtrack) for t in texts}
+        count = max(len(chunks) for chunks in distinct.values())
+        rows, first_row = [], {}
+        for t, chunks in distinct.items():
+            first_row[t] = len(rows)
+            rows += chunks
+        if any(len(chunks) < count for chunks in distinct.values()):
+            rows.append(tokenizer.chunks("")[0])
+        index = [
+            first_row[t] + i if i < len(distinct[t]) else len(rows) - 1
+            for i in range(count)
+            for t in texts
+        ]
+        encoded = self._encode_chunks(rows, 1 if clip_skip is None else clip_skip)
+        weights = torch.tensor([row.weights for row in rows], dtype=encoded.dtype)
+        index = torch.tensor(index, device=encoded.device)
+        z, weights = encoded[index], weights.to(encoded.device)[index]
+        weighted = z * weights[..., None]
+        if normalize:
+            B = len(texts)
+            z, weighted = z.view(count, B, *z.shape[1:]), weighted.view(count, B, *z.shape[1:])
+            before = z.mean(dim=(1, 2, 3), keepdim=True)
+            after = weighted.mean(dim=(1, 2, 3), keepdim=True)
+            weighted = weighted * _safe_ratio(before, after)
+        width = z.shape[-1]
+        out = weighted.reshape(count, len(texts), -1, width).transpose(0, 1)  # (B, k, 77, C)
+        return out.reshape(len(texts), -1, width)
+
+    def _encode_chunks(self, rows: list, clip_skip: int) -> torch.Tensor:
+        """Chunks through the encoder in one forward pass, embeddings in their slots."""
+        ids = torch.tensor([row.ids for row in rows], dtype=torch.long, device=self.device)
+        self._check_ids(ids)
+        embeds = None
+        if any(row.embedding_slots for row in rows):
+            embeds = self.text_model.embeddings.token_embedding(ids)
+            width = self.config.width
+            for r, row in enumerate(rows):
+                for position, embedding in row.embedding_slots:
+                    vectors = embedding.vectors_for(width).to(embeds.device, embeds.dtype)
+                    embeds[r, position : position + len(vectors)] = vectors
+        return self(ids, clip_skip, inputs_embeds=embeds)
 
     @classmethod
     def from_checkpoint(
@@ -260,3 +382,56 @@ class CLIPTextModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@lru_cache(maxsize=1)
+def _default_tokenizer() -> CLIPTokenizer:
+    from sd_clip.tokenizer import CLIPTokenizer
+
+    return CLIPTokenizer()
+
+
+def _safe_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """before / after, or 1 where the weighted mean is 0: weights that cancel out (such as
+    negative ones) would otherwise scale the chunk by infinity, into NaN."""
+    ratio = before / after
+    bad = ~torch.isfinite(ratio)
+    if bool((bad & (before != 0)).any()):
+        logger.warning(
+            "a prompt chunk's weighted mean is 0 (its weights cancel out); it is left unnormalised"
+        )
+    return torch.where(bad, torch.ones_like(ratio), ratio)
+
+
+def pad_to_same_length(
+    *contexts: torch.Tensor, empty: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Contexts (B, T_i, width) padded along T to the longest one, as AUTOMATIC1111 pads.
+
+    With ``empty`` (the empty prompt's encoding, (1, 77, width): ``encode_prompt("")``), each
+    shorter context is extended with copies of it: AUTOMATIC1111's "Pad prompt/negative prompt"
+    (``pad_cond_uncond``), which lets the conditional and unconditional passes share a batch.
+    Without it, with copies of the context's last token vector: what AUTOMATIC1111 does to stack
+    the ``AND`` parts of a prompt (``reconstruct_multicond_batch``). AUTOMATIC1111's default for
+    a prompt and negative prompt of different lengths is neither: two UNet passes, one per
+    length.
+    """
+    if not contexts or not all(isinstance(c, torch.Tensor) and c.ndim == 3 for c in contexts):
+        raise ValueError("give one or more contexts, each a tensor (batch, tokens, width)")
+    longest = max(c.shape[1] for c in contexts)
+    padded = []
+    for c in contexts:
+        missing = longest - c.shape[1]
+        if missing == 0:
+            padded.append(c)
+        elif empty is None:
+            padded.append(torch.cat([c, c[:, -1:].expand(-1, missing, -1)], dim=1))
+        else:
+            if empty.ndim != 3 or empty.shape[0] != 1 or missing % empty.shape[1]:
+                raise ValueError(
+                    f"empty must be one encoded chunk (1, tokens, width) whose length divides "
+                    f"the difference in lengths ({missing}); got {tuple(empty.shape)}"
+                )
+            repeats = empty.to(c.device, c.dtype).expand(c.shape[0], -1, -1)
+            padded.append(torch.cat([c, *[repeats] * (missing // empty.shape[1])], dim=1))
+    return tuple(padded)

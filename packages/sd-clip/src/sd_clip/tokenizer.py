@@ -35,17 +35,22 @@ import gzip
 import html
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from itertools import pairwise
 from pathlib import Path
+from typing import NamedTuple
 
 import ftfy
 import regex
 import torch
 
-__all__ = ["CLIPTokenizer"]
+from sd_clip.embeddings import Embedding
+from sd_clip.prompt import parse_attention
+
+__all__ = ["CLIPTokenizer", "Chunk", "EmbeddingSlot"]
 
 logger = logging.getLogger(__name__)
 
@@ -232,15 +237,77 @@ class CLIPTokenizer:
         """Token ids of one text: start token, the text's tokens, end token. No truncation."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes one str, got {type(text).__name__}")
-        ids = [self.start_id]
+        return [self.start_id, *self._text_ids(text), self.end_id]
+
+    def _text_ids(self, text: str) -> list[int]:
+        """The text's token ids, without the start and end tokens."""
+        ids: list[int] = []
         cache = self._cache
         for piece in _PIECE.findall(clean_text(text)):
             piece_ids = cache.get(piece)
             if piece_ids is None:
                 piece_ids = self._encode_piece(piece)
             ids += piece_ids
-        ids.append(self.end_id)
         return ids
+
+    def chunks(
+        self,
+        text: str,
+        embeddings: Mapping[str, Embedding] | Iterable[Embedding] | None = None,
+        comma_padding_backtrack: int = 20,
+    ) -> list[Chunk]:
+        """A prompt in AUTOMATIC1111's language as chunks of ``max_length`` (77) token ids.
+
+        As AUTOMATIC1111's ``tokenize_line``: the prompt's weighted runs
+        (:func:`sd_clip.parse_attention`) are tokenized one by one and their tokens go into
+        chunks of 75 (``max_length - 2``), each written ``[start] tokens [end] padding``; a
+        ``BREAK`` closes the chunk it is in. When a chunk is full and the last comma in it is
+        at most ``comma_padding_backtrack`` tokens back, the tokens after that comma move to the
+        next chunk (0 turns this off). An embedding's trigger word (matched as tokens, longest
+        name first) takes ``num_vectors`` positions, all in one chunk; a name not in
+        ``embeddings`` is ordinary text. An empty prompt is one chunk.
+
+        ``embeddings``: a dict of trigger word -> :class:`~sd_clip.Embedding` (as
+        :func:`~sd_clip.load_embeddings` returns), or embeddings named by their ``name``.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"the prompt must be a str, got {type(text).__name__}")
+        if (
+            not isinstance(comma_padding_backtrack, int)
+            or isinstance(comma_padding_backtrack, bool)
+            or comma_padding_backtrack < 0
+        ):
+            raise ValueError(
+                "comma_padding_backtrack must be an integer >= 0 (0: off; AUTOMATIC1111's "
+                f"default is 20), got {comma_padding_backtrack!r}"
+            )
+        return _Chunker(self, self._embedding_lookup(embeddings), comma_padding_backtrack).run(
+            parse_attention(text)
+        )
+
+    def _embedding_lookup(self, embeddings) -> dict[int, list[tuple[list[int], Embedding]]]:
+        """First token id -> (the name's token ids, embedding), longest name first."""
+        if embeddings is None:
+            return {}
+        if isinstance(embeddings, Mapping):
+            named = list(embeddings.items())
+        else:
+            named = [(e.name, e) for e in embeddings]
+        lookup: dict[int, list[tuple[list[int], Embedding]]] = {}
+        for name, embedding in named:
+            if not isinstance(embedding, Embedding):
+                raise TypeError(
+                    f"embeddings[{name!r}] is {type(embedding).__name__}, not an Embedding "
+                    "(load them with sd_clip.load_embeddings)"
+                )
+            ids = self._text_ids(name)
+            if not ids:
+                logger.warning("embedding %r has no tokens in its name; it cannot be used", name)
+                continue
+            lookup.setdefault(ids[0], []).append((ids, embedding))
+        for candidates in lookup.values():
+            candidates.sort(key=lambda c: len(c[0]), reverse=True)
+        return lookup
 
     def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Token ids of a batch of texts as a LongTensor (B, max_length), a str counting as B = 1.
@@ -349,6 +416,121 @@ class CLIPTokenizer:
             f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, "
             f"pad_id={self.pad_id})"
         )
+
+
+@dataclass
+class Chunk:
+    """One ``max_length`` (77) window of a prompt: what the text encoder runs on at once.
+
+    ``ids``: start token, up to 75 tokens, end token, then padding as the tokenizer pads (at an
+    embedding's positions a placeholder, 0). ``weights``: each position's emphasis, 1.0 at
+    the start, end and padding. ``embedding_slots``: where each embedding's vectors go.
+    """
+
+    ids: list[int]
+    weights: list[float]
+    embedding_slots: list[EmbeddingSlot] = field(default_factory=list)
+
+
+class EmbeddingSlot(NamedTuple):
+    """Positions ``position`` to ``position + embedding.num_vectors - 1`` of a chunk take the
+    embedding's vectors in place of token embeddings."""
+
+    position: int
+    embedding: Embedding
+
+
+EMBEDDING_PLACEHOLDER = 0  # the id at an embedding's positions (AUTOMATIC1111's choice)
+
+
+class _Chunker:
+    """AUTOMATIC1111's ``tokenize_line``: fills chunks token by token, closing them as it goes."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, lookup: dict, backtrack: int):
+        self.tokenizer, self.lookup, self.backtrack = tokenizer, lookup, backtrack
+        self.size = tokenizer.max_length - 2
+        self.comma = tokenizer.vocab.get("," + WORD_END)
+        self.done: list[Chunk] = []
+        self.ids: list[int] = []
+        self.weights: list[float] = []
+        self.slots: list[EmbeddingSlot] = []  # positions counted without the start token
+        self.last_comma = -1
+
+    def run(self, runs: list[tuple[str, float]]) -> list[Chunk]:
+        for text, weight in runs:
+            if text == "BREAK" and weight == -1:
+                self.close()
+            else:
+                self.add(self.tokenizer._text_ids(text), weight)
+        if self.ids or not self.done:
+            self.close()
+        return self.done
+
+    def add(self, tokens: list[int], weight: float) -> None:
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
+            if token == self.comma:
+                self.last_comma = len(self.ids)
+            elif (
+                self.backtrack
+                and len(self.ids) == self.size
+                and self.last_comma != -1
+                and self.size - self.last_comma <= self.backtrack
+            ):
+                self.move_after_comma()
+            if len(self.ids) == self.size:
+                self.close()
+            embedding, length = self.find_embedding(tokens, position)
+            if embedding is None:
+                self.ids.append(token)
+                self.weights.append(weight)
+                position += 1
+                continue
+            n = embedding.num_vectors
+            if n > self.size:
+                raise ValueError(
+                    f"embedding {embedding.name!r} has {n} vectors, more than the {self.size} "
+                    "tokens of a chunk"
+                )
+            if len(self.ids) + n > self.size:
+                self.close()
+            self.slots.append(EmbeddingSlot(len(self.ids), embedding))
+            self.ids += [EMBEDDING_PLACEHOLDER] * n
+            self.weights += [weight] * n
+            position += length
+
+    def find_embedding(self, tokens: list[int], position: int) -> tuple[Embedding | None, int]:
+        for ids, embedding in self.lookup.get(tokens[position], ()):
+            if tokens[position : position + len(ids)] == ids:
+                return embedding, len(ids)
+        return None, 0
+
+    def move_after_comma(self) -> None:
+        """Close the chunk after its last comma; what followed the comma starts the next one.
+
+        An embedding after the comma moves with its positions (AUTOMATIC1111 leaves its vectors
+        behind in the closed chunk, on padding, and the moved positions as the token "!").
+        """
+        cut = self.last_comma + 1
+        ids, weights = self.ids[cut:], self.weights[cut:]
+        moved = [
+            EmbeddingSlot(s.position - cut, s.embedding) for s in self.slots if s.position >= cut
+        ]
+        self.ids, self.weights = self.ids[:cut], self.weights[:cut]
+        self.slots = [s for s in self.slots if s.position < cut]
+        self.close()
+        self.ids, self.weights, self.slots = ids, weights, moved
+
+    def close(self) -> None:
+        tok = self.tokenizer
+        padding = self.size - len(self.ids)
+        ids = [tok.start_id, *self.ids, tok.end_id] + [tok.pad_id] * padding
+        weights = [1.0, *self.weights] + [1.0] * (padding + 1)
+        slots = [EmbeddingSlot(s.position + 1, s.embedding) for s in self.slots]
+        self.done.append(Chunk(ids, weights, slots))
+        self.ids, self.weights, self.slots = [], [], []
+        self.last_comma = -1
 
 
 def _symbols_to_text(symbols: list[str]) -> str:
