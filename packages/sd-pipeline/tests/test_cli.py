@@ -258,3 +258,28 @@ def test_bad_feature_flags(run, tmp_path):
     assert code == 2 and "hires.upscaler 'esrgan' is unknown" in err
     code, _, err = run("x", "--n-iter", "0", "-o", str(tmp_path / "a.png"))
     assert code == 2 and "--n-iter must be a positive integer" in err
+
+
+def test_embeddings_folder_and_weighted_prompts(run, tmp_path, tiny_checkpoint):
+    import torch
+    from safetensors.torch import save_file
+
+    from sd_clip import CLIPTextModel
+
+    width = CLIPTextModel.from_checkpoint(tiny_checkpoint).config.width
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    save_file({"emb_params": torch.ones(1, width)}, str(folder / "glowy.safetensors"))
+    out = tmp_path / "a.png"
+    code, _, err = run("a (glowy:1.2) [cat:dog:1] AND a hat:0.5", "-o", str(out), "--embeddings",
+                       str(folder), "--width", "16", "--height", "16", "--seed", "1")  # fmt: skip
+    assert code == 0, err
+    params = read_parameters(out)
+    assert params.prompt == "a (glowy:1.2) [cat:dog:1] AND a hat:0.5"  # verbatim
+    assert params.extra["TI hashes"].startswith("glowy: ")
+    again = tmp_path / "b.png"
+    code, _, err = run("--from-png", str(out), "-o", str(again), "--embeddings", str(folder))
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    code, _, err = run("x", "--embeddings", str(tmp_path / "nope"), "-o", str(tmp_path / "c.png"))
+    assert code == 2 and "--embeddings" in err and "no such file or folder" in err

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="outputs/", help="a .png file, or a folder")
     p.add_argument("--checkpoint", type=Path, help="SD 1.x .safetensors/.ckpt or diffusers folder")
     p.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoint's")
+    p.add_argument(
+        "--embeddings", type=Path,
+        help="a folder of textual-inversion embeddings (a file's name is its word in a prompt)",
+    )  # fmt: skip
     p.add_argument("--negative", help="the negative prompt")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 20 for SD 1.x)")
     p.add_argument(
@@ -390,7 +394,7 @@ def _check_run(args, request) -> list[Path]:
         raise UsageError("--compile keeps the UNet on its device: leave out --offload")
     if args.vae is not None and args.checkpoint is None:
         raise UsageError("--vae needs --checkpoint (the bundled model has its own VAE)")
-    for name in ("checkpoint", "vae"):
+    for name in ("checkpoint", "vae", "embeddings"):
         value = getattr(args, name)
         if value is not None and not value.exists():
             raise UsageError(f"--{name} {value}: no such file or folder")
@@ -435,6 +439,8 @@ def _run(args, request):
     else:
         pipe = StableDiffusion.default(device=args.device, dtype=args.dtype)
         pipe.offload = args.offload
+    if args.embeddings is not None:
+        pipe.load_embeddings(args.embeddings)
     if args.compile:
         pipe.compile()
     callback = None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sd_pipeline.conditioning import Conditioning, guide
 from sd_samplers import NoiseSchedule
 
 __all__ = ["GuidedModel", "NonFiniteError", "StopSampling", "classifier_free_guidance"]
@@ -30,7 +31,7 @@ def classifier_free_guidance(
     uncond: torch.Tensor, cond: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Ho & Salimans' classifier-free guidance: move from the unconditional prediction towards
-    (and past, for scale > 1) the conditional one."""
+    (and past, for scale > 1) the conditional one (``conditioning.guide`` with one part)."""
     return uncond + scale * (cond - uncond)
 
 
@@ -57,20 +58,29 @@ class Inpainting:
 
 
 class GuidedModel:
-    """``model(x_t, t)`` for sd-samplers: the UNet run on the latents with the context, the
-    unconditional and conditional predictions combined by classifier-free guidance.
+    """``model(x_t, t)`` for sd-samplers: the UNet run on the latents with each image's text
+    conditioning at the current step, the predictions combined by classifier-free guidance
+    (and composable diffusion's weighted ``AND`` parts).
 
-    With guidance the context holds two rows per image, [unconditional; conditional], and the
-    latents one: sd-unet then runs the part the text cannot reach yet once per image. Every call
-    checks its output for NaN and infinity: on the CPU at once (the check is free there), on
-    other devices in a flag kept on the device and read by :meth:`check_finite` after sampling,
-    so the sampling loop never waits for the device.
+    The 0-based sampling step of each call (for prompt editing) comes from the call's index and
+    the sampler's shape (``calls_per_step``: 2 for second-order samplers, whose last step makes
+    one; ``warmup_calls`` made in the first step), capped by the step sd-samplers' per-step
+    callback has reached (``step``, which the pipeline advances), so that samplers whose calls
+    per step vary never run ahead. When the
+    conditioning is one context for the whole run, it is built once and the UNet gets the
+    latents once with the [unconditional; conditional] context (sd-unet then runs the part the
+    text cannot reach yet once per image); otherwise each call gathers the step's contexts and
+    runs them in groups of equal length (AUTOMATIC1111 runs contexts of different lengths
+    apart, too). Every call checks its output for NaN and infinity: on the CPU at once (the
+    check is free there), on other devices in a flag kept on the device and read by
+    :meth:`check_finite` after sampling, so the sampling loop never waits for the device.
     """
 
     def __init__(
         self,
         unet: Callable,
-        context: torch.Tensor,
+        conditioning: Conditioning,
+        images: slice,
         *,
         scale: float,
         guided: bool,
@@ -78,23 +88,50 @@ class GuidedModel:
         dtype: torch.dtype,
         multiple: int,
         inpainting: Inpainting | None = None,
+        calls_per_step: int = 1,
+        warmup_calls: int = 0,
     ):
-        self.unet, self.context, self.scale, self.guided = unet, context, scale, guided
+        self.unet, self.conditioning, self.images = unet, conditioning, images
+        self.calls_per_step, self.warmup_calls = calls_per_step, warmup_calls
+        self.scale, self.guided = scale, guided
         self.schedule, self.dtype, self.multiple = schedule, dtype, multiple
         self.inpainting = inpainting
+        self.weights = conditioning.weights(images)
+        self.step = 0
         self.calls = 0
         self._finite: torch.Tensor | None = None
+        self._fixed = None
+        if conditioning.simple:
+            contexts, _ = conditioning.rows(0, images)
+            if len({c.shape[1] for c in contexts}) == 1:
+                self._fixed = torch.cat(contexts)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1)
         t = t.expand(x.shape[0]) if t.numel() == 1 else t
-        x_in = self._inpainting_input(x, t)
-        out = self.unet(pad_to(x_in.to(self.dtype), self.multiple), t, self.context)
+        x_in = pad_to(self._inpainting_input(x, t).to(self.dtype), self.multiple)
+        fixed = self._fixed
+        out = self._grouped(x_in, t) if fixed is None else self.unet(x_in, t, fixed)
         out = out[..., : x.shape[-2], : x.shape[-1]].float()
-        if self.guided:
-            out = classifier_free_guidance(*out.chunk(2), self.scale)
+        out = guide(out, self.weights, self.scale, self.guided)
         self.calls += 1
         self._note_finite(out)
+        return out
+
+    def current_step(self) -> int:
+        """The sampling step the next call belongs to."""
+        by_calls = max(0, self.calls - self.warmup_calls) // self.calls_per_step
+        return min(by_calls, self.step)
+
+    def _grouped(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The step's contexts run in groups of one length, each row with its image's latents."""
+        contexts, owners = self.conditioning.rows(self.current_step(), self.images)
+        out = x.new_empty((len(contexts), *x.shape[1:]))
+        for length in sorted({c.shape[1] for c in contexts}):
+            rows = [r for r, c in enumerate(contexts) if c.shape[1] == length]
+            index = torch.tensor([owners[r] for r in rows], device=x.device)
+            context = torch.cat([contexts[r] for r in rows])
+            out[rows] = self.unet(x[index], t[index], context).to(out.dtype)
         return out
 
     def _inpainting_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from sd_clip import CLIPTextModel, CLIPTokenizer
 from sd_pipeline import allocator, loading, single_file
+from sd_pipeline.conditioning import Conditioning, encode_conditioning
 from sd_pipeline.guidance import GuidedModel, Inpainting, NonFiniteError, StopSampling
 from sd_pipeline.images import (
     mask_to_tensor,
@@ -89,6 +90,11 @@ class StableDiffusion(Tasks):
     # sd_pipeline.allocator: SD 1.5 steps stop faulting 3 GB of fresh pages each); set False
     # before generating to leave the process's allocator as it is.
     keep_freed_memory: bool = True
+    # AUTOMATIC1111's prompt settings: emphasis rescales each chunk back to its unweighted mean
+    # (False: ComfyUI's "no normalisation"), and a full 75-token chunk is cut after its last
+    # comma when that comma is at most this many tokens back.
+    normalize_emphasis: bool = True
+    comma_padding_backtrack: int = 20
 
     def __init__(
         self,
@@ -108,6 +114,7 @@ class StableDiffusion(Tasks):
         name: str | None = None,
         source: Path | None = None,
         defaults: Mapping[str, Any] | None = None,
+        embeddings: Mapping[str, Any] | str | os.PathLike | None = None,
     ):
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.tokenizer = tokenizer or CLIPTokenizer(max_length=text_encoder.config.max_positions)
@@ -121,6 +128,9 @@ class StableDiffusion(Tasks):
         self.vae_tiling, self.vae_tile_size = vae_tiling, vae_tile_size
         self.name, self.source = name, source
         self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
+        self.embeddings: dict[str, Any] = {}  # trigger word -> sd_clip.Embedding
+        if embeddings is not None:
+            self.load_embeddings(embeddings)
         self._hash: str | None = None
         self._compiled_unet: Callable | None = None  # see compile()
         self._stopped = False  # a callback raised StopSampling in the last run
@@ -208,6 +218,22 @@ class StableDiffusion(Tasks):
         }
         parts = {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
         return single_file.save(path, parts, settings, dtype=resolve_dtype(dtype))
+
+    def load_embeddings(self, source: Mapping[str, Any] | str | os.PathLike) -> dict:
+        """Add textual-inversion embeddings: a folder of AUTOMATIC1111 / diffusers embedding
+        files (each file's name is its trigger word in a prompt), one such file, or a dict of
+        trigger word -> ``sd_clip.Embedding``. Returns the embeddings added."""
+        import sd_clip
+
+        if isinstance(source, Mapping):
+            found = dict(source)
+        elif Path(source).is_dir():
+            found = sd_clip.load_embeddings(source)
+        else:
+            embedding = sd_clip.load_embedding(source)
+            found = {embedding.name: embedding}
+        self.embeddings.update(found)
+        return found
 
     # the named steps
 
@@ -298,16 +324,21 @@ class StableDiffusion(Tasks):
                 )
         return request
 
-    def encode_prompt(self, request: GenerationRequest) -> torch.Tensor:
-        """The text encoder's context for every image: (B, 77, width), or with guidance
-        (2B, 77, width), the negative prompts' rows first."""
-        prompts, negatives = zip(*request.image_prompts)
-        texts = list(negatives + prompts) if request.guided else list(prompts)
-        ids = self.tokenizer(texts).to(self.device)
+    def encode_prompt(self, request: GenerationRequest) -> Conditioning:
+        """Each image's text conditioning over the steps: its prompt's ``AND`` parts and its
+        negative prompt, each a schedule of contexts (1, 77 k, width) in AUTOMATIC1111's prompt
+        language (emphasis, ``BREAK``, prompt editing, embeddings); each part's texts are
+        encoded together, as AUTOMATIC1111 does, and each distinct text once."""
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            return self.text_encoder.encode_prompt(
+                texts, tokenizer=self.tokenizer, embeddings=self.embeddings,
+                clip_skip=request.clip_skip, normalize=self.normalize_emphasis,
+                comma_padding_backtrack=self.comma_padding_backtrack,
+            )  # fmt: skip
+
         with self._on_device(self.text_encoder):
-            if request.clip_skip is None or request.clip_skip == 1:
-                return self.text_encoder(ids)
-            return self.text_encoder(ids, clip_skip=request.clip_skip)
+            return encode_conditioning(encode, request.image_prompts, request.steps, request.guided)
 
     def prepare_latents(self, request: GenerationRequest, latents: torch.Tensor | None) -> Start:
         """The starting noise (drawn on the CPU, one generator per image, so that a seed gives
@@ -375,7 +406,7 @@ class StableDiffusion(Tasks):
     def denoise(
         self,
         request: GenerationRequest,
-        context: torch.Tensor,
+        conditioning: Conditioning,
         start: Start,
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
@@ -402,7 +433,7 @@ class StableDiffusion(Tasks):
                 if self._stopped:  # stopped while an earlier image ran
                     outputs.append(self._starting_latents(start, rows))
                     continue
-                outputs.append(self._sample_rows(request, context, start, rows, options,
+                outputs.append(self._sample_rows(request, conditioning, start, rows, options,
                                                  callback, progress))  # fmt: skip
         latents = torch.cat(outputs)
         if start.inpainting is not None and start.inpainting.masked is None:
@@ -410,17 +441,20 @@ class StableDiffusion(Tasks):
             latents = mask * latents + (1 - mask) * start.init_latents
         return latents
 
-    def _sample_rows(self, request, context, start: Start, rows: slice, options, callback,
+    def _sample_rows(self, request, conditioning, start: Start, rows: slice, options, callback,
                      progress) -> torch.Tensor:  # fmt: skip
         model = GuidedModel(
             self.unet if self._compiled_unet is None else self._compiled_unet,
-            _rows(context, rows, request.count, request.guided),
+            conditioning,
+            rows,
             scale=request.guidance_scale,
             guided=request.guided,
             schedule=self.schedule,
             dtype=self.dtype,
             multiple=2 ** (len(self.unet.config.channel_mult) - 1),
             inpainting=_inpainting_rows(start.inpainting, rows),
+            calls_per_step=2 if SAMPLERS[request.sampler].second_order else 1,
+            warmup_calls=SAMPLERS[request.sampler].warmup_calls,
         )
         extra = {}
         if start.init_latents is not None:
@@ -428,6 +462,7 @@ class StableDiffusion(Tasks):
         latest = {}
 
         def on_step(d: dict) -> None:
+            model.step = d["i"] + 1  # the prompt schedules' step counter
             latest["denoised"] = d["denoised"]
             if callback is not None:
                 callback(d)
@@ -488,7 +523,7 @@ class StableDiffusion(Tasks):
 
     def parameters(self, request: GenerationRequest) -> list[GenerationParameters]:
         """What made each image of a resolved request, as the PNG metadata records it."""
-        extra = _extra_parameters(request)
+        extra = {**_extra_parameters(request), **self._ti_hashes(request)}
         return [
             GenerationParameters(
                 prompt=prompt,
@@ -509,6 +544,20 @@ class StableDiffusion(Tasks):
                 request.image_prompts, request.seeds, request.subseeds
             )
         ]
+
+    def _ti_hashes(self, request: GenerationRequest) -> dict[str, str]:
+        """AUTOMATIC1111's ``TI hashes`` field: the embeddings the prompts use, then the
+        negative prompts'."""
+        if not self.embeddings:
+            return {}
+        import sd_clip
+
+        texts = list(dict.fromkeys(request.prompts + request.negative_prompts))
+        used = [slot.embedding for text in texts
+                for chunk in self.tokenizer.chunks(text, self.embeddings)
+                for slot in chunk.embedding_slots]  # fmt: skip
+        value = sd_clip.ti_hashes(used)
+        return {"TI hashes": value} if value else {}
 
     # properties and helpers of the steps
 
@@ -641,13 +690,6 @@ def _generator(seed: int) -> torch.Generator:
     # CPU generators everywhere: sd-samplers draws on the CPU and copies, so a seed gives the
     # same noise on every device.
     return torch.Generator().manual_seed(int(seed) % 2**64)
-
-
-def _rows(context: torch.Tensor, rows: slice, n: int, guided: bool) -> torch.Tensor:
-    """The conditioning of some images, keeping the [unconditional; conditional] layout."""
-    if not guided:
-        return context[rows]
-    return torch.cat([context[:n][rows], context[n:][rows]])
 
 
 def _denoising_strength(request: GenerationRequest) -> float | None:
