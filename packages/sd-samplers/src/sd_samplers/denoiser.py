@@ -20,6 +20,11 @@ class Denoiser:
     (prediction="v"), so D = x / (1 + sigma^2) - v sigma / sqrt(1 + sigma^2). This is k-diffusion's
     CompVisDenoiser / CompVisVDenoiser; the samplers only ever call `denoiser(x, sigma)`.
     Extra keyword arguments are passed through to the model (conditioning, say).
+
+    CFG++ samplers call ``denoiser(x, sigma, with_uncond=True)``: the model is then called with
+    ``with_uncond=True`` too and must return a pair (guided prediction, unconditional prediction),
+    both in the training parameterisation, from its one batched call; the denoiser returns both
+    denoised estimates.
     """
 
     def __init__(self, model, schedule: NoiseSchedule, prediction: str = "epsilon"):
@@ -35,11 +40,21 @@ class Denoiser:
             log_sigmas = self._log_sigmas[sigma.device] = self.schedule.log_sigmas.to(sigma.device)
         return self.schedule.sigma_to_t(sigma, log_sigmas)
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, with_uncond: bool = False, **kwargs):
         sigma = sigma.to(torch.float32)
         s = sigma.view(-1, *[1] * (x.ndim - 1)).to(x.dtype)
         c_in = (s**2 + 1) ** -0.5
-        out = self.model(x * c_in, self.t(sigma), **kwargs)
+        if not with_uncond:
+            return self._denoised(x, s, c_in, self.model(x * c_in, self.t(sigma), **kwargs))
+        out = self.model(x * c_in, self.t(sigma), with_uncond=True, **kwargs)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise ValueError(
+                "model(x_t, t, with_uncond=True) must return a pair (guided prediction, "
+                f"unconditional prediction), got {type(out).__name__}"
+            )
+        return tuple(self._denoised(x, s, c_in, o) for o in out)
+
+    def _denoised(self, x, s, c_in, out):
         if self.prediction == "epsilon":
             return x - s * out
         return x * c_in**2 - s * c_in * out
