@@ -1,5 +1,7 @@
 """Every registered sampler honours the same contract, and sample() rejects bad input clearly."""
 
+import itertools
+
 import pytest
 import torch
 from _refs import ToyEps
@@ -49,7 +51,7 @@ def _check_callbacks(spec, steps, sigmas):
     if spec.own_steps:
         assert seen[0] == pytest.approx(sigmas[0], rel=1e-6) and len(steps) >= 1
         if not spec.adaptive and not spec.noise_options:
-            assert all(b < a for a, b in zip(seen, seen[1:]))
+            assert all(b < a for a, b in itertools.pairwise(seen))
     else:
         assert len(steps) == len(sigmas) - 1
         assert seen == pytest.approx(sigmas[:-1], rel=1e-6)
@@ -189,12 +191,18 @@ class Declares(ToyEps):
         ({"scheduler": "karas"}, "unknown scheduler 'karas'; choose from: uniform, karras"),
         ({"name": "ddim", "scheduler": "karras"}, "'ddim' runs on the original CompVis"),
         ({"scheduler": "karras", "scheduler_options": {"eta": 1}}, "'Karras' takes no option eta"),
-        ({"scheduler": "align_your_steps", "scheduler_options": {"model": "sd3"}},
-         "tables for sd15, sdxl, not 'sd3'"),
-        ({"name": "euler_cfg_pp", "model": lambda x, t: x},
-         r"'euler_cfg_pp' \(CFG\+\+\) needs the unconditional prediction"),
-        ({"name": "euler_cfg_pp", "model": lambda x, t, with_uncond=False: x},
-         "must return a pair"),
+        (
+            {"scheduler": "align_your_steps", "scheduler_options": {"model": "sd3"}},
+            "tables for sd15, sdxl, not 'sd3'",
+        ),
+        (
+            {"name": "euler_cfg_pp", "model": lambda x, t: x},
+            r"'euler_cfg_pp' \(CFG\+\+\) needs the unconditional prediction",
+        ),
+        (
+            {"name": "euler_cfg_pp", "model": lambda x, t, with_uncond=False: x},
+            "must return a pair",
+        ),
         ({"name": "dpm_adaptive", "order": 4}, "order must be 2 or 3, got 4"),
     ],
 )

@@ -166,7 +166,8 @@ def align_your_steps_sigmas(schedule: NoiseSchedule, n: int, *, model: str = "sd
     or "sdxl"), log-linearly interpolated to n sigmas when n is not 11, then 0 (AUTOMATIC1111's
     "Align Your Steps", which picks the table by the loaded model; ComfyUI's AlignYourStepsScheduler
     node instead interpolates to n + 1 values and sets the last to 0). The table is fixed in sigma,
-    for SD's training schedule; `schedule` is not consulted."""
+    for SD's training schedule; `schedule` is not consulted. One step starts at the table's
+    sigma_max (A1111's interpolation to one point would start it at sigma_min)."""
     _check_n(n)
     table = AYS_SIGMAS.get(model)
     if table is None:
