@@ -49,7 +49,8 @@ class Sampler:
     Restart's restart_list). noise_min_steps: the fewest steps at which a sampler with a noise
     source draws from it (Restart adds its restarts from 20 steps). own_steps: it chooses its own
     steps between the ladder's ends (DPM fast, DPM adaptive, Restart), so its callbacks are not one
-    per ladder step. adaptive: the number of model calls depends on the model (DPM adaptive).
+    per ladder step. stops_at_sigma_min: it ends at the ladder's smallest positive sigma, not at
+    its last (DPM fast and adaptive, as k-diffusion's). adaptive: the number of model calls depends on the model (DPM adaptive).
     needs_uncond: it calls ``model(x_t, t, with_uncond=True)`` and needs (guided, unconditional)
     predictions back (the CFG++ samplers). cfg_scale_multiplier: what a caller applying
     classifier-free guidance multiplies the user's guidance scale by (AUTOMATIC1111 maps CFG 12.5
@@ -67,6 +68,7 @@ class Sampler:
     noise_options: tuple[str, ...] = ()
     noise_min_steps: int = 0
     own_steps: bool = False
+    stops_at_sigma_min: bool = False
     adaptive: bool = False
     needs_uncond: bool = False
     cfg_scale_multiplier: float = 1.0
@@ -118,6 +120,12 @@ class Sampler:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
         return sigmas
 
+    def final_sigma(self, sigmas: torch.Tensor) -> float:
+        """The sigma its result is at, for the ladder `sigmas` it was given."""
+        if self.stops_at_sigma_min:
+            return sigmas[sigmas > 0].min().item()
+        return sigmas[-1].item()
+
     def model_calls(self, steps: int) -> int | None:
         """How many times the model runs for `steps` steps (ladders ending at sigma 0); None
         when it depends on the model (adaptive step size)."""
@@ -166,9 +174,10 @@ _BASE = {
     # AUTOMATIC1111 passes its "Eta for ancestral samplers" (1.0) to every function taking eta,
     # so its DPM fast and DPM adaptive are ancestral; k-diffusion's own default is eta=0.
     "dpm_fast": Sampler(ks.sample_dpm_fast, options={"eta": 1.0}, label="DPM fast",
-                        noise="gaussian", own_steps=True),
+                        noise="gaussian", own_steps=True, stops_at_sigma_min=True),
     "dpm_adaptive": Sampler(ks.sample_dpm_adaptive, options={"eta": 1.0}, label="DPM adaptive",
-                            noise="gaussian", own_steps=True, adaptive=True),
+                            noise="gaussian", own_steps=True, stops_at_sigma_min=True,
+                            adaptive=True),
     "restart": Sampler(ks.sample_restart, ladder="karras", second_order=True, label="Restart",
                        noise="gaussian", noise_options=("restart_list",), noise_min_steps=20,
                        own_steps=True),
@@ -321,7 +330,8 @@ def sample(
     d = {"x", "i", "sigma", "denoised"} (x and denoised on the sigma scale, x = x_0 + sigma eps);
     `progress` switches the tqdm bar. `options` go to the sampler function (eta, s_noise, order,
     ...). The result is x at the last sigma on the VP scale: the clean sample for the k-samplers,
-    and for DDIM/PLMS x at t=0, as the original code returns.
+    and for DDIM/PLMS x at t=0, as the original code returns (DPM fast/adaptive and a kl_optimal
+    ladder stop at sigma_min: x there, `SAMPLERS[name].final_sigma(sigmas)`).
 
     img2img follows diffusers' convention: `steps` is the length of the full ladder, and
     `strength` in [0, 1] picks how far into it to start: the last floor(strength * steps) steps
@@ -394,4 +404,4 @@ def sample(
     denoiser = Denoiser(model, schedule, prediction)
     x = spec.fn(denoiser, x, sigmas, generator=generator, callback=callback,
                 disable=not progress, **options)  # fmt: skip
-    return x / (1 + sigmas[-1].item() ** 2) ** 0.5
+    return x / (1 + spec.final_sigma(sigmas) ** 2) ** 0.5
