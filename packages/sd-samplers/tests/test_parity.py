@@ -5,6 +5,7 @@ the stochastic ones; diffusers' DDIM/PNDM/DDPM schedulers configured as the orig
 for ddim/plms/ddpm, and its UniPC scheduler run on our ladder for unipc.
 """
 
+import itertools
 import math
 
 import pytest
@@ -262,7 +263,7 @@ def _a1111_restart_pairs(sampling, sigmas):
             if max_idx < i + 1:
                 restart = sampling.get_sigmas_karras(n, sigmas[i + 1].item(),
                                                      sigmas[max_idx].item())[:-1]  # fmt: skip
-                pairs.extend(list(zip(restart[:-1], restart[1:])) * times)
+                pairs.extend(list(itertools.pairwise(restart)) * times)
     return pairs
 
 
@@ -305,7 +306,7 @@ def test_lcm_matches_a1111s_sample_lcm(kdiff, scheduler):
         x = denoiser(x, sigmas[i] * x.new_ones([x.shape[0]]))
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1] * torch.randn(SHAPE, generator=g)
-    err, rel = _report(f"lcm {scheduler}", ours, x)
+    _err, rel = _report(f"lcm {scheduler}", ours, x)
     assert rel < 1e-5
 
 
@@ -332,7 +333,7 @@ def test_euler_cfg_pp_matches_comfyuis(kdiff, name, eta):
         x = denoised + sampling.to_d(x, sigmas[i], d_u) * sigma_down
         if sigmas[i + 1] > 0 and eta:
             x = x + torch.randn(SHAPE, generator=g) * sigma_up
-    err, rel = _report(f"{name} eta={eta}", ours, x)
+    _err, rel = _report(f"{name} eta={eta}", ours, x)
     assert rel < 1e-5
 
 
@@ -358,7 +359,7 @@ def test_ddim_cfg_pp_matches_a1111s(eta, steps):
         x = a_prev**0.5 * pred_x0 + (1 - a_prev - s_t**2) ** 0.5 * e_u
         if eta:
             x = x + s_t * torch.randn(SHAPE, generator=g)
-    err, rel = _report(f"ddim_cfg_pp eta={eta} steps={steps}", ours, x.float())
+    _err, rel = _report(f"ddim_cfg_pp eta={eta} steps={steps}", ours, x.float())
     assert rel < 1e-5
 
 
@@ -385,7 +386,7 @@ def test_ipndm_matches_comfyuis(kdiff):
             x = x + (sigmas[i + 1] - sigmas[i]) * sum(
                 c * h for c, h in zip(coefficients[order], history[:order])
             )
-    err, rel = _report("ipndm", ours, x)
+    _err, rel = _report("ipndm", ours, x)
     assert rel < 1e-5
 
 
@@ -403,7 +404,7 @@ def test_euler_a_eta_and_s_noise_match_k_diffusion(kdiff, eta, s_noise):
         denoiser, noise * sigmas[0], sigmas, disable=True, eta=eta, s_noise=s_noise,
         noise_sampler=lambda s, s_next: torch.randn(SHAPE, generator=g),
     )  # fmt: skip
-    err, rel = _report(f"euler_a eta={eta} s_noise={s_noise}", ours, ref)
+    _err, rel = _report(f"euler_a eta={eta} s_noise={s_noise}", ours, ref)
     assert rel < 1e-5
     if eta == 0.0:  # no noise at all: Euler
         plain = sample("euler", eps, noise, schedule, STEPS, progress=False)
@@ -428,5 +429,5 @@ def test_k_samplers_on_other_schedulers_match_k_diffusion(kdiff, name, scheduler
     ref = getattr(sampling, K_FUNCTIONS[name])(denoiser, noise * sigmas[0], sigmas, disable=True,
                                                **kwargs)  # fmt: skip
     ref = ref / (1 + sigmas[-1].item() ** 2) ** 0.5
-    err, rel = _report(f"{name} on {scheduler}", ours, ref)
+    _err, rel = _report(f"{name} on {scheduler}", ours, ref)
     assert rel < 1e-5
