@@ -124,7 +124,8 @@ def test_ddim_eta_is_stochastic_only_when_asked():
     assert not torch.equal(_run("ddim", seed=1, eta=0.5), _run("ddim", seed=2, eta=0.5))
 
 
-@pytest.mark.parametrize("name", ["euler", "dpmpp_2m_karras", "ddim", "plms", "heun"])
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m_karras", "ddim", "plms", "heun", "lcm",
+                                  "ipndm", "euler_cfg_pp", "ddim_cfg_pp", "restart"])  # fmt: skip
 def test_img2img_strength(name):
     init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
     txt2img = _run(name)
@@ -147,6 +148,19 @@ def test_img2img_strength(name):
     assert len(calls) == 29
 
 
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
+@pytest.mark.parametrize("scheduler", [None, "karras"])
+def test_img2img_for_samplers_with_their_own_steps(name, scheduler):
+    """They start where the ladder's last floor(strength * steps) steps start, and end near init."""
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(9))
+    calls = []
+    out = _run(name, init=init, strength=0.5, callback=calls.append, scheduler=scheduler)
+    full = SAMPLERS[name].sigmas(SCHEDULE, STEPS, scheduler).tolist()
+    assert calls[0]["sigma"] == pytest.approx(full[STEPS - 3])
+    torch.testing.assert_close(calls[0]["x"], init + full[STEPS - 3] * _noise())
+    assert (out - init).abs().mean() < (_run(name, scheduler=scheduler) - init).abs().mean()
+
+
 def test_v_prediction_goes_through_the_same_adapter():
     """A v-model built from an eps-model gives the eps-model's samples."""
     eps_model = ToyEps()
@@ -160,6 +174,17 @@ def test_v_prediction_goes_through_the_same_adapter():
     for name in ("euler", "dpmpp_2m", "ddim"):
         a = sample(name, eps_model, _noise(), SCHEDULE, STEPS, progress=False)
         b = sample(name, v_model, _noise(), SCHEDULE, STEPS, progress=False, prediction="v")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+    def v_pair(x_t, t, with_uncond=False):  # CFG++: both predictions converted to v
+        alpha_bar = SCHEDULE.alpha_bar(t).view(-1, 1, 1, 1)
+        outs = eps_model(x_t, t, with_uncond=True)
+        x0s = [(x_t - (1 - alpha_bar) ** 0.5 * e) / alpha_bar**0.5 for e in outs]
+        return tuple(alpha_bar**0.5 * e - (1 - alpha_bar) ** 0.5 * x0 for e, x0 in zip(outs, x0s))
+
+    for name in ("euler_cfg_pp", "ddim_cfg_pp"):
+        a = sample(name, eps_model, _noise(), SCHEDULE, STEPS, progress=False)
+        b = sample(name, v_pair, _noise(), SCHEDULE, STEPS, progress=False, prediction="v")
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 

@@ -676,8 +676,9 @@ def sample_dpm_adaptive(
             else:
                 x_low = solver.step_2(x, s, t_down, cache, r1=1 / 3)
                 x_high = solver.step_3(x, s, t_down, cache)
-            delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))  # fmt: skip
-            error = torch.linalg.norm((x_low - x_high) / delta).item() / x.numel() ** 0.5
+            # the error relative to atol + rtol |x|, RMS over the elements (one host sync a step)
+            scale = (rtol * torch.maximum(x_low.abs(), x_prev.abs())).clamp(min=atol)
+            error = torch.linalg.norm((x_low - x_high) / scale).item() / x.numel() ** 0.5
             if pid.propose(error):
                 x_prev = x_low
                 x = x_high
