@@ -179,3 +179,60 @@ def test_sigma_range_overrides():
         SCHEDULERS["simple"].sigmas(SCHEDULE, 5, rho=2.0)
     with pytest.raises(ValueError, match="integer number of steps >= 1, got 0"):
         SCHEDULERS["beta"].sigmas(SCHEDULE, 0)
+
+
+# reference="comfyui": ComfyUI's comfy/samplers.py and its AlignYourStepsScheduler node
+
+AYS_COMFYUI = {
+    "sd15": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+             0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+    "sdxl": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [s for s in STEPS if s > 1])
+def test_comfyui_kl_optimal(n):
+    """kl_optimal_scheduler: n points arange(n) / (n - 1) in arctan sigma, then 0."""
+    lo, hi = SCHEDULE.sigma_min, SCHEDULE.sigma_max
+    adj = np.arange(n) / (n - 1)
+    expected = [*np.tan(adj * math.atan(lo) + (1 - adj) * math.atan(hi)), 0.0]
+    _close(SCHEDULERS["kl_optimal"].sigmas(SCHEDULE, n, reference="comfyui"), expected, rtol=2e-6)
+
+
+@pytest.mark.parametrize("model", list(AYS_COMFYUI))
+@pytest.mark.parametrize("n", STEPS)
+def test_comfyui_align_your_steps(model, n):
+    """The node: the table when steps + 1 == 11, else loglinear_interp(table, steps + 1); the last
+    value set to 0."""
+    table = AYS_COMFYUI[model]
+    if n + 1 == len(table):
+        expected = list(table)
+    else:
+        xs, new_xs = np.linspace(0, 1, len(table)), np.linspace(0, 1, n + 1)
+        expected = list(np.exp(np.interp(new_xs, xs, np.log(table[::-1])))[::-1])
+    expected[-1] = 0.0
+    ours = SCHEDULERS["align_your_steps"].sigmas(SCHEDULE, n, model=model, reference="comfyui")
+    _close(ours, expected)
+
+
+@pytest.mark.parametrize(("alpha", "beta"), [(0.6, 0.6), (0.5, 0.7)])
+@pytest.mark.parametrize("n", STEPS)
+def test_comfyui_beta(kd, alpha, beta, n):
+    """beta_scheduler: ts = rint(ppf(1 - linspace(0, 1, n, endpoint=False)) * (T - 1)), repeats
+    dropped, model_sampling.sigmas[t], then 0."""
+    stats = pytest.importorskip("scipy.stats")
+    _, inner = kd
+    ts = np.rint(stats.beta.ppf(1 - np.linspace(0, 1, n, endpoint=False), alpha, beta) * 999)
+    sigs, last = [], -1
+    for t in ts:
+        if t != last:
+            sigs.append(float(inner.sigmas[int(t)]))
+        last = t
+    ours = SCHEDULERS["beta"].sigmas(SCHEDULE, n, alpha=alpha, beta=beta, reference="comfyui")
+    _close(ours, [*sigs, 0.0], rtol=0)
+
+
+def test_reference_is_checked():
+    with pytest.raises(ValueError, match="reference must be one of a1111, comfyui, got 'forge'"):
+        SCHEDULERS["beta"].sigmas(SCHEDULE, 5, reference="forge")

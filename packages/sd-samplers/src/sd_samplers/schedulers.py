@@ -4,7 +4,8 @@ A scheduler turns a training `NoiseSchedule` and a step count n into the falling
 sigmas a sampler steps through: n + 1 values, normally ending at 0 (`ddim_uniform` and `kl_optimal`
 keep their reference's quirks, see their docstrings). The definitions are AUTOMATIC1111's
 (`modules/sd_schedulers.py`, 1.9+), which are k-diffusion's `get_sigmas_*` where k-diffusion has
-one; where ComfyUI's differ the docstring says how. `SCHEDULERS` maps our name (ComfyUI's where it
+one. Where ComfyUI's `comfy/samplers.py` differs (kl_optimal, beta, its Align Your Steps node),
+the option reference="comfyui" gives ComfyUI's. `SCHEDULERS` maps our name (ComfyUI's where it
 has one) to the function, AUTOMATIC1111's label and default options.
 """
 
@@ -21,6 +22,8 @@ from sd_samplers.schedule import NoiseSchedule, exponential_sigmas, karras_sigma
 
 __all__ = [
     "AYS_SIGMAS",
+    "AYS_SIGMAS_COMFYUI",
+    "REFERENCES",
     "SCHEDULERS",
     "Scheduler",
     "align_your_steps_sigmas",
@@ -42,6 +45,14 @@ AYS_SIGMAS = {
     "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
     "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
 }
+# The same tables to more digits, as ComfyUI's AlignYourStepsScheduler node ships them.
+AYS_SIGMAS_COMFYUI = {
+    "sd15": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+             0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
+    "sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582),
+}  # fmt: skip
+REFERENCES = ("a1111", "comfyui")
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
@@ -51,6 +62,11 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 def _check_n(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"a sigma ladder needs an integer number of steps >= 1, got {n!r}")
+
+
+def _check_reference(reference: str) -> None:
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}")
 
 
 def _range(schedule: NoiseSchedule, sigma_min, sigma_max) -> tuple[float, float]:
@@ -137,16 +153,21 @@ def ddim_uniform_sigmas(schedule: NoiseSchedule, n: int) -> torch.Tensor:
     return _append_zero(schedule.sigmas[index].clone())
 
 
-def kl_optimal_sigmas(schedule: NoiseSchedule, n: int, *, sigma_min=None, sigma_max=None):
-    """n + 1 sigmas evenly spaced in arctan(sigma), from sigma_max down to sigma_min (Sabour et al.,
-    2024). AUTOMATIC1111's definition: no final 0, so the last step lands on sigma_min and the
-    result keeps that little noise; ComfyUI's ("kl_optimal") instead puts n sigmas from sigma_max
-    to sigma_min and then 0."""
+def kl_optimal_sigmas(
+    schedule: NoiseSchedule, n: int, *, sigma_min=None, sigma_max=None, reference="a1111"
+):
+    """Sigmas evenly spaced in arctan(sigma) from sigma_max down to sigma_min (Sabour et al.,
+    2024). reference="a1111": n + 1 of them and no final 0, so the last step lands on sigma_min
+    and the result keeps that little noise; "comfyui": n of them, then 0."""
     _check_n(n)
+    _check_reference(reference)
     lo, hi = _range(schedule, sigma_min, sigma_max)
     a_min, a_max = torch.arctan(torch.tensor(lo)), torch.arctan(torch.tensor(hi))
-    frac = torch.arange(n + 1) / n
-    return torch.tan(frac * a_min + (1.0 - frac) * a_max)
+    if reference == "a1111":
+        frac = torch.arange(n + 1) / n
+        return torch.tan(frac * a_min + (1.0 - frac) * a_max)
+    frac = torch.arange(n, dtype=torch.float32) / max(n - 1, 1)  # one step: from sigma_max
+    return _append_zero(torch.tan(frac * a_min + (1.0 - frac) * a_max))
 
 
 def _loglinear_interp(values, num: int) -> list[float]:
@@ -161,19 +182,27 @@ def _loglinear_interp(values, num: int) -> list[float]:
     return out
 
 
-def align_your_steps_sigmas(schedule: NoiseSchedule, n: int, *, model: str = "sd15"):
+def align_your_steps_sigmas(
+    schedule: NoiseSchedule, n: int, *, model: str = "sd15", reference: str = "a1111"
+):
     """Align Your Steps (Sabour et al., 2024): the published 10-step sigmas for `model` ("sd15"
-    or "sdxl"), log-linearly interpolated to n sigmas when n is not 11, then 0 (AUTOMATIC1111's
-    "Align Your Steps", which picks the table by the loaded model; ComfyUI's AlignYourStepsScheduler
-    node instead interpolates to n + 1 values and sets the last to 0). The table is fixed in sigma,
-    for SD's training schedule; `schedule` is not consulted. One step starts at the table's
-    sigma_max (A1111's interpolation to one point would start it at sigma_min)."""
+    or "sdxl"; AUTOMATIC1111 picks by the loaded model). reference="a1111": the table
+    log-linearly interpolated to n sigmas (the table itself for n = 11), then 0; "comfyui" (its
+    AlignYourStepsScheduler node): interpolated to n + 1 values (the table itself for n = 10), the
+    last set to 0. The table is fixed in sigma, for SD's training schedule; `schedule` is not
+    consulted. One A1111 step starts at the table's sigma_max (its interpolation to one point
+    would start it at sigma_min)."""
     _check_n(n)
-    table = AYS_SIGMAS.get(model)
+    _check_reference(reference)
+    tables = AYS_SIGMAS if reference == "a1111" else AYS_SIGMAS_COMFYUI
+    table = tables.get(model)
     if table is None:
-        raise ValueError(f"align_your_steps has tables for {', '.join(AYS_SIGMAS)}, not {model!r}")
-    # np.interp on reversed values, as the reference, is the same as interpolating in index
-    values = list(table) if n == len(table) else _loglinear_interp(table, n)
+        raise ValueError(f"align_your_steps has tables for {', '.join(tables)}, not {model!r}")
+    # np.interp on reversed values, as the references, is the same as interpolating in index
+    num = n if reference == "a1111" else n + 1
+    values = list(table) if num == len(table) else _loglinear_interp(table, num)
+    if reference == "comfyui":
+        return torch.tensor([*values[:-1], 0.0], dtype=torch.float64).float()
     return _append_zero(torch.tensor(values, dtype=torch.float64).float())
 
 
@@ -232,13 +261,21 @@ def beta_ppf(q: float, a: float, b: float) -> float:
 
 
 def beta_sigmas(
-    schedule: NoiseSchedule, n: int, *, alpha=0.6, beta=0.6, sigma_min=None, sigma_max=None
-):
-    """Beta sampling (Lee et al., 2024, arXiv:2407.12173): sigma_min + (sigma_max - sigma_min) *
-    ppf_Beta(alpha, beta)(1 - i/(n-1)) for i = 0 .. n-1, then 0 (AUTOMATIC1111's "Beta", with its
-    default alpha = beta = 0.6). ComfyUI's "beta" instead takes the quantiles as timesteps, rounds
-    them to training timesteps and drops repeats."""
+    schedule: NoiseSchedule, n: int, *, alpha=0.6, beta=0.6, sigma_min=None, sigma_max=None,
+    reference="a1111",
+):  # fmt: skip
+    """Beta sampling (Lee et al., 2024, arXiv:2407.12173), default alpha = beta = 0.6.
+    reference="a1111": sigma_min + (sigma_max - sigma_min) ppf(1 - i/(n-1)) for i = 0 .. n-1,
+    then 0 (linear in sigma). "comfyui": the quantiles ppf(1 - i/n), i = 0 .. n-1, as timesteps:
+    rounded to training timesteps (half to even), repeats dropped (so possibly fewer than n
+    steps), their training sigmas, then 0."""
     _check_n(n)
+    _check_reference(reference)
+    if reference == "comfyui":
+        last = schedule.num_timesteps - 1
+        ts = [round(beta_ppf(1.0 - i / n, alpha, beta) * last) for i in range(n)]
+        ts = [t for k, t in enumerate(ts) if k == 0 or t != ts[k - 1]]
+        return _append_zero(schedule.sigmas[ts].clone())
     lo, hi = _range(schedule, sigma_min, sigma_max)
     qs = [1.0 - (i / (n - 1) if n > 1 else 0.0) for i in range(n)]
     values = [lo + beta_ppf(q, alpha, beta) * (hi - lo) for q in qs]
