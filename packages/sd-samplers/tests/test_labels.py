@@ -75,7 +75,8 @@ def test_every_sampler_is_labelled_here():
         ("Euler", "Uniform", ("euler", None)),  # the sampler's own ladder
         ("Euler", "Normal", ("euler", "normal")),
         ("UniPC", "SGM Uniform", ("unipc", "sgm_uniform")),
-        ("LCM", "SGM Uniform", ("lcm", None)),
+        ("LCM", "SGM Uniform", ("lcm", "sgm_uniform")),
+        ("LCM", "Uniform", ("lcm", None)),
         ("Restart", "Karras", ("restart", None)),
         ("Restart", "Exponential", ("restart", "exponential")),
         ("DPM++ SDE", "DDIM", ("dpmpp_sde", "ddim_uniform")),

@@ -290,23 +290,61 @@ def test_restart_matches_a1111s_with_k_diffusion_heun(kdiff, steps):
     assert rel < 1e-5, f"restart: max abs error {err:.3g} against A1111's construction"
 
 
-@pytest.mark.parametrize("scheduler", [None, "karras", "simple"])
-def test_lcm_matches_a1111s_sample_lcm(kdiff, scheduler):
-    """A1111's sample_lcm (sd_samplers_lcm.py) on k-diffusion's denoiser: x = D(x), then
-    x += sigma_next * noise."""
+def _a1111_lcm_denoiser(external, eps, schedule):
+    """AUTOMATIC1111's LCMCompVisDenoiser (sd_samplers_lcm.py), written out on k-diffusion's
+    DiscreteEpsDDPMDenoiser: the 50 LCM alphas, sigma snapped to the nearest of them and passed
+    to the model as t = 20 k + 19, and the boundary condition with sigma_data 0.5, t * 10."""
+
+    class LCMCompVisDenoiser(external.DiscreteEpsDDPMDenoiser):
+        def __init__(self):
+            valid = torch.zeros(50)
+            for x in range(50):
+                valid[49 - x] = schedule.alphas_cumprod[999 - x * 20]
+            super().__init__(eps, valid, quantize=None)
+
+        def get_sigmas(self, n):
+            start, end = self.sigma_to_t(self.sigma_max), self.sigma_to_t(self.sigma_min)
+            return torch.cat([self.t_to_sigma(torch.linspace(start, end, n)), torch.zeros(1)])
+
+        def sigma_to_t(self, sigma, quantize=None):
+            dists = sigma.log() - self.log_sigmas[:, None]
+            return dists.abs().argmin(dim=0).view(sigma.shape) * 20 + 19
+
+        def t_to_sigma(self, timestep):
+            t = torch.clamp(((timestep - 19) / 20).float(), min=0, max=len(self.sigmas) - 1)
+            return super().t_to_sigma(t)
+
+        def forward(self, input, sigma):
+            c_out, c_in = [x.view(-1, 1, 1, 1) for x in self.get_scalings(sigma)]
+            out = input + self.get_eps(input * c_in, self.sigma_to_t(sigma)) * c_out
+            scaled = self.sigma_to_t(sigma).view(-1, 1, 1, 1) * 10.0
+            c_skip = 0.25 / (scaled**2 + 0.25)
+            return scaled / (scaled**2 + 0.25) ** 0.5 * out + c_skip * input
+
+    return LCMCompVisDenoiser()
+
+
+@pytest.mark.parametrize(("scheduler", "steps"), [(None, 4), (None, 6), ("karras", 6),
+                                                  ("simple", 5), ("sgm_uniform", 4)])  # fmt: skip
+def test_lcm_matches_a1111s(kdiff, scheduler, steps):
+    """A1111's LCM: its sample_lcm loop (x = D(x), then x += sigma_next * noise) on its
+    LCMCompVisDenoiser, whose own get_sigmas is the default ladder; a scheduler's ladder is built
+    on the 50 LCM sigmas, as A1111 passes that denoiser as the inner model."""
     _, external = kdiff
     schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
     eps, noise = ToyEps(), _noise(5)
-    ours = sample("lcm", eps, noise, schedule, 6, progress=False, scheduler=scheduler,
+    ours = sample("lcm", eps, noise, schedule, steps, progress=False, scheduler=scheduler,
                   generator=torch.Generator().manual_seed(8))  # fmt: skip
-    denoiser = external.CompVisDenoiser(_CompVisModel(eps, schedule))
-    sigmas = SAMPLERS["lcm"].sigmas(schedule, 6, scheduler)
+    denoiser = _a1111_lcm_denoiser(external, eps, schedule)
+    sigmas = SAMPLERS["lcm"].sigmas(schedule, steps, scheduler)
+    if scheduler is None:
+        torch.testing.assert_close(sigmas, denoiser.get_sigmas(steps), rtol=1e-6, atol=0)
     g, x = torch.Generator().manual_seed(8), noise * sigmas[0]
     for i in range(len(sigmas) - 1):
         x = denoiser(x, sigmas[i] * x.new_ones([x.shape[0]]))
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1] * torch.randn(SHAPE, generator=g)
-    _err, rel = _report(f"lcm {scheduler}", ours, x)
+    _err, rel = _report(f"lcm {scheduler} {steps}", ours, x)
     assert rel < 1e-5
 
 

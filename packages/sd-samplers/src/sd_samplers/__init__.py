@@ -2,7 +2,7 @@
 UniPC, Restart, LCM, CFG++ and more, model-agnostic."""
 
 from sd_samplers._version import __version__
-from sd_samplers.denoiser import Denoiser
+from sd_samplers.denoiser import Denoiser, LCMDenoiser, lcm_schedule
 from sd_samplers.k_samplers import (
     get_ancestral_step,
     sample_ddim,
@@ -53,6 +53,7 @@ __all__ = [
     "BrownianTreeNoise",
     "Denoiser",
     "GaussianNoise",
+    "LCMDenoiser",
     "NoiseSchedule",
     "Sampler",
     "Scheduler",
@@ -60,6 +61,7 @@ __all__ = [
     "exponential_sigmas",
     "get_ancestral_step",
     "karras_sigmas",
+    "lcm_schedule",
     "parse_sampler",
     "sample",
     "sample_ddim",

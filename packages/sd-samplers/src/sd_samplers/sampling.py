@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sd_samplers import k_samplers as ks
-from sd_samplers.denoiser import Denoiser
+from sd_samplers.denoiser import Denoiser, LCMDenoiser, lcm_schedule
 from sd_samplers.schedule import NoiseSchedule
 from sd_samplers.schedulers import SCHEDULERS, Scheduler, scheduler_from_label
 
@@ -54,7 +54,9 @@ class Sampler:
     needs_uncond: it calls ``model(x_t, t, with_uncond=True)`` and needs (guided, unconditional)
     predictions back (the CFG++ samplers). cfg_scale_multiplier: what a caller applying
     classifier-free guidance multiplies the user's guidance scale by (AUTOMATIC1111 maps CFG 12.5
-    to CFG++'s lambda = 1 for DDIM CFG++).
+    to CFG++'s lambda = 1 for DDIM CFG++). denoiser: "standard" (`Denoiser`) or "lcm"
+    (`LCMDenoiser`: the model runs on the 50 LCM timesteps, whose schedule the ladders are then
+    built on, as AUTOMATIC1111's and ComfyUI's LCM).
     """
 
     fn: Callable
@@ -72,12 +74,15 @@ class Sampler:
     adaptive: bool = False
     needs_uncond: bool = False
     cfg_scale_multiplier: float = 1.0
+    denoiser: str = "standard"
 
     def __post_init__(self):
         if self.noise is not None and self.noise not in NOISE_KINDS:
             raise ValueError(f"noise must be one of {NOISE_KINDS} or None, got {self.noise!r}")
         if self.ladder not in (*SCHEDULERS, "compvis", "ddpm"):
             raise ValueError(f"unknown ladder {self.ladder!r}")
+        if self.denoiser not in ("standard", "lcm"):
+            raise ValueError(f"denoiser must be 'standard' or 'lcm', got {self.denoiser!r}")
 
     @property
     def vp(self) -> bool:
@@ -112,6 +117,8 @@ class Sampler:
         steps + 1 values, except for the schedulers that differ (ddim_uniform may add a step)."""
         n = steps + 1 if self.discard_penultimate else steps
         name = self.ladder if scheduler is None else scheduler
+        if self.denoiser == "lcm":
+            schedule = lcm_schedule(schedule)
         if name in ("compvis", "ddpm"):
             sigmas = schedule.compvis_sigmas(n, "alpha_0" if name == "compvis" else "zero")
         else:
@@ -125,6 +132,12 @@ class Sampler:
         if self.stops_at_sigma_min:
             return sigmas[sigmas > 0].min().item()
         return sigmas[-1].item()
+
+    def make_denoiser(self, model, schedule: NoiseSchedule, prediction: str = "epsilon"):
+        """The denoiser `sample` wraps the model in for this sampler."""
+        if self.denoiser == "lcm":
+            return LCMDenoiser(model, schedule, prediction)
+        return Denoiser(model, schedule, prediction)
 
     def model_calls(self, steps: int) -> int | None:
         """How many times the model runs for `steps` steps (ladders ending at sigma 0); None
@@ -181,7 +194,7 @@ _BASE = {
     "restart": Sampler(ks.sample_restart, ladder="karras", second_order=True, label="Restart",
                        noise="gaussian", noise_options=("restart_list",), noise_min_steps=20,
                        own_steps=True),
-    "lcm": Sampler(ks.sample_lcm, ladder="sgm_uniform", label="LCM", noise="gaussian"),
+    "lcm": Sampler(ks.sample_lcm, label="LCM", noise="gaussian", denoiser="lcm"),
     "euler_cfg_pp": Sampler(ks.sample_euler_cfg_pp, label="Euler CFG++", needs_uncond=True),
     "euler_a_cfg_pp": Sampler(ks.sample_euler_ancestral_cfg_pp, label="Euler a CFG++",
                               noise="gaussian", needs_uncond=True),
@@ -401,7 +414,7 @@ def sample(
             return init.clone()
         sigmas = sigmas[len(sigmas) - 1 - run :]
         x = init.to(noise.dtype) + noise * sigmas[0].item()
-    denoiser = Denoiser(model, schedule, prediction)
+    denoiser = spec.make_denoiser(model, schedule, prediction)
     x = spec.fn(denoiser, x, sigmas, generator=generator, callback=callback,
                 disable=not progress, **options)  # fmt: skip
     return x / (1 + spec.final_sigma(sigmas) ** 2) ** 0.5
