@@ -210,8 +210,8 @@ def _kd_denoisers(external, schedule, eps):
     return guided, cond, uncond
 
 
-@pytest.mark.parametrize(("name", "eta"), [("dpm_fast", None), ("dpm_fast", 0.0),
-                                           ("dpm_adaptive", None), ("dpm_adaptive", 0.0)])  # fmt: skip
+@pytest.mark.parametrize("eta", [None, 0.0])
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
 @pytest.mark.parametrize("steps", [7, 12, 20])
 def test_dpm_fast_and_adaptive_match_k_diffusion(kdiff, name, eta, steps):
     """k-diffusion's sample_dpm_fast(model, x, sigma_min, sigma_max, n) / sample_dpm_adaptive(

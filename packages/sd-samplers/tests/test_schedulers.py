@@ -82,8 +82,8 @@ def test_plain_formulas(n):
     karras = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
     _close(SCHEDULERS["karras"].sigmas(SCHEDULE, n), [*karras, 0.0])
     _close(SCHEDULERS["exponential"].sigmas(SCHEDULE, n), [*np.geomspace(hi, lo, n), 0.0])
-    _close(SCHEDULERS["polyexponential"].sigmas(SCHEDULE, n, rho=2.0),
-           [*np.exp(np.linspace(1, 0, n) ** 2 * math.log(hi / lo) + math.log(lo)), 0.0])  # fmt: skip
+    poly = np.exp(np.linspace(1, 0, n) ** 2 * math.log(hi / lo) + math.log(lo))
+    _close(SCHEDULERS["polyexponential"].sigmas(SCHEDULE, n, rho=2.0), [*poly, 0.0])
     # KL optimal: n + 1 points evenly spaced in arctan sigma, no final 0 (A1111)
     i = np.arange(n + 1) / n
     _close(SCHEDULERS["kl_optimal"].sigmas(SCHEDULE, n),

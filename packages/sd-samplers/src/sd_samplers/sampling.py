@@ -50,9 +50,10 @@ class Sampler:
     source draws from it (Restart adds its restarts from 20 steps). own_steps: it chooses its own
     steps between the ladder's ends (DPM fast, DPM adaptive, Restart), so its callbacks are not one
     per ladder step. stops_at_sigma_min: it ends at the ladder's smallest positive sigma, not at
-    its last (DPM fast and adaptive, as k-diffusion's). adaptive: the number of model calls depends on the model (DPM adaptive).
-    needs_uncond: it calls ``model(x_t, t, with_uncond=True)`` and needs (guided, unconditional)
-    predictions back (the CFG++ samplers). cfg_scale_multiplier: what a caller applying
+    its last (DPM fast and adaptive, as k-diffusion's). adaptive: the number of model calls
+    depends on the model (DPM adaptive). needs_uncond: it calls
+    ``model(x_t, t, with_uncond=True)`` and needs (guided, unconditional) predictions back (the
+    CFG++ samplers). cfg_scale_multiplier: what a caller applying
     classifier-free guidance multiplies the user's guidance scale by (AUTOMATIC1111 maps CFG 12.5
     to CFG++'s lambda = 1 for DDIM CFG++). denoiser: "standard" (`Denoiser`) or "lcm"
     (`LCMDenoiser`: the model runs on the 50 LCM timesteps, whose schedule the ladders are then
