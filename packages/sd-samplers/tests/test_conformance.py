@@ -100,6 +100,18 @@ def test_any_sampler_with_any_scheduler(name, scheduler):
         assert model.calls == spec.model_calls(len(sigmas) - 1) + extra
 
 
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_few_steps_on_every_scheduler_stay_real_and_finite(name):
+    """1-3 steps, where ladders are short and ends coincide (DPM fast's last ancestral step once
+    took the square root of a rounding error's negative)."""
+    spec = SAMPLERS[name]
+    for scheduler in [None, *SCHEDULERS] if spec.takes_scheduler else [None]:
+        for steps in (1, 2, 3):
+            out = sample(name, ToyEps(), _noise(), SCHEDULE, steps, scheduler=scheduler,
+                         generator=torch.Generator().manual_seed(1), progress=False)  # fmt: skip
+            assert out.dtype == torch.float32 and torch.isfinite(out).all(), (scheduler, steps)
+
+
 def test_scheduler_options_and_variants():
     # a _karras name is the base sampler on the karras scheduler
     assert torch.equal(_run("dpmpp_2m_karras"), _run("dpmpp_2m", scheduler="karras"))

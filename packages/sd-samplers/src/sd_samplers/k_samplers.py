@@ -574,7 +574,8 @@ class _DPMSolver:
             return t_next, 0.0
         sd, _ = get_ancestral_step(self.sigma(t), self.sigma(t_next), eta)
         t_down = min(t_end, -math.log(sd))
-        return t_down, (self.sigma(t_next) ** 2 - self.sigma(t_down) ** 2) ** 0.5
+        # clamped at 0: when t_down is clamped to t_end = t_next the difference is rounding
+        return t_down, max(self.sigma(t_next) ** 2 - self.sigma(t_down) ** 2, 0.0) ** 0.5
 
 
 def _ends(sigmas: list[float]) -> tuple[float, float]:
@@ -600,7 +601,7 @@ def sample_dpm_fast(
     solver = _DPMSolver(model)
     t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
     m = nfe // 3 + 1
-    ts = [t_start + (t_end - t_start) * k / m for k in range(m + 1)]
+    ts = [t_start + (t_end - t_start) * k / m for k in range(m)] + [t_end]
     orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
     with tqdm(total=nfe, disable=disable) as bar:
         for i, order in enumerate(orders):
