@@ -212,23 +212,25 @@ def _kd_denoisers(external, schedule, eps):
 
 @pytest.mark.parametrize("eta", [None, 0.0])
 @pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
-@pytest.mark.parametrize("steps", [7, 12, 20])
-def test_dpm_fast_and_adaptive_match_k_diffusion(kdiff, name, eta, steps):
+@pytest.mark.parametrize(("steps", "scheduler"), [(1, None), (7, None), (12, None), (20, None),
+                                                  (7, "sgm_uniform"), (9, "karras")])  # fmt: skip
+def test_dpm_fast_and_adaptive_match_k_diffusion(kdiff, name, eta, steps, scheduler):
     """k-diffusion's sample_dpm_fast(model, x, sigma_min, sigma_max, n) / sample_dpm_adaptive(
-    model, x, sigma_min, sigma_max), given the ends of our ladder (as AUTOMATIC1111 passes them)
-    and the registry's eta (A1111's 1.0) or eta=0."""
+    model, x, sigma_min, sigma_max) as AUTOMATIC1111's txt2img calls them: from the ladder's top
+    to the model's sigma_min whatever the schedule type, n = steps, with the registry's eta
+    (A1111's 1.0) or eta=0."""
     sampling, external = kdiff
     schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
     eps, noise = ToyEps(), _noise(3)
     options = {} if eta is None else {"eta": eta}
     g = torch.Generator().manual_seed(5)
-    ours = sample(name, eps, noise, schedule, steps, generator=g, progress=False, **options)
-    sigmas = SAMPLERS[name].sigmas(schedule, steps)
-    sigma_min, sigma_max = sigmas[-2].item(), sigmas[0].item()
+    ours = sample(name, eps, noise, schedule, steps, generator=g, progress=False,
+                  scheduler=scheduler, **options)  # fmt: skip
+    denoiser = external.CompVisDenoiser(_CompVisModel(eps, schedule))
+    sigma_min, sigma_max = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
     g = torch.Generator().manual_seed(5)
     kwargs = {"eta": SAMPLERS[name].options["eta"] if eta is None else eta,
               "noise_sampler": lambda s, s_next: torch.randn(SHAPE, generator=g)}  # fmt: skip
-    denoiser = external.CompVisDenoiser(_CompVisModel(eps, schedule))
     x = noise * sigma_max
     if name == "dpm_fast":
         ref = sampling.sample_dpm_fast(denoiser, x, sigma_min, sigma_max, steps, disable=True,
@@ -237,7 +239,7 @@ def test_dpm_fast_and_adaptive_match_k_diffusion(kdiff, name, eta, steps):
         ref = sampling.sample_dpm_adaptive(denoiser, x, sigma_min, sigma_max, disable=True,
                                            **kwargs)  # fmt: skip
     ref = ref / (1 + sigma_min**2) ** 0.5  # x at sigma_min on the VP scale, as sample() returns
-    err, rel = _report(f"{name} eta={eta} steps={steps}", ours, ref)
+    err, rel = _report(f"{name} eta={eta} steps={steps} {scheduler}", ours, ref)
     assert rel < 1e-5, f"{name}: max abs error {err:.3g} against k-diffusion"
 
 

@@ -590,10 +590,11 @@ def sample_dpm_fast(
     model, x, sigmas, *, eta=0.0, s_noise=1.0, noise_sampler=None,
     generator=None, callback=None, disable=None,
 ):  # fmt: skip
-    """DPM-Solver-Fast, Lu et al. (2022): len(sigmas) - 1 model calls in floor(n / 3) + 1 steps
-    evenly spaced in log sigma from the ladder's first sigma to its smallest positive one (only the
-    ends of the ladder matter), orders 3, ..., 3 then the rest; returns x at that smallest sigma,
-    as k-diffusion's sample_dpm_fast(model, x, sigma_min, sigma_max, n)."""
+    """DPM-Solver-Fast, Lu et al. (2022): n = len(sigmas) - 1 model calls in floor(n / 3) + 1
+    steps evenly spaced in log sigma from the ladder's first sigma to its smallest positive one
+    (only the ends of the ladder matter; `sample` puts the schedule's sigma_min in place of a
+    final 0), orders 3, ..., 3 then the rest; returns x at that smallest sigma, as k-diffusion's
+    sample_dpm_fast(model, x, sigma_min, sigma_max, n)."""
     sigmas = _floats(sigmas)
     sigma_min, sigma_max = _ends(sigmas)
     nfe = len(sigmas) - 1

@@ -50,7 +50,8 @@ class Sampler:
     source draws from it (Restart adds its restarts from 20 steps). own_steps: it chooses its own
     steps between the ladder's ends (DPM fast, DPM adaptive, Restart), so its callbacks are not one
     per ladder step. stops_at_sigma_min: it ends at the ladder's smallest positive sigma, not at
-    its last (DPM fast and adaptive, as k-diffusion's). adaptive: the number of model calls
+    its last (DPM fast and adaptive, as k-diffusion's); `sample` gives it the schedule's
+    sigma_min in place of a final 0, so it runs from the ladder's top to there. adaptive: the number of model calls
     depends on the model (DPM adaptive). needs_uncond: it calls
     ``model(x_t, t, with_uncond=True)`` and needs (guided, unconditional) predictions back (the
     CFG++ samplers). cfg_scale_multiplier: what a caller applying
@@ -415,6 +416,10 @@ def sample(
             return init.clone()
         sigmas = sigmas[len(sigmas) - 1 - run :]
         x = init.to(noise.dtype) + noise * sigmas[0].item()
+    if spec.stops_at_sigma_min and sigmas[-1].item() == 0:
+        # DPM fast/adaptive integrate from the ladder's top to the schedule's sigma_min, as
+        # AUTOMATIC1111 passes them (a ladder of one step then still runs it)
+        sigmas = torch.cat([sigmas[:-1], sigmas.new_tensor([schedule.sigma_min])])
     denoiser = spec.make_denoiser(model, schedule, prediction)
     x = spec.fn(denoiser, x, sigmas, generator=generator, callback=callback,
                 disable=not progress, **options)  # fmt: skip
