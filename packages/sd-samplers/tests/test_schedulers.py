@@ -179,6 +179,9 @@ def test_sigma_range_overrides():
         SCHEDULERS["simple"].sigmas(SCHEDULE, 5, rho=2.0)
     with pytest.raises(ValueError, match="integer number of steps >= 1, got 0"):
         SCHEDULERS["beta"].sigmas(SCHEDULE, 0)
+    # Beta(0.1, 0.1)'s quantiles reach 1.0 in float64 well before the end: repeated sigmas
+    with pytest.raises(ValueError, match=r"'Beta' \(alpha=0.1, beta=0.1\) repeats a sigma"):
+        SCHEDULERS["beta"].sigmas(SCHEDULE, 1000, alpha=0.1, beta=0.1)
 
 
 # reference="comfyui": ComfyUI's comfy/samplers.py and its AlignYourStepsScheduler node

@@ -307,7 +307,15 @@ class Scheduler:
                 f"schedule type {self.label!r} takes no option {', '.join(unknown)}; "
                 f"its options: {', '.join(sorted(self.accepted_options())) or 'none'}"
             )
-        return self.fn(schedule, n, **{**self.options, **options})
+        options = {**self.options, **options}
+        sigmas = self.fn(schedule, n, **options)
+        if not bool((sigmas[1:] < sigmas[:-1]).all()):  # a zero-length step divides by zero
+            given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+            raise ValueError(
+                f"schedule type {self.label!r} ({given or 'defaults'}) repeats a sigma at {n} "
+                "steps; use fewer steps or other options"
+            )
+        return sigmas
 
 
 SCHEDULERS: dict[str, Scheduler] = {
