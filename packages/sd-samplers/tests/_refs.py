@@ -13,19 +13,39 @@ import torch
 
 
 class ToyEps(torch.nn.Module):
-    """A small nonlinear eps-predictor of (x_t, t): channel mixing, tanh, a t-dependent bias."""
+    """A small nonlinear eps-predictor of (x_t, t): channel mixing, tanh, a t-dependent bias.
 
-    def __init__(self, channels: int = 4, seed: int = 0):
+    With ``with_uncond=True`` (what the CFG++ samplers ask for) it returns (guided, unconditional)
+    predictions: the unconditional one from a second set of weights, the guided one
+    uncond + `scale` (cond - uncond), as classifier-free guidance combines them.
+    """
+
+    def __init__(self, channels: int = 4, seed: int = 0, scale: float = 0.7):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.w = torch.nn.Parameter(torch.randn(channels, channels, generator=g) / channels**0.5)
         self.b = torch.nn.Parameter(torch.randn(channels, generator=g))
+        self.w_u = torch.nn.Parameter(torch.randn(channels, channels, generator=g) / channels**0.5)
+        self.b_u = torch.nn.Parameter(torch.randn(channels, generator=g))
+        self.scale = scale
 
-    def forward(self, x, t):
+    def _eps(self, x, t, w, b):
         tt = (t.to(x.dtype) / 1000).view(-1, *[1] * (x.ndim - 1))
-        mixed = torch.einsum("bc...,dc->bd...", x, self.w.to(x.dtype))
-        bias = self.b.to(x.dtype).view(1, -1, *[1] * (x.ndim - 2))
+        mixed = torch.einsum("bc...,dc->bd...", x, w.to(x.dtype))
+        bias = b.to(x.dtype).view(1, -1, *[1] * (x.ndim - 2))
         return torch.tanh(mixed + bias * tt) * (1 - 0.5 * tt) + 0.5 * x
+
+    def cond(self, x, t):
+        return self._eps(x, t, self.w, self.b)
+
+    def uncond(self, x, t):
+        return self._eps(x, t, self.w_u, self.b_u)
+
+    def forward(self, x, t, with_uncond=False):
+        if not with_uncond:
+            return self.cond(x, t)
+        uncond = self.uncond(x, t)
+        return uncond + self.scale * (self.cond(x, t) - uncond), uncond
 
 
 class GaussianMixture:
@@ -48,11 +68,12 @@ class GaussianMixture:
     def eps_model(self, schedule):
         """The matching model(x_t, t) -> eps on the VP scale, through the schedule's t -> sigma."""
 
-        def model(x_t, t):
+        def model(x_t, t, with_uncond=False):  # unguided: the unconditional model is the model
             sigma = schedule.t_to_sigma(t.cpu()).to(x_t.device, torch.float64)
             s = sigma.view(-1, *[1] * (x_t.ndim - 1))
             x = x_t.to(torch.float64) * (1 + s**2) ** 0.5
-            return ((x - self.denoise(x, sigma)) / s).to(x_t.dtype)
+            eps = ((x - self.denoise(x, sigma)) / s).to(x_t.dtype)
+            return (eps, eps) if with_uncond else eps
 
         return model
 

@@ -5,6 +5,7 @@ the stochastic ones; diffusers' DDIM/PNDM/DDPM schedulers configured as the orig
 for ddim/plms/ddpm, and its UniPC scheduler run on our ladder for unipc.
 """
 
+import itertools
 import math
 
 import pytest
@@ -199,3 +200,274 @@ def test_unipc_matches_diffusers(variant):
     ours = sample("unipc", eps, noise, schedule, STEPS, progress=False, variant=variant)
     err, rel = _report(f"unipc {variant}", ours, ref)
     assert rel < 1e-5, f"unipc: max abs error {err:.3g} against diffusers"
+
+
+def _kd_denoisers(external, schedule, eps):
+    """k-diffusion CompVisDenoisers of the guided model, its conditional and unconditional parts."""
+    guided = external.CompVisDenoiser(_CompVisModel(eps, schedule))
+    cond = external.CompVisDenoiser(_CompVisModel(eps.cond, schedule))
+    uncond = external.CompVisDenoiser(_CompVisModel(eps.uncond, schedule))
+    return guided, cond, uncond
+
+
+@pytest.mark.parametrize("eta", [None, 0.0])
+@pytest.mark.parametrize("name", ["dpm_fast", "dpm_adaptive"])
+@pytest.mark.parametrize(("steps", "scheduler"), [(1, None), (7, None), (12, None), (20, None),
+                                                  (7, "sgm_uniform"), (9, "karras")])  # fmt: skip
+def test_dpm_fast_and_adaptive_match_k_diffusion(kdiff, name, eta, steps, scheduler):
+    """k-diffusion's sample_dpm_fast(model, x, sigma_min, sigma_max, n) / sample_dpm_adaptive(
+    model, x, sigma_min, sigma_max) as AUTOMATIC1111's txt2img calls them: from the ladder's top
+    to the model's sigma_min whatever the schedule type, n = steps, with the registry's eta
+    (A1111's 1.0) or eta=0."""
+    sampling, external = kdiff
+    schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
+    eps, noise = ToyEps(), _noise(3)
+    options = {} if eta is None else {"eta": eta}
+    g = torch.Generator().manual_seed(5)
+    ours = sample(name, eps, noise, schedule, steps, generator=g, progress=False,
+                  scheduler=scheduler, **options)  # fmt: skip
+    denoiser = external.CompVisDenoiser(_CompVisModel(eps, schedule))
+    sigma_min, sigma_max = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
+    g = torch.Generator().manual_seed(5)
+    kwargs = {"eta": SAMPLERS[name].options["eta"] if eta is None else eta,
+              "noise_sampler": lambda s, s_next: torch.randn(SHAPE, generator=g)}  # fmt: skip
+    x = noise * sigma_max
+    if name == "dpm_fast":
+        ref = sampling.sample_dpm_fast(denoiser, x, sigma_min, sigma_max, steps, disable=True,
+                                       **kwargs)  # fmt: skip
+    else:
+        ref = sampling.sample_dpm_adaptive(denoiser, x, sigma_min, sigma_max, disable=True,
+                                           **kwargs)  # fmt: skip
+    ref = ref / (1 + sigma_min**2) ** 0.5  # x at sigma_min on the VP scale, as sample() returns
+    err, rel = _report(f"{name} eta={eta} steps={steps} {scheduler}", ours, ref)
+    assert rel < 1e-5, f"{name}: max abs error {err:.3g} against k-diffusion"
+
+
+def _a1111_restart_pairs(sampling, sigmas):
+    """AUTOMATIC1111's restart_sampler step list (sd_samplers_extra.py), written out with
+    k-diffusion's get_sigmas_karras on torch tensors as there."""
+    steps = sigmas.shape[0] - 1
+    restart_list = {}
+    if steps >= 20:
+        restart_steps, restart_times = 9, 1
+        if steps >= 36:
+            restart_steps, restart_times = steps // 4, 2
+        sigmas = sampling.get_sigmas_karras(steps - restart_steps * restart_times,
+                                            sigmas[-2].item(), sigmas[0].item())  # fmt: skip
+        restart_list = {0.1: [restart_steps + 1, restart_times, 2]}
+    restart_list = {int(torch.argmin(abs(sigmas - k), dim=0)): v for k, v in restart_list.items()}
+    pairs = []
+    for i in range(len(sigmas) - 1):
+        pairs.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in restart_list:
+            n, times, high = restart_list[i + 1]
+            max_idx = int(torch.argmin(abs(sigmas - high), dim=0))
+            if max_idx < i + 1:
+                restart = sampling.get_sigmas_karras(n, sigmas[i + 1].item(),
+                                                     sigmas[max_idx].item())[:-1]  # fmt: skip
+                pairs.extend(list(itertools.pairwise(restart)) * times)
+    return pairs
+
+
+@pytest.mark.parametrize("steps", [8, 20, 36, 40])
+def test_restart_matches_a1111s_with_k_diffusion_heun(kdiff, steps):
+    """Restart = k-diffusion's Heun step on each pair of A1111's step list, with fresh noise
+    x += randn * sqrt(sigma^2 - last^2) wherever the list jumps back up."""
+    sampling, external = kdiff
+    schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
+    eps, noise = ToyEps(), _noise(4)
+    ours = sample("restart", eps, noise, schedule, steps, progress=False,
+                  generator=torch.Generator().manual_seed(6))  # fmt: skip
+    denoiser = external.CompVisDenoiser(_CompVisModel(eps, schedule))
+    sigmas = SAMPLERS["restart"].sigmas(schedule, steps)
+    pairs = _a1111_restart_pairs(sampling, sigmas)
+    assert len(pairs) == steps
+    g, x, last = torch.Generator().manual_seed(6), noise * sigmas[0], None
+    for sigma, sigma_next in pairs:
+        if last is not None and last < sigma:
+            x = x + torch.randn(SHAPE, generator=g) * (sigma**2 - last**2) ** 0.5
+        x = sampling.sample_heun(denoiser, x, torch.stack([sigma, sigma_next]), disable=True)
+        last = sigma_next
+    err, rel = _report(f"restart steps={steps}", ours, x)
+    assert rel < 1e-5, f"restart: max abs error {err:.3g} against A1111's construction"
+
+
+def _a1111_lcm_denoiser(external, eps, schedule):
+    """AUTOMATIC1111's LCMCompVisDenoiser (sd_samplers_lcm.py), written out on k-diffusion's
+    DiscreteEpsDDPMDenoiser: the 50 LCM alphas, sigma snapped to the nearest of them and passed
+    to the model as t = 20 k + 19, and the boundary condition with sigma_data 0.5, t * 10."""
+
+    class LCMCompVisDenoiser(external.DiscreteEpsDDPMDenoiser):
+        def __init__(self):
+            valid = torch.zeros(50)
+            for x in range(50):
+                valid[49 - x] = schedule.alphas_cumprod[999 - x * 20]
+            super().__init__(eps, valid, quantize=None)
+
+        def get_sigmas(self, n):
+            start, end = self.sigma_to_t(self.sigma_max), self.sigma_to_t(self.sigma_min)
+            return torch.cat([self.t_to_sigma(torch.linspace(start, end, n)), torch.zeros(1)])
+
+        def sigma_to_t(self, sigma, quantize=None):
+            dists = sigma.log() - self.log_sigmas[:, None]
+            return dists.abs().argmin(dim=0).view(sigma.shape) * 20 + 19
+
+        def t_to_sigma(self, timestep):
+            t = torch.clamp(((timestep - 19) / 20).float(), min=0, max=len(self.sigmas) - 1)
+            return super().t_to_sigma(t)
+
+        def forward(self, input, sigma):
+            c_out, c_in = [x.view(-1, 1, 1, 1) for x in self.get_scalings(sigma)]
+            out = input + self.get_eps(input * c_in, self.sigma_to_t(sigma)) * c_out
+            scaled = self.sigma_to_t(sigma).view(-1, 1, 1, 1) * 10.0
+            c_skip = 0.25 / (scaled**2 + 0.25)
+            return scaled / (scaled**2 + 0.25) ** 0.5 * out + c_skip * input
+
+    return LCMCompVisDenoiser()
+
+
+@pytest.mark.parametrize(("scheduler", "steps"), [(None, 4), (None, 6), ("karras", 6),
+                                                  ("simple", 5), ("sgm_uniform", 4)])  # fmt: skip
+def test_lcm_matches_a1111s(kdiff, scheduler, steps):
+    """A1111's LCM: its sample_lcm loop (x = D(x), then x += sigma_next * noise) on its
+    LCMCompVisDenoiser, whose own get_sigmas is the default ladder; a scheduler's ladder is built
+    on the 50 LCM sigmas, as A1111 passes that denoiser as the inner model."""
+    _, external = kdiff
+    schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
+    eps, noise = ToyEps(), _noise(5)
+    ours = sample("lcm", eps, noise, schedule, steps, progress=False, scheduler=scheduler,
+                  generator=torch.Generator().manual_seed(8))  # fmt: skip
+    denoiser = _a1111_lcm_denoiser(external, eps, schedule)
+    sigmas = SAMPLERS["lcm"].sigmas(schedule, steps, scheduler)
+    if scheduler is None:
+        torch.testing.assert_close(sigmas, denoiser.get_sigmas(steps), rtol=1e-6, atol=0)
+    g, x = torch.Generator().manual_seed(8), noise * sigmas[0]
+    for i in range(len(sigmas) - 1):
+        x = denoiser(x, sigmas[i] * x.new_ones([x.shape[0]]))
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * torch.randn(SHAPE, generator=g)
+    _err, rel = _report(f"lcm {scheduler} {steps}", ours, x)
+    assert rel < 1e-5
+
+
+@pytest.mark.parametrize(("name", "eta"), [("euler_cfg_pp", 0.0), ("euler_a_cfg_pp", 1.0),
+                                           ("euler_a_cfg_pp", 0.5)])  # fmt: skip
+def test_euler_cfg_pp_matches_comfyuis(kdiff, name, eta):
+    """ComfyUI's sample_euler(_ancestral)_cfg_pp on k-diffusion's denoisers of the conditional and
+    unconditional models: D = D_u + scale (D_c - D_u); d = (x - D_u) / sigma; x = D + d sigma_down
+    (+ noise sigma_up), the last step to 0 giving D."""
+    sampling, external = kdiff
+    schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
+    eps, noise = ToyEps(scale=0.6), _noise(6)
+    options = {"eta": eta} if name == "euler_a_cfg_pp" else {}
+    ours = sample(name, eps, noise, schedule, STEPS, progress=False,
+                  generator=torch.Generator().manual_seed(9), **options)  # fmt: skip
+    _, cond, uncond = _kd_denoisers(external, schedule, eps)
+    sigmas = SAMPLERS[name].sigmas(schedule, STEPS)
+    g, x = torch.Generator().manual_seed(9), noise * sigmas[0]
+    for i in range(len(sigmas) - 1):
+        s_in = sigmas[i] * x.new_ones([x.shape[0]])
+        d_u, d_c = uncond(x, s_in), cond(x, s_in)
+        denoised = d_u + eps.scale * (d_c - d_u)
+        sigma_down, sigma_up = sampling.get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        x = denoised + sampling.to_d(x, sigmas[i], d_u) * sigma_down
+        if sigmas[i + 1] > 0 and eta:
+            x = x + torch.randn(SHAPE, generator=g) * sigma_up
+    _err, rel = _report(f"{name} eta={eta}", ours, x)
+    assert rel < 1e-5
+
+
+@pytest.mark.parametrize(("eta", "steps"), [(0.0, 20), (0.0, 7), (0.6, 20)])
+def test_ddim_cfg_pp_matches_a1111s(eta, steps):
+    """A1111's ddim_cfgpp (sd_samplers_timesteps_impl.py), written out on the VP scale with the
+    CompVis timesteps and alphas_cumprod: x_prev = sqrt(a_prev) x0(e_guided) +
+    sqrt(1 - a_prev - s_t^2) e_uncond + s_t noise."""
+    schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
+    eps, noise = ToyEps(scale=0.6), _noise(7)
+    ours = sample("ddim_cfg_pp", eps, noise, schedule, steps, progress=False, eta=eta,
+                  generator=torch.Generator().manual_seed(10))  # fmt: skip
+    ac = schedule.alphas_cumprod.double()
+    timesteps = [t + 1 for t in range(0, 1000, 1000 // steps)][:steps]  # CompVis, shifted by one
+    g, x = torch.Generator().manual_seed(10), noise.double()
+    for index in reversed(range(steps)):
+        t = timesteps[index]
+        a_t, a_prev = ac[t], ac[timesteps[index - 1]] if index > 0 else ac[0]
+        s_t = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        t_in = torch.full((SHAPE[0],), float(t))
+        e_t, e_u = (e.double() for e in eps(x.float(), t_in, with_uncond=True))
+        pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t**0.5
+        x = a_prev**0.5 * pred_x0 + (1 - a_prev - s_t**2) ** 0.5 * e_u
+        if eta:
+            x = x + s_t * torch.randn(SHAPE, generator=g)
+    _err, rel = _report(f"ddim_cfg_pp eta={eta} steps={steps}", ours, x.float())
+    assert rel < 1e-5
+
+
+def test_ipndm_matches_comfyuis(kdiff):
+    """ComfyUI's sample_ipndm on k-diffusion's denoiser: Adams-Bashforth with fixed coefficients
+    on d = (x - D) / sigma, an Euler first step, D as the last step."""
+    _, external = kdiff
+    schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
+    eps, noise = ToyEps(), _noise(8)
+    ours = sample("ipndm", eps, noise, schedule, STEPS, progress=False)
+    denoiser = external.CompVisDenoiser(_CompVisModel(eps, schedule))
+    sigmas = SAMPLERS["ipndm"].sigmas(schedule, STEPS)
+    coefficients = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
+                    4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}  # fmt: skip
+    x, history = noise * sigmas[0], []
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * x.new_ones([x.shape[0]]))
+        d = (x - denoised) / sigmas[i]
+        history.insert(0, d)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            order = min(4, i + 1)
+            x = x + (sigmas[i + 1] - sigmas[i]) * sum(
+                c * h for c, h in zip(coefficients[order], history[:order])
+            )
+    _err, rel = _report("ipndm", ours, x)
+    assert rel < 1e-5
+
+
+@pytest.mark.parametrize(("eta", "s_noise"), [(0.0, 1.0), (0.5, 0.8), (1.0, 0.0)])
+def test_euler_a_eta_and_s_noise_match_k_diffusion(kdiff, eta, s_noise):
+    sampling, external = kdiff
+    schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
+    eps, noise = ToyEps(), _noise(9)
+    ours = sample("euler_a", eps, noise, schedule, STEPS, progress=False, eta=eta,
+                  s_noise=s_noise, generator=torch.Generator().manual_seed(11))  # fmt: skip
+    denoiser = external.CompVisDenoiser(_CompVisModel(eps, schedule))
+    sigmas = SAMPLERS["euler_a"].sigmas(schedule, STEPS)
+    g = torch.Generator().manual_seed(11)
+    ref = sampling.sample_euler_ancestral(
+        denoiser, noise * sigmas[0], sigmas, disable=True, eta=eta, s_noise=s_noise,
+        noise_sampler=lambda s, s_next: torch.randn(SHAPE, generator=g),
+    )  # fmt: skip
+    _err, rel = _report(f"euler_a eta={eta} s_noise={s_noise}", ours, ref)
+    assert rel < 1e-5
+    if eta == 0.0:  # no noise at all: Euler
+        plain = sample("euler", eps, noise, schedule, STEPS, progress=False)
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheduler", ["beta", "align_your_steps", "kl_optimal", "sgm_uniform"])
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "dpm2", "lms", "dpmpp_2s_a"])
+def test_k_samplers_on_other_schedulers_match_k_diffusion(kdiff, name, scheduler):
+    """Any k-sampler on any schedule: k-diffusion's function given the scheduler's sigmas."""
+    sampling, external = kdiff
+    schedule = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
+    eps, noise = ToyEps(), _noise(10)
+    ours = sample(name, eps, noise, schedule, STEPS, progress=False, scheduler=scheduler,
+                  generator=torch.Generator().manual_seed(12))  # fmt: skip
+    sigmas = SAMPLERS[name].sigmas(schedule, STEPS, scheduler)
+    g = torch.Generator().manual_seed(12)
+    kwargs = {}
+    if name in ANCESTRAL:
+        kwargs["noise_sampler"] = lambda s, s_next: torch.randn(SHAPE, generator=g)
+    denoiser = external.CompVisDenoiser(_CompVisModel(eps, schedule))
+    ref = getattr(sampling, K_FUNCTIONS[name])(denoiser, noise * sigmas[0], sigmas, disable=True,
+                                               **kwargs)  # fmt: skip
+    ref = ref / (1 + sigmas[-1].item() ** 2) ** 0.5
+    _err, rel = _report(f"{name} on {scheduler}", ours, ref)
+    assert rel < 1e-5

@@ -1,13 +1,17 @@
-"""Noise schedules and samplers for diffusion models: DDIM, PLMS, Euler, DPM++, UniPC and more, model-agnostic."""
+"""Noise schedules, sigma schedulers and samplers for diffusion models: DDIM, PLMS, Euler, DPM++,
+UniPC, Restart, LCM, CFG++ and more, model-agnostic."""
 
 from sd_samplers._version import __version__
-from sd_samplers.denoiser import Denoiser
+from sd_samplers.denoiser import Denoiser, LCMDenoiser, lcm_schedule
 from sd_samplers.k_samplers import (
     get_ancestral_step,
     sample_ddim,
+    sample_ddim_cfg_pp,
     sample_ddpm,
     sample_dpm_2,
     sample_dpm_2_ancestral,
+    sample_dpm_adaptive,
+    sample_dpm_fast,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
     sample_dpmpp_2s_ancestral,
@@ -15,31 +19,58 @@ from sd_samplers.k_samplers import (
     sample_dpmpp_sde,
     sample_euler,
     sample_euler_ancestral,
+    sample_euler_ancestral_cfg_pp,
+    sample_euler_cfg_pp,
     sample_heun,
+    sample_ipndm,
+    sample_lcm,
     sample_lms,
     sample_plms,
+    sample_restart,
     sample_unipc,
 )
 from sd_samplers.noise import BrownianTreeNoise, GaussianNoise
-from sd_samplers.sampling import SAMPLERS, Sampler, sample, sampler_from_label, sampler_label
+from sd_samplers.sampling import (
+    SAMPLERS,
+    Sampler,
+    parse_sampler,
+    sample,
+    sampler_from_label,
+    sampler_label,
+    split_sampler,
+)
 from sd_samplers.schedule import NoiseSchedule, exponential_sigmas, karras_sigmas
+from sd_samplers.schedulers import (
+    SCHEDULERS,
+    Scheduler,
+    scheduler_from_label,
+    scheduler_label,
+)
 
 __all__ = [
     "SAMPLERS",
+    "SCHEDULERS",
     "BrownianTreeNoise",
     "Denoiser",
     "GaussianNoise",
+    "LCMDenoiser",
     "NoiseSchedule",
     "Sampler",
+    "Scheduler",
     "__version__",
     "exponential_sigmas",
     "get_ancestral_step",
     "karras_sigmas",
+    "lcm_schedule",
+    "parse_sampler",
     "sample",
     "sample_ddim",
+    "sample_ddim_cfg_pp",
     "sample_ddpm",
     "sample_dpm_2",
     "sample_dpm_2_ancestral",
+    "sample_dpm_adaptive",
+    "sample_dpm_fast",
     "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde",
     "sample_dpmpp_2s_ancestral",
@@ -47,10 +78,18 @@ __all__ = [
     "sample_dpmpp_sde",
     "sample_euler",
     "sample_euler_ancestral",
+    "sample_euler_ancestral_cfg_pp",
+    "sample_euler_cfg_pp",
     "sample_heun",
+    "sample_ipndm",
+    "sample_lcm",
     "sample_lms",
     "sample_plms",
+    "sample_restart",
     "sample_unipc",
     "sampler_from_label",
     "sampler_label",
+    "scheduler_from_label",
+    "scheduler_label",
+    "split_sampler",
 ]
