@@ -283,3 +283,25 @@ def test_embeddings_folder_and_weighted_prompts(run, tmp_path, tiny_checkpoint):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
     code, _, err = run("x", "--embeddings", str(tmp_path / "nope"), "-o", str(tmp_path / "c.png"))
     assert code == 2 and "--embeddings" in err and "no such file or folder" in err
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "sgm_uniform", "beta", "align_your_steps"])
+def test_sampler_with_another_scheduler_round_trips(run, tmp_path, scheduler):
+    """Any k-sampler on any sigma schedule, written as AUTOMATIC1111 1.9+ writes it."""
+    first = tmp_path / "first.png"
+    code, _, err = run("a dog", "-o", str(first), "--seed", "4", "--width", "16", "--height",
+                       "16", "--sampler", "euler", "--scheduler", scheduler)  # fmt: skip
+    assert code == 0, err
+    params = read_parameters(first)
+    assert (params.sampler, params.scheduler) == ("euler", scheduler)
+    from PIL import Image as _Image
+
+    text = _Image.open(first).info["parameters"]
+    assert "Sampler: Euler, Schedule type: " in text
+    again = tmp_path / "again.png"
+    code, _, err = run("--from-png", str(first), "-o", str(again))
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    code, _, err = run("x", "--sampler", "ddim", "--scheduler", "karras", "-o",
+                       str(tmp_path / "x.png"))  # fmt: skip
+    assert code == 2 and "--scheduler does not apply to sampler 'ddim'" in err

@@ -93,7 +93,7 @@ def test_sampler_names():
     assert sampler_name("DPM++ 2M Karras") == "dpmpp_2m_karras"
     assert sampler_name("Euler a") == "euler_a"
     assert sampler_name("DPM++ 2M", "Karras") == "dpmpp_2m_karras"
-    assert sampler_name("DPM fast") == "DPM fast"  # unknown: kept for the error message
+    assert sampler_name("Warp drive") == "Warp drive"  # unknown: kept for the error message
 
 
 def test_png_round_trip(tmp_path):

@@ -29,6 +29,7 @@ FLAGS = {
     "negative_prompts": "--negative",
     "steps": "--steps",
     "sampler": "--sampler",
+    "scheduler": "--scheduler",
     "guidance_scale": "--cfg",
     "seed": "--seed",
     "width": "--width",
@@ -51,6 +52,7 @@ PNG_FIELDS = {
     "negative_prompts": "Negative prompt",
     "steps": "Steps",
     "sampler": "Sampler",
+    "scheduler": "Schedule type",
     "guidance_scale": "CFG scale",
     "seed": "Seed",
     "width": "Size",
@@ -85,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sampler", help="sampler (default: the model's, euler_a for SD 1.x); see --list-samplers"
     )
+    p.add_argument(
+        "--scheduler", help="sigma schedule for the sampler: karras, exponential, sgm_uniform, "
+        "simple, normal, ddim_uniform, beta, kl_optimal, align_your_steps, polyexponential",
+    )  # fmt: skip
     p.add_argument(
         "--cfg", type=float, help="guidance scale (default: the model's, 7.5 for SD 1.x)"
     )
@@ -214,6 +220,7 @@ def build_request(args: argparse.Namespace):
         negative_prompts=None if args.negative is None else (args.negative,),
         steps=args.steps,
         sampler=args.sampler,
+        scheduler=args.scheduler,
         guidance_scale=args.cfg,
         seed=args.seed,
         width=args.width,
@@ -258,6 +265,7 @@ def _png_fields(path: Path):
         negative_prompts=(params.negative_prompt,),
         steps=params.steps,
         sampler=params.sampler,
+        scheduler=params.scheduler,
         guidance_scale=params.cfg_scale,
         seed=params.seed,
         width=params.width,

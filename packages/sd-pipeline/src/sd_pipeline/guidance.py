@@ -106,17 +106,22 @@ class GuidedModel:
             if len({c.shape[1] for c in contexts}) == 1:
                 self._fixed = torch.cat(contexts)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, with_uncond: bool = False):
+        """The guided prediction; with ``with_uncond`` (what CFG++ samplers ask for), the pair
+        (guided, unconditional) from the same UNet call."""
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1)
         t = t.expand(x.shape[0]) if t.numel() == 1 else t
         x_in = pad_to(self._inpainting_input(x, t).to(self.dtype), self.multiple)
         fixed = self._fixed
-        out = self._grouped(x_in, t) if fixed is None else self.unet(x_in, t, fixed)
-        out = out[..., : x.shape[-2], : x.shape[-1]].float()
-        out = guide(out, self.weights, self.scale, self.guided)
+        raw = self._grouped(x_in, t) if fixed is None else self.unet(x_in, t, fixed)
+        raw = raw[..., : x.shape[-2], : x.shape[-1]].float()
+        out = guide(raw, self.weights, self.scale, self.guided)
         self.calls += 1
         self._note_finite(out)
-        return out
+        if not with_uncond:
+            return out
+        has_uncond = self.conditioning.uncond is not None
+        return out, raw[: x.shape[0]] if has_uncond else out
 
     def current_step(self) -> int:
         """The sampling step the next call belongs to."""

@@ -43,15 +43,41 @@ def sampler_label(name: str) -> str:
 
 
 def sampler_name(label: str, schedule_type: str | None = None) -> str:
-    """Our sampler name for an AUTOMATIC1111 label (and its 1.9+ ``Schedule type`` field).
+    """Our sampler name for an AUTOMATIC1111 label (and its 1.9+ ``Schedule type`` field), for
+    the combinations that have one (``DPM++ 2M`` + ``Karras`` -> ``dpmpp_2m_karras``).
 
     Labels sd-samplers does not know come back unchanged, so that reading a PNG never fails on
     them and the request's check can name them.
     """
+    return read_sampler(label, schedule_type)[0]
+
+
+def read_sampler(label: str, schedule_type: str | None = None) -> tuple[str, str | None]:
+    """(sampler, scheduler) for an AUTOMATIC1111 label and ``Schedule type``: a combination
+    with a name of its own comes back as that name and no scheduler (``dpmpp_2m_karras``,
+    None), any other as the base sampler and the scheduler (``euler``, ``karras``). An unknown
+    label comes back as it is."""
     try:
-        return sd_samplers.sampler_from_label(label, schedule_type)
+        base, scheduler = sd_samplers.parse_sampler(label, schedule_type)
     except ValueError:
-        return label.strip()
+        return label.strip(), None
+    if scheduler is not None and f"{base}_{scheduler}" in sd_samplers.SAMPLERS:
+        return f"{base}_{scheduler}", None
+    return base, scheduler
+
+
+def write_sampler(name: str, scheduler: str | None) -> dict[str, str]:
+    """The ``Sampler`` (and ``Schedule type``) fields as AUTOMATIC1111 1.9+ writes them: the
+    base sampler's label, the ladder apart."""
+    try:
+        base, suffix = sd_samplers.split_sampler(name)
+    except ValueError:
+        return {"Sampler": name}
+    fields = {"Sampler": sd_samplers.sampler_label(base)}
+    scheduler = scheduler or suffix
+    if scheduler is not None:
+        fields["Schedule type"] = sd_samplers.scheduler_label(scheduler)
+    return fields
 
 
 @dataclass
@@ -62,6 +88,7 @@ class GenerationParameters:
     negative_prompt: str = ""
     steps: int = 20
     sampler: str = "euler_a"
+    scheduler: str | None = None  # a sigma schedule apart from the sampler's own (sd-samplers')
     cfg_scale: float = 7.5
     seed: int | None = None
     width: int | None = None
@@ -76,7 +103,7 @@ class GenerationParameters:
         """The ``parameters`` chunk text, in AUTOMATIC1111's format."""
         fields: dict[str, object] = {
             "Steps": self.steps,
-            "Sampler": sampler_label(self.sampler),
+            **write_sampler(self.sampler, self.scheduler),
             "CFG scale": f"{self.cfg_scale:g}",
         }
         if self.seed is not None:
@@ -121,7 +148,7 @@ class GenerationParameters:
         try:
             params.steps = int(pairs.pop("Steps"))
             if "Sampler" in pairs:
-                params.sampler = sampler_name(
+                params.sampler, params.scheduler = read_sampler(
                     pairs.pop("Sampler"), pairs.pop("Schedule type", None)
                 )
             if "CFG scale" in pairs:

@@ -443,18 +443,19 @@ class StableDiffusion(Tasks):
 
     def _sample_rows(self, request, conditioning, start: Start, rows: slice, options, callback,
                      progress) -> torch.Tensor:  # fmt: skip
+        spec = SAMPLERS[request.sampler]
         model = GuidedModel(
             self.unet if self._compiled_unet is None else self._compiled_unet,
             conditioning,
             rows,
-            scale=request.guidance_scale,
+            scale=request.guidance_scale * spec.cfg_scale_multiplier,
             guided=request.guided,
             schedule=self.schedule,
             dtype=self.dtype,
             multiple=2 ** (len(self.unet.config.channel_mult) - 1),
             inpainting=_inpainting_rows(start.inpainting, rows),
-            calls_per_step=2 if SAMPLERS[request.sampler].second_order else 1,
-            warmup_calls=SAMPLERS[request.sampler].warmup_calls,
+            calls_per_step=2 if spec.second_order else 1,
+            warmup_calls=spec.warmup_calls,
         )
         extra = {}
         if start.init_latents is not None:
@@ -470,7 +471,8 @@ class StableDiffusion(Tasks):
         try:
             x = sample(request.sampler, model, start.noise[rows], self.schedule, request.steps,
                        generator=start.generators[rows.start], callback=on_step,
-                       progress=progress, **extra, **options)  # fmt: skip
+                       progress=progress, scheduler=request.scheduler, **extra,
+                       **options)  # fmt: skip
         except StopSampling:
             self._stopped = True
             x = latest.get("denoised", self._starting_latents(start, rows))
@@ -530,6 +532,7 @@ class StableDiffusion(Tasks):
                 negative_prompt=negative,
                 steps=request.steps,
                 sampler=request.sampler,
+                scheduler=request.scheduler,
                 cfg_scale=float(request.guidance_scale),
                 seed=seed,
                 width=request.width,

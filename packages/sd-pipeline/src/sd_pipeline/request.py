@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from sd_samplers import SAMPLERS
+from sd_samplers import SAMPLERS, SCHEDULERS
 
 __all__ = [
     "HIRES_UPSCALERS",
@@ -138,6 +138,7 @@ class GenerationRequest:
     negative_prompts: tuple[str, ...] = ("",)  # one for all prompts, or one per prompt
     steps: int | None = None
     sampler: str | None = None
+    scheduler: str | None = None  # a sigma schedule of sd-samplers' SCHEDULERS (karras, ...)
     guidance_scale: float | None = None  # 1 switches classifier-free guidance off
     seed: int | None = None  # image i uses seed + i; None or -1: a random seed
     width: int | None = None  # None: the image's size, else the model's native size
@@ -329,6 +330,17 @@ class GenerationRequest:
             raise RequestError(
                 "sampler", f"{self.sampler!r} is unknown; choose from: {', '.join(SAMPLERS)}"
             )
+        if self.scheduler is not None:
+            if self.scheduler not in SCHEDULERS:
+                raise RequestError(
+                    "scheduler", f"{self.scheduler!r} is unknown; choose from: "
+                    f"{', '.join(SCHEDULERS)}"
+                )  # fmt: skip
+            if not spec.takes_scheduler:
+                raise RequestError(
+                    "scheduler", f"does not apply to sampler {self.sampler!r}, which runs on "
+                    "the original CompVis timesteps (AUTOMATIC1111 ignores it there too)"
+                )  # fmt: skip
         accepted = spec.accepted_options()
         for name, value in self.sampler_options:
             if name not in accepted:

@@ -23,7 +23,9 @@ class Tasks:
     """txt2img, img2img and inpaint. Arguments they share:
 
     ``prompt``: one text or a list (``batch_size`` images of each), in AUTOMATIC1111's prompt
-    language. ``seed``: image i uses ``seed + i`` (random when None or -1), so a batch repeats
+    language. ``sampler`` (an sd-samplers name) may run on another sigma ``scheduler``
+    (``karras``, ``exponential``, ``sgm_uniform``, ...: AUTOMATIC1111's "Schedule type").
+    ``seed``: image i uses ``seed + i`` (random when None or -1), so a batch repeats
     single runs; ``subseed``/``subseed_strength`` mix in a variation seed,
     ``seed_resize_from=(w, h)`` keeps a seed's composition at another size, ``rng`` picks the
     random numbers' source (``"cpu"``, ``"gpu"``, ``"nv"``: see ``sd_pipeline.noise``).
@@ -48,6 +50,7 @@ class Tasks:
         steps: int | None = None,
         guidance_scale: float | None = None,
         sampler: str | None = None,
+        scheduler: str | None = None,
         seed: int | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -73,6 +76,7 @@ class Tasks:
             negative_prompts=as_texts(negative_prompt, "negative_prompt"),
             steps=steps,
             sampler=sampler,
+            scheduler=scheduler,
             guidance_scale=guidance_scale,
             seed=seed,
             width=width,
@@ -101,6 +105,7 @@ class Tasks:
         steps: int | None = None,
         guidance_scale: float | None = None,
         sampler: str | None = None,
+        scheduler: str | None = None,
         seed: int | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -131,6 +136,7 @@ class Tasks:
             negative_prompts=as_texts(negative_prompt, "negative_prompt"),
             steps=steps,
             sampler=sampler,
+            scheduler=scheduler,
             guidance_scale=guidance_scale,
             seed=seed,
             width=width,
@@ -164,6 +170,7 @@ class Tasks:
         steps: int | None = None,
         guidance_scale: float | None = None,
         sampler: str | None = None,
+        scheduler: str | None = None,
         seed: int | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -198,6 +205,7 @@ class Tasks:
             negative_prompts=as_texts(negative_prompt, "negative_prompt"),
             steps=steps,
             sampler=sampler,
+            scheduler=scheduler,
             guidance_scale=guidance_scale,
             seed=seed,
             width=width,
