@@ -24,10 +24,14 @@ def api(server) -> webuiapi.WebUIApi:
 
 
 def close(a: Image.Image, b: Image.Image) -> bool:
-    """Same picture: the server runs on 2 threads, the test on 1, so float sums may round apart
-    by a level or two of 255; different seeds differ by far more."""
+    """Same picture: float sums round apart between thread counts and batch shapes (the server
+    runs on 2 threads, the test on 1), by a level of 255 on most pixels and, through the random
+    weights' steep spots, a few more on some; different seeds differ by tens on average."""
     x, y = np.asarray(a.convert("RGB"), np.int16), np.asarray(b.convert("RGB"), np.int16)
-    return x.shape == y.shape and int(np.abs(x - y).max()) <= 3
+    if x.shape != y.shape:
+        return False
+    difference = np.abs(x - y)
+    return float(difference.mean()) < 0.5 and int(difference.max()) <= 32
 
 
 def params_of(image: Image.Image) -> GenerationParameters:
