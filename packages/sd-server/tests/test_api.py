@@ -231,6 +231,32 @@ def test_a_client_that_leaves_takes_its_job_with_it(server):
         assert time.monotonic() - start < 20
 
 
+def test_a_waiting_client_that_leaves_is_dropped_from_the_queue(server):
+    import httpx
+
+    answers = {}
+
+    def long_job():
+        with server.client() as c:
+            answers["long"] = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1000,
+                                                                **SMALL})  # fmt: skip
+
+    with server.client() as client:
+        before = client.get("/internal/queue").json()["completed"]
+        runner = threading.Thread(target=long_job)
+        runner.start()
+        _wait_for(lambda: client.get("/internal/queue").json()["running"] == "txt2img")
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/sdapi/v1/txt2img", json={"prompt": "y", **SMALL}, timeout=1.5)
+        _wait_for(lambda: client.get("/internal/queue").json()["waiting"] == 0, timeout=10)
+        client.post("/sdapi/v1/interrupt")
+        runner.join(60)
+        assert answers["long"].status_code == 200
+        # the long job ran (interrupted); the one whose client left never did
+        _wait_for(lambda: client.get("/internal/queue").json()["running"] is None)
+        assert client.get("/internal/queue").json()["completed"] == before + 1
+
+
 def test_unknown_and_unsupported_fields_are_listed(server):
     with server.client() as client:
         answer = client.post("/sdapi/v1/txt2img", json={

@@ -96,6 +96,11 @@ def test_generate_from_the_page(server, browser, tmp_path):
     caption = page.locator("#gallery pre").first.inner_text()
     assert "Denoising strength: 0.6" in caption
     page.screenshot(path=str(tmp_path / "page-img2img.png"), full_page=True)
+
+    # the model switcher loads the other checkpoint in the background, then comes back
+    for title in ("other.safetensors", "tiny.safetensors"):
+        page.get_by_label("Model").select_option(title)
+        page.locator("#model-status").filter(has_text=f"{title} loaded").wait_for()
     assert errors == []
 
 
