@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import struct
 import threading
 import time
@@ -61,6 +62,8 @@ TXT2IMG = [
     ({"prompt": 5}, "prompt"),
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": "x" * 100_001}, "prompt"),
+    ({"prompt": "\ud800"}, "prompt"),  # a lone surrogate: not encodable text
+    ({"steps": True}, "steps"),
     ({"negative_prompt": None}, "negative_prompt"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 9}}, "CLIP_stop_at_last_layers"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "CLIP_stop_at_last_layers"),
@@ -93,8 +96,11 @@ def check_422(answer: httpx.Response, field: str) -> None:
 
 @pytest.mark.parametrize(("fields", "field"), TXT2IMG, ids=[f for _, f in TXT2IMG])
 def test_txt2img_422(server, fields, field):
+    body = json.dumps({**SMALL, **fields})  # ASCII with \u escapes: a lone surrogate survives
     with server.client() as client:
-        check_422(client.post("/sdapi/v1/txt2img", json={**SMALL, **fields}), field)
+        answer = client.post("/sdapi/v1/txt2img", content=body,
+                             headers={"Content-Type": "application/json"})  # fmt: skip
+        check_422(answer, field)
 
 
 @pytest.mark.parametrize(("fields", "field"), IMG2IMG, ids=[str(i) for i in range(len(IMG2IMG))])
@@ -106,7 +112,8 @@ def test_img2img_422(server, fields, field):
 
 def test_bodies_that_are_not_requests(server):
     with server.client() as client:
-        for content in (b'{"prompt": "x",', b"[1, 2]", b"prompt=x", b""):
+        deep = b"[" * 100_000 + b"]" * 100_000
+        for content in (b'{"prompt": "x",', b"[1, 2]", b"prompt=x", b"", b"\xff\xfe", deep):
             answer = client.post("/sdapi/v1/txt2img", content=content,
                                  headers={"Content-Type": "application/json"})  # fmt: skip
             assert answer.status_code == 422, (content, answer.text)
@@ -121,6 +128,7 @@ def test_bodies_that_are_not_requests(server):
         check_422(client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": "x"}),
                   "CLIP_stop_at_last_layers")  # fmt: skip
         check_422(client.post("/sdapi/v1/options", json=[1]), "body")
+        check_422(client.post("/sdapi/v1/options", content=deep), "body")
 
 
 def test_oversize_body_is_refused(server):

@@ -10,9 +10,9 @@ ignored.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 __all__ = [
     "IMG2IMG_NOOP",
@@ -24,6 +24,18 @@ __all__ = [
 ]
 
 
+def _not_bool(value: Any) -> Any:
+    """pydantic turns ``true`` into 1 for an int field; a count or a seed given as a boolean is
+    a client's mistake to report, not to guess."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
 class Txt2ImgRequest(BaseModel):
     """``POST /sdapi/v1/txt2img``. ``None`` means the model's default (steps, CFG, sampler,
     size), unlike AUTOMATIC1111's fixed 50 steps / 512 px, so a small model gets its own."""
@@ -32,16 +44,16 @@ class Txt2ImgRequest(BaseModel):
 
     prompt: str = ""
     negative_prompt: str = ""
-    seed: int = -1
+    seed: Int = -1
     sampler_name: str | None = None
     sampler_index: str | None = None  # AUTOMATIC1111's deprecated spelling of sampler_name
     scheduler: str | None = None
-    steps: int | None = None
-    cfg_scale: float | None = None
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
+    steps: Int | None = None
+    cfg_scale: Float | None = None
+    width: Int | None = None
+    height: Int | None = None
+    batch_size: Int = 1
+    n_iter: Int = 1
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
@@ -53,11 +65,11 @@ class Img2ImgRequest(Txt2ImgRequest):
 
     init_images: list[Any] = Field(default_factory=list)
     mask: str | None = None
-    denoising_strength: float | None = None
-    mask_blur: float | None = None
-    inpainting_fill: int = 1
+    denoising_strength: Float | None = None
+    mask_blur: Float | None = None
+    inpainting_fill: Int = 1
     inpaint_full_res: bool | int = False
-    inpainting_mask_invert: int = 0
+    inpainting_mask_invert: Int = 0
     include_init_images: bool = False
 
 

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from sd_pipeline import GenerationParameters, RequestError, StableDiffusion, save_image
 from sd_pipeline.previews import latent_preview
@@ -391,6 +392,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError):
         return _error(422, _validation_detail(exc))
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        if exc.status_code == 400:  # FastAPI's "error parsing the body": say what it was
+            return _error(422, "the request body is not valid JSON (nested too deeply, or not "
+                               "UTF-8 text)")  # fmt: skip
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
     @app.exception_handler(BadInput)
     async def bad_input(request: Request, exc: BadInput):
         return _error(422, str(exc))
@@ -500,7 +508,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     async def set_options(request: Request):
         try:
             options = await request.json()
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise BadInput("the request body", f"is not valid JSON ({e})") from None
         if not isinstance(options, dict):
             raise BadInput("the request body", "must be a JSON object of option: value")

@@ -123,6 +123,11 @@ def build(body, task: str, pipe, clip_skip: int | None) -> Generation:
 def _prompt(text: str, name: str, warnings: list[str]) -> str:
     if len(text) > MAX_PROMPT:
         raise BadInput(name, f"is {len(text)} characters long; at most {MAX_PROMPT} are accepted")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadInput(name, f"holds a character that is not text (at {e.start}: a lone "
+                       "surrogate); send UTF-8 text") from None  # fmt: skip
     tags = LORA_TAG.findall(text)
     if tags:
         warnings.append(
