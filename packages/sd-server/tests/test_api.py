@@ -191,6 +191,7 @@ def test_progress_interrupt_and_skip(server):
     assert len(result.images) == 2 and result.info["interrupted"] is True
     assert result.info["all_seeds"] == [5, 6]
     assert client.get_progress()["state"]["job"] == ""
+    client.util_wait_for_ready(check_interval=0.1)  # webuiapi's own idea of idle
 
 
 def test_concurrent_requests_are_all_answered_in_their_own_order(server, pipe):
