@@ -79,6 +79,8 @@ class Server:
         self.clip_skip: int | None = None  # CLIP_stop_at_last_layers, when set
         self.options: dict[str, Any] = {}  # other options clients set, kept and shown
         self.tick = asyncio.Event()
+        self.closing = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # set when the app starts
         self._preview: tuple[tuple, str] | None = None
 
     # progress
@@ -87,6 +89,12 @@ class Server:
         """Wake every progress stream (called in the event loop)."""
         self.tick.set()
         self.tick = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """End every progress stream: the server is stopping (called from a signal handler)."""
+        self.closing = True
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.changed)
 
     def progress(self, with_image: bool = True) -> dict[str, Any]:
         """AUTOMATIC1111's ``/progress`` answer; ``current_image`` is the cheap latent preview."""
@@ -372,7 +380,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loop = asyncio.get_running_loop()
+        loop = server.loop = asyncio.get_running_loop()
         server.worker.listeners.append(lambda: loop.call_soon_threadsafe(server.changed))
         yield
         await run_in_threadpool(server.worker.close)
@@ -446,7 +454,7 @@ def _add_routes(app: FastAPI, server: Server) -> None:
         change), a keep-alive comment every 15 s."""
 
         async def events():
-            while not await request.is_disconnected():
+            while not server.closing and not await request.is_disconnected():
                 tick = server.tick
                 yield f"data: {json.dumps(server.progress(with_image=preview))}\n\n"
                 try:

@@ -16,10 +16,25 @@ import logging
 import sys
 from pathlib import Path
 
+import uvicorn
+
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 log = logging.getLogger("sd_server")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn waits for open connections before it stops, and progress streams never end by
+    themselves: the first exit signal ends them (the page's EventSource reconnects)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
             folder = getattr(args, flag)
             if folder is not None and not folder.is_dir():
                 raise ValueError(f"--{flag.replace('_', '-')} {folder}: no such folder")
-        import uvicorn
-
         from sd_server.app import ServerConfig, create_app
         from sd_server.models import Catalog
 
@@ -121,5 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not is_loopback(args.host) and not auth:
         log.warning("anyone who can reach this address can use the API: consider --api-auth")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                    access_log=False, timeout_graceful_shutdown=5)  # fmt: skip
+    _Uvicorn(uvicorn_config, on_exit=app.state.server.close_streams).run()
     return 0

@@ -43,8 +43,13 @@ class Checkpoint:
 
     def load(self, device: str | None, dtype: str | None) -> StableDiffusion:
         if self.path is None:
-            return StableDiffusion.default(device=device, dtype=dtype)
-        return StableDiffusion.from_checkpoint(self.path, device=device, dtype=dtype)
+            pipe = StableDiffusion.default(device=device, dtype=dtype)
+        else:
+            pipe = StableDiffusion.from_checkpoint(self.path, device=device, dtype=dtype)
+        # The file's hash (seconds for a 4 GB file the first time; cached on disk after) is
+        # computed here, while loading, not in the event loop when /options first asks.
+        _ = pipe.model_hash
+        return pipe
 
 
 class Catalog:
