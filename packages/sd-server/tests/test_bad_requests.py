@@ -125,8 +125,14 @@ def test_bodies_that_are_not_requests(server):
         check_422(client.post("/sdapi/v1/png-info", json={}), "image")
         check_422(client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}),
                   "sd_model_checkpoint")  # fmt: skip
-        check_422(client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": "x"}),
-                  "CLIP_stop_at_last_layers")  # fmt: skip
+        for value in ("x", 0, 9, True):
+            check_422(client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": value}),
+                      "CLIP_stop_at_last_layers")  # fmt: skip
+        # all or none: a bad option leaves the good ones unapplied
+        check_422(client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2,
+                                                         "sd_model_checkpoint": "nope"}),
+                  "sd_model_checkpoint")  # fmt: skip
+        assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
         check_422(client.post("/sdapi/v1/options", json=[1]), "body")
         check_422(client.post("/sdapi/v1/options", content=deep), "body")
 

@@ -182,17 +182,19 @@ class Server:
 
     # models and options
 
-    def switch(self, name: object) -> None:
-        """Queue a model switch (it runs after the jobs already waiting, in the worker)."""
+    def find(self, name: object) -> Checkpoint:
         checkpoint = self.catalog.find(name) if isinstance(name, str) else None
         if checkpoint is None:
             titles = ", ".join(c.title for c in self.catalog.checkpoints)
             raise BadInput(
                 "sd_model_checkpoint", f"{name!r} is not a known model; one of: {titles}"
             )
+        return checkpoint
+
+    def switch(self, checkpoint: Checkpoint) -> None:
+        """Queue a model switch (it runs after the jobs already waiting, in the worker)."""
         if checkpoint == self.checkpoint and self.loading is None:
             return
-        self.loading = checkpoint.title
 
         def load(job: Job, pipe: StableDiffusion) -> None:
             try:
@@ -207,17 +209,31 @@ class Server:
                 if self.loading == checkpoint.title:
                     self.loading = None
 
-        self.worker.submit(Job(kind="load model", run=load))
+        previous, self.loading = self.loading, checkpoint.title
+        try:
+            self.worker.submit(Job(kind="load model", run=load))
+        except QueueFull:
+            self.loading = previous
+            raise
 
     def set_options(self, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - {"sd_model_checkpoint", generation.CLIP_SKIP})
-        if generation.CLIP_SKIP in options:
-            value = options[generation.CLIP_SKIP]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BadInput(generation.CLIP_SKIP, f"must be a positive integer, got {value!r}")
-            self.clip_skip = value
+        """Check every option first, then apply them (all or none)."""
+        checkpoint = None
         if "sd_model_checkpoint" in options:
-            self.switch(options["sd_model_checkpoint"])
+            checkpoint = self.find(options["sd_model_checkpoint"])
+        clip_skip = options.get(generation.CLIP_SKIP, self.clip_skip)
+        if clip_skip is not None and (
+            isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1
+        ):
+            raise BadInput(generation.CLIP_SKIP, f"must be a positive integer, got {clip_skip!r}")
+        layers = self.worker.pipe.text_encoder.config.layers
+        if clip_skip is not None and clip_skip > layers:
+            raise BadInput(generation.CLIP_SKIP, f"must be at most {layers} (the model's CLIP "
+                           f"layers), got {clip_skip}")  # fmt: skip
+        if checkpoint is not None:
+            self.switch(checkpoint)
+        self.clip_skip = clip_skip
+        unknown = sorted(set(options) - {"sd_model_checkpoint", generation.CLIP_SKIP})
         if unknown:
             self.options.update({k: options[k] for k in unknown})
             log.warning("options not used by this server, kept as given: %s", ", ".join(unknown))
