@@ -117,6 +117,18 @@ def server(models, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def guarded(models, tmp_path_factory):
+    """A server that wants credentials and lets one job wait behind the running one."""
+    running = start_server(
+        tmp_path_factory.mktemp("guarded"),
+        "--checkpoint", str(models["main"]), "--api-auth", "alice:secret,bob:hunter2",
+        "--queue-size", "1", auth=("alice", "secret"),
+    )  # fmt: skip
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
 def pipe(models) -> StableDiffusion:
     """The same checkpoint, loaded here: what the server's answers are checked against."""
     return StableDiffusion.from_checkpoint(models["main"], device="cpu")

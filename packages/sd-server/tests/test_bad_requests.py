@@ -14,7 +14,6 @@ import zlib
 
 import httpx
 import pytest
-from conftest import start_server, stop_server
 from PIL import Image
 
 SMALL = {"width": 32, "height": 32, "steps": 1}
@@ -143,18 +142,6 @@ def test_oversize_body_is_refused(server):
         answer = client.post("/sdapi/v1/img2img", json=big)
         assert answer.status_code == 413 and "MiB" in answer.json()["detail"]
         assert client.get("/internal/ping").status_code == 200
-
-
-@pytest.fixture(scope="module")
-def guarded(models, tmp_path_factory):
-    """A server that wants credentials and lets one job wait behind the running one."""
-    running = start_server(
-        tmp_path_factory.mktemp("guarded"),
-        "--checkpoint", str(models["main"]), "--api-auth", "alice:secret,bob:hunter2",
-        "--queue-size", "1", auth=("alice", "secret"),
-    )  # fmt: skip
-    yield running
-    stop_server(running)
 
 
 def test_auth(guarded):

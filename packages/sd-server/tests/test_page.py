@@ -118,3 +118,18 @@ def test_the_page_shows_a_bad_value(server, browser):
     alert = page.get_by_role("alert")
     alert.filter(has_text="batch_size").wait_for()
     assert "422" in alert.inner_text() and "Mpx" in alert.inner_text()
+
+
+def test_the_page_behind_credentials(guarded, browser):
+    context = browser.new_context(http_credentials={"username": "bob", "password": "hunter2"})
+    page = context.new_page()
+    page.goto(guarded.url + "/")
+    page.wait_for_selector("body[data-ready='1']")  # fetch() carries the credentials
+    page.get_by_label("Steps").fill("12")
+    page.get_by_label("Width").fill("32")
+    page.get_by_label("Height").fill("32")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_function("document.body.dataset.done === '1'", timeout=120_000)
+    # and so does the progress stream (EventSource)
+    assert int(page.evaluate("document.body.dataset.progressSeen || '0'")) > 0
+    context.close()
