@@ -158,6 +158,23 @@ def test_set_options_switches_the_model(server):
     assert client.txt2img(prompt="x", seed=1, steps=2, **SMALL).info["sd_model_name"] == "tiny"
 
 
+def test_a_model_that_does_not_load_leaves_the_current_one(server, models):
+    broken = models["root"] / "models" / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    client = api(server)
+    try:
+        client.refresh_checkpoints()
+        client.set_options({"sd_model_checkpoint": "broken.safetensors"})
+        options = _wait_for(lambda: (o := client.get_options())["sd_model_loading"] is None and o)
+        assert options["sd_model_checkpoint"] == "tiny.safetensors"
+        assert "broken.safetensors" in options["sd_model_error"]
+        result = client.txt2img(prompt="x", seed=1, steps=1, **SMALL)
+        assert result.info["sd_model_name"] == "tiny"
+    finally:
+        broken.unlink()
+        client.refresh_checkpoints()
+
+
 def _wait_for(predicate, timeout=60.0, every=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from sd_pipeline import LIMITS, GenerationParameters, GenerationRequest, RequestError, to_mask
 from sd_samplers import SAMPLERS, sampler_from_label, sampler_label
-from sd_server import __version__
+from sd_server._version import __version__
 from sd_server.api_models import IMG2IMG_NOOP, TXT2IMG_NOOP, Img2ImgRequest, ignored_fields
 from sd_server.images import BadInput, decode_image
 from sd_server.worker import Job
