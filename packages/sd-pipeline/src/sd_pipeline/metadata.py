@@ -395,7 +395,12 @@ def save_image(
 
 
 def model_hash(path: str | os.PathLike) -> str:
-    """AUTOMATIC1111's ``Model hash``: the first 10 hex digits of the file's SHA-256.
+    """AUTOMATIC1111's ``Model hash``: the first 10 hex digits of the file's SHA-256."""
+    return file_sha256(path)[:10]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """A file's SHA-256 (hex).
 
     Hashing a 4 GB checkpoint takes seconds, so the digest is cached, as AUTOMATIC1111 caches
     it: in ``$XDG_CACHE_HOME/sd-pipeline/model-hashes.json`` (``~/.cache`` by default), keyed by
@@ -409,14 +414,14 @@ def model_hash(path: str | os.PathLike) -> str:
     cache = _read_hash_cache(cache_file)
     entry = cache.get(str(path))
     if isinstance(entry, dict) and entry.get("stamp") == stamp and "sha256" in entry:
-        return str(entry["sha256"])[:10]
+        return str(entry["sha256"])
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     cache[str(path)] = {"stamp": stamp, "sha256": digest.hexdigest()}
     _write_hash_cache(cache_file, cache)
-    return cache[str(path)]["sha256"][:10]
+    return cache[str(path)]["sha256"]
 
 
 def _hash_cache_file() -> Path:

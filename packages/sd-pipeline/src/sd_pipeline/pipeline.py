@@ -31,9 +31,9 @@ from sd_pipeline.images import (
     tensor_to_pil,
 )
 from sd_pipeline.loading import GENERATION_DEFAULTS, bundled_checkpoint, resolve_dtype
-from sd_pipeline.metadata import GenerationParameters, model_hash
+from sd_pipeline.metadata import GenerationParameters, file_sha256, model_hash
 from sd_pipeline.noise import image_noise
-from sd_pipeline.request import GenerationRequest, random_seed
+from sd_pipeline.request import GenerationRequest, RequestError, random_seed
 from sd_pipeline.tasks import Tasks
 from sd_samplers import (
     SAMPLERS,
@@ -314,7 +314,10 @@ class StableDiffusion(Tasks):
         request = resolved
         layers = self.text_encoder.config.layers
         if request.clip_skip is not None and request.clip_skip > layers:
-            raise ValueError(f"clip_skip must be at most {layers} (the text encoder's layers)")
+            raise RequestError(
+                "clip_skip", f"must be at most {layers} (the text encoder's layers), got "
+                f"{request.clip_skip}"
+            )  # fmt: skip
         if latents is not None:
             shape = self._latent_shape(request)
             if tuple(latents.shape) != shape:
@@ -576,6 +579,13 @@ class StableDiffusion(Tasks):
         if self._hash is None and self.source is not None and Path(self.source).is_file():
             self._hash = model_hash(self.source)
         return self._hash
+
+    @property
+    def sha256(self) -> str | None:
+        """The model file's whole SHA-256 (hex), cached as ``model_hash`` is."""
+        if self.source is None or not Path(self.source).is_file():
+            return None
+        return file_sha256(self.source)
 
     @property
     def scale(self) -> int:

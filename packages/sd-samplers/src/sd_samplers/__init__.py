@@ -38,6 +38,7 @@ from sd_samplers.sampling import (
     sampler_from_label,
     sampler_label,
     split_sampler,
+    steps_for_strength,
 )
 from sd_samplers.schedule import NoiseSchedule, exponential_sigmas, karras_sigmas
 from sd_samplers.schedulers import (
@@ -92,4 +93,5 @@ __all__ = [
     "scheduler_from_label",
     "scheduler_label",
     "split_sampler",
+    "steps_for_strength",
 ]

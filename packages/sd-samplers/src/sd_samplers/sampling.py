@@ -23,6 +23,7 @@ __all__ = [
     "sampler_from_label",
     "sampler_label",
     "split_sampler",
+    "steps_for_strength",
 ]
 
 NOISE_KINDS = ("gaussian", "brownian")
@@ -313,8 +314,9 @@ def _takes_with_uncond(model) -> bool:
     return any(p.name == "with_uncond" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _steps_for_strength(steps: int, strength: float) -> int:
-    """floor(strength * steps), immune to float rounding (0.29 * 100 is 29, not 28)."""
+def steps_for_strength(steps: int, strength: float) -> int:
+    """How many steps img2img at ``strength`` runs of a ``steps``-step ladder: floor(strength *
+    steps), immune to float rounding (0.29 * 100 is 29, not 28)."""
     return min(steps, math.floor(strength * steps + 1e-6))
 
 
@@ -411,7 +413,7 @@ def sample(
         sigma_max = sigmas[0].item()
         x = noise * ((1 + sigma_max**2) ** 0.5 if spec.vp else sigma_max)
     else:
-        run = _steps_for_strength(steps, strength)
+        run = steps_for_strength(steps, strength)
         if run == 0:
             return init.clone()
         sigmas = sigmas[len(sigmas) - 1 - run :]

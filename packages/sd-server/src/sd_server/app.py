@@ -258,7 +258,7 @@ class Server:
                 "title": c.title,
                 "model_name": c.model_name,
                 "hash": self.worker.pipe.model_hash if c == current else None,
-                "sha256": None,
+                "sha256": self.worker.pipe.sha256 if c == current else None,
                 "filename": str(c.path) if c.path is not None else c.title,
                 "config": None,
             }

@@ -9,7 +9,6 @@ once, naming the API's field), :func:`run` is the job itself in the worker threa
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from sd_pipeline import LIMITS, GenerationParameters, GenerationRequest, RequestError, to_mask
-from sd_samplers import SAMPLERS, sampler_from_label, sampler_label
+from sd_samplers import SAMPLERS, sampler_from_label, sampler_label, steps_for_strength
 from sd_server._version import __version__
 from sd_server.api_models import IMG2IMG_NOOP, TXT2IMG_NOOP, Img2ImgRequest, ignored_fields
 from sd_server.images import BadInput, decode_image
@@ -215,7 +214,7 @@ def sampling_steps(request: GenerationRequest) -> int:
     sd-samplers' ``sample`` docstring)."""
     if request.image is None or request.strength is None:
         return request.steps
-    return min(request.steps, math.floor(request.strength * request.steps + 1e-6))
+    return steps_for_strength(request.steps, request.strength)
 
 
 def run(job: Job, pipe, generation: Generation) -> Result:
