@@ -81,6 +81,9 @@ def test_sd_single_safetensors_is_lazy(model, tmp_path, monkeypatch):
         def keys(self):
             return self.f.keys()
 
+        def metadata(self):
+            return self.f.metadata()
+
         def get_tensor(self, name):
             read.append(name)
             return self.f.get_tensor(name)
