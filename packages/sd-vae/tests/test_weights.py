@@ -10,7 +10,7 @@ import torch
 from conftest import assert_same_weights, random_vae, sd_single_file, write_weights
 from safetensors.torch import save_file
 
-from sd_vae import AutoencoderKL, AutoencoderKLConfig, CheckpointError
+from sd_vae import AutoencoderKL, AutoencoderKLConfig, CheckpointError, load_state_dict
 from sd_vae.weights import from_diffusers, rename_key, to_diffusers
 
 
@@ -51,6 +51,18 @@ LAYOUTS = {
     "diffusers weight file alone": lambda vae, d: write_weights(
         diffusers_state(vae), d / "diffusion_pytorch_model.safetensors"
     ),
+    # the tensors already read: what a pipeline passes to read a pickle once for three models
+    "load_state_dict(sd.ckpt)": lambda vae, d: load_state_dict(sd_single_file(vae, d / "sd.ckpt")),
+    "load_state_dict(save())": lambda vae, d: load_state_dict(
+        (vae.save(d / "saved.safetensors"), d / "saved.safetensors")[1]
+    ),
+    "a plain dict, SD layout": lambda vae, d: {
+        "first_stage_model." + k: v for k, v in vae.state_dict().items()
+    },
+    "a plain dict, a checkpoint's whole object": lambda vae, d: {
+        "state_dict": {"first_stage_model." + k: v for k, v in vae.state_dict().items()},
+        "global_step": 5,
+    },
 }
 
 
