@@ -304,3 +304,38 @@ def test_a_tensor_whose_bytes_do_not_fit_its_shape(tmp_path):
     path.write_bytes(data[:8] + text + data[8 + size :])
     with pytest.raises(CheckpointError, match=r"'w' holds 16 bytes, not the 24 of its shape"):
         read_owned(path, "")
+
+
+def test_tensors_already_read_load_like_the_file(tiny, tmp_path, monkeypatch):
+    """`load_state_dict` reads a pickle once; `from_checkpoint` takes what it returns (or any
+    mapping) with the same inference, EMA choice and errors, and reads no file for it."""
+    import sd_unet._checkpoint as checkpoint
+    from sd_unet import load_state_dict
+
+    ema = random_unet(tiny.config, seed=5)
+    state = sd_file_state(tiny)
+    for k, v in ema.state_dict().items():
+        state["model_ema.diffusion_model" + k.replace(".", "")] = v.contiguous()
+    path = tmp_path / "full.ckpt"
+    torch.save({"state_dict": state, "global_step": 10}, path)
+    tensors = load_state_dict(path)
+    assert set(tensors) == set(state) and tensors.source == str(path)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a file was read")
+
+    monkeypatch.setattr(checkpoint.torch, "load", no_reading)
+    monkeypatch.setattr(checkpoint, "safe_open", no_reading)
+    for source in (tensors, dict(state), {"state_dict": state}):
+        loaded = UNet.from_checkpoint(source)
+        assert loaded.config == tiny.config and same_output(loaded, tiny)
+    assert same_output(UNet.from_checkpoint(tensors, ema=True), ema)
+    others = checkpoint.StateDict(
+        {k: v for k, v in tensors.items() if "diffusion_model" not in k}, source=tensors.source
+    )
+    with pytest.raises(CheckpointError, match=r"full\.ckpt: no UNet in this file"):
+        UNet.from_checkpoint(others)
+    with pytest.raises(CheckpointError, match=r"the given state dict: no UNet"):
+        UNet.from_checkpoint({"first_stage_model.x": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"tensor names must be strings"):
+        UNet.from_checkpoint({1: torch.zeros(1)})

@@ -529,6 +529,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         module = _OLD_MODULES.get(module, module)
         full = f"{module}.{name}"
+        if not all(part.isidentifier() for part in full.split(".")):
+            # random bytes can look like a GLOBAL opcode; a real pickle names Python objects
+            raise pickle.UnpicklingError(f"malformed global name {full!r}")
         if module.split(".")[0] in PLACEHOLDER_PACKAGES or full in PLACEHOLDER_NAMES:
             return _placeholder(full)
         allowed = _allowed_globals().get(full)
