@@ -75,6 +75,7 @@ def sd_state(model: Model) -> dict[str, torch.Tensor]:
 
 def write_sd(model: Model, path, metadata=None):
     """An SD single file (``.safetensors`` with ``metadata``, or a ``.ckpt``) holding ``model``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = sd_state(model) | {"model.diffusion_model.out.2.bias": torch.zeros(4)}
     if path.suffix == ".safetensors":
         save_file(state, path, metadata=metadata)
@@ -341,6 +342,29 @@ def test_an_unreadable_file_says_so(tiny, tmp_path, monkeypatch, suffix):
     assert "No such file" not in message and "truncated" not in message
 
 
+def test_a_file_in_a_folder_that_cannot_be_searched_says_so(tiny, tmp_path, monkeypatch):
+    """A folder on the way without search permission (for root, which may search any, the
+    denial is simulated where the path is first looked at): not "no such file"."""
+    path = write_sd(tiny, tmp_path / "locked" / "sd.safetensors")
+    real_stat = os.stat
+
+    def denying_stat(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(file, *args, **kwargs)
+
+    if os.geteuid() != 0:
+        path.parent.chmod(0o600)
+    else:
+        monkeypatch.setattr("os.stat", denying_stat)
+    try:
+        with pytest.raises(CheckpointError, match=r"cannot read it \(Permission denied") as info:
+            Model.from_checkpoint(path)
+    finally:
+        path.parent.chmod(0o755)
+    assert str(path) in str(info.value) and "No such file" not in str(info.value)
+
+
 def test_a_full_disk_while_saving_names_the_file_and_leaves_nothing(tiny, tmp_path):
     """A write that fails part way (the file-size limit stands in for a full disk: both are
     an OSError from write) raises an OSError naming the file, and leaves no partial file."""
@@ -461,3 +485,11 @@ def test_a_huge_config_json_is_not_parsed(tiny, tmp_path):
     (folder / "config.json").write_text('{"a": "' + "x" * (2 << 20) + '"}')
     with pytest.raises(CheckpointError, match=r"config\.json: over 1048576 bytes"):
         Model.from_checkpoint(folder)
+
+
+def test_a_config_given_is_used_instead_of_the_config_json(tiny, tmp_path):
+    """The way past the limits: ``config=`` is used as it is, and config.json is not read."""
+    folder = tmp_path / FOLDER
+    save_folder(tiny, folder)
+    (folder / "config.json").write_text('{"sample_size": 1000000, "in_channels": "x"}')
+    assert_same_weights(Model.from_checkpoint(folder, config=tiny.config), tiny)

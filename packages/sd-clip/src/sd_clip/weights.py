@@ -33,6 +33,7 @@ from sd_clip._checkpoint import (
     config_from_metadata,
     config_value,
     diffusers_weight_file,
+    existing_path,
     find_diffusers_folder,
     load_tensors,
     pick_prefix,
@@ -66,11 +67,9 @@ def load_text_model(
     if isinstance(source, Mapping):
         tensors, found_config, name = _read_tensors(Tensors(source))
     else:
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+        path = existing_path(source)
         if path.is_dir():
-            tensors, found_config = _read_folder(path)
+            tensors, found_config = _read_folder(path, config)
         else:
             tensors, found_config, _ = _read_tensors(Tensors(path))
         name = str(path)
@@ -152,7 +151,9 @@ def config_from_transformers(cfg: dict, source: str) -> CLIPTextConfig:
         raise CheckpointError(f"{source}: unsupported text encoder config: {e}") from e
 
 
-def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], CLIPTextConfig]:
+def _read_folder(
+    path: Path, config: CLIPTextConfig | None
+) -> tuple[dict[str, torch.Tensor], CLIPTextConfig]:
     folder = find_diffusers_folder(path, "text_encoder")
     if folder is None:
         raise CheckpointError(
@@ -160,9 +161,10 @@ def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], CLIPTextConfig]:
             "model.safetensors or pytorch_model.bin in it or in its text_encoder/ subfolder"
         )
     weights = diffusers_weight_file(folder)
-    config = config_from_transformers(
-        read_json(folder / "config.json"), str(folder / "config.json")
-    )
+    if config is None:  # (a config given is used as it is: config.json is not read)
+        config = config_from_transformers(
+            read_json(folder / "config.json"), str(folder / "config.json")
+        )
     tensors = load_tensors(weights)
     if PROBE not in tensors and SHORT_PROBE in tensors:
         tensors = {"text_model." + k: v for k, v in tensors.items()}

@@ -144,11 +144,6 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def checkpoint_keys(path: str | os.PathLike) -> list[str]:
-    """The tensor names in a weight file, without reading any tensor of a safetensors file."""
-    return Tensors(path).keys()
-
-
 def load_tensors(
     path: str | os.PathLike, prefix: str = "", *, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
@@ -179,6 +174,19 @@ def pick_prefix(keys: Iterable[str], prefixes: Iterable[str], probe: str) -> str
 
 _KINDS = {stat.S_ISFIFO: "FIFO", stat.S_ISSOCK: "socket", stat.S_ISCHR: "character device",
           stat.S_ISBLK: "block device"}  # fmt: skip
+
+
+def existing_path(path: str | os.PathLike) -> Path:
+    """``path``, which exists: else FileNotFoundError, or a CheckpointError where it cannot be
+    looked at (a folder on the way that this process may not search is not "no such file")."""
+    path = Path(path)
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint file or folder") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from e
+    return path
 
 
 def existing_file(path: str | os.PathLike) -> Path:

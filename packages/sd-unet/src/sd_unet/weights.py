@@ -24,6 +24,7 @@ from sd_unet._checkpoint import (
     config_from_metadata,
     config_value,
     diffusers_weight_file,
+    existing_path,
     find_diffusers_folder,
     load_tensors,
     pick_prefix,
@@ -59,11 +60,9 @@ def from_checkpoint(
     if isinstance(source, Mapping):
         state, found_config, name = _read_tensors(Tensors(source), ema)
     else:
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+        path = existing_path(source)
         if path.is_dir():
-            state, found_config, name = _read_diffusers(path)
+            state, found_config, name = _read_diffusers(path, config)
         else:
             state, found_config, name = _read_tensors(Tensors(path), ema, channels_last=on_cpu)
     config = config or found_config or infer_config(state, name)
@@ -120,14 +119,15 @@ def _read_ema(source: Tensors, keys: list[str]) -> dict[str, torch.Tensor]:
     return {dotted.get(k, k): v for k, v in flat.items()}
 
 
-def _read_diffusers(path: Path) -> tuple[dict, UNetConfig, str]:
+def _read_diffusers(path: Path, config: UNetConfig | None) -> tuple[dict, UNetConfig, str]:
     folder = find_diffusers_folder(path, "unet")
     if folder is None:
         raise CheckpointError(
             f"{path}: a folder, but not a diffusers UNet: expected config.json and "
             "diffusion_pytorch_model.safetensors in it or in its unet/ subfolder"
         )
-    config = config_from_diffusers(read_json(folder / "config.json"), folder / "config.json")
+    if config is None:  # (a config given is used as it is: config.json is not read)
+        config = config_from_diffusers(read_json(folder / "config.json"), folder / "config.json")
     weights = diffusers_weight_file(folder)
     theirs = load_tensors(weights)
     to_ours = {v: k for k, v in diffusers_key_map(config).items()}

@@ -27,6 +27,7 @@ from sd_vae._checkpoint import (
     config_from_metadata,
     config_value,
     diffusers_weight_file,
+    existing_path,
     find_diffusers_folder,
     load_tensors,
     pick_prefix,
@@ -229,11 +230,9 @@ def load_autoencoder(
     if isinstance(source, Mapping):
         state, found_config, name = _read_tensors(Tensors(source))
     else:
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+        path = existing_path(source)
         if path.is_dir():
-            state, found_config, name = _read_diffusers_folder(path)
+            state, found_config, name = _read_diffusers_folder(path, config)
         else:
             state, found_config, name = _read_tensors(Tensors(path))
     # A .safetensors file's tensors stay memory-mapped (copied only where the dtype or device
@@ -274,7 +273,9 @@ def _vae_prefix(name: str, keys: list[str]) -> str:
     return prefix
 
 
-def _read_diffusers_folder(path: Path) -> tuple[dict, AutoencoderKLConfig, str]:
+def _read_diffusers_folder(
+    path: Path, config: AutoencoderKLConfig | None
+) -> tuple[dict, AutoencoderKLConfig, str]:
     folder = find_diffusers_folder(path, "vae")
     if folder is None:
         raise CheckpointError(
@@ -282,7 +283,10 @@ def _read_diffusers_folder(path: Path) -> tuple[dict, AutoencoderKLConfig, str]:
             "diffusion_pytorch_model.safetensors (or .bin) in it or in its vae/ subfolder"
         )
     weights = diffusers_weight_file(folder)
-    config = config_from_diffusers(read_json(folder / "config.json"), str(folder / "config.json"))
+    if config is None:  # (a config given is used as it is: config.json is not read)
+        config = config_from_diffusers(
+            read_json(folder / "config.json"), str(folder / "config.json")
+        )
     return from_diffusers(load_tensors(weights)), config, str(weights)
 
 
