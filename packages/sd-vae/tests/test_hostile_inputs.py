@@ -3,6 +3,7 @@ with trainer state load and nothing in a pickle runs; special files are refused 
 messages say what is wrong; configs in a single file's metadata or a config.json are used or
 refused clearly; a failed save names its file."""
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -175,6 +176,7 @@ def lightning_checkpoint(state: dict, path, marker) -> dict[str, types.ModuleTyp
                 "lr_schedulers": [],
                 "hyper_parameters": AttributeDict(lr=np.float64(1e-4), betas=np.array([0.9, 0.99])),
                 "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 7}}}},
+                "hparams": argparse.Namespace(base_learning_rate=1e-4),  # older Lightning
                 "dtypes": [np.dtype("float32"), {1, 2}, frozenset(), complex(1, 2), b"\x00"],
             },
             path,

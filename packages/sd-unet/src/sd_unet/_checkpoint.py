@@ -127,7 +127,8 @@ def _tensors_of(state: Mapping, name: str) -> Mapping[str, torch.Tensor]:
     ``state_dict`` wrapper if it has one."""
     if isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
-    bad = next((k for k in state if not isinstance(k, str)), None)
+    bad = next((k for k, v in state.items() if isinstance(v, torch.Tensor)
+                and not isinstance(k, str)), None)  # fmt: skip
     if bad is not None:
         raise CheckpointError(f"{name}: tensor names must be strings, found {bad!r}")
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -490,7 +491,7 @@ PLACEHOLDER_NAMES = frozenset(
     f"numpy.{core}.{name}"
     for core in ("core.multiarray", "_core.multiarray", "core.numeric", "_core.numeric")
     for name in ("scalar", "_reconstruct", "_frombuffer")
-) | {"numpy.dtype", "numpy.ndarray"}
+) | {"numpy.dtype", "numpy.ndarray", "argparse.Namespace"}  # (old Lightning's hparams)
 _OLD_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol 2 writes these
 
 
