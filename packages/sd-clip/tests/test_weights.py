@@ -81,6 +81,9 @@ def test_sd_single_safetensors_is_lazy(model, tmp_path, monkeypatch):
         def keys(self):
             return self.f.keys()
 
+        def metadata(self):
+            return self.f.metadata()
+
         def get_tensor(self, name):
             read.append(name)
             return self.f.get_tensor(name)
@@ -314,3 +317,33 @@ def test_code_running_pickle_is_refused(model, tmp_path):
     with pytest.raises(CheckpointError, match=r"refused to load.*run code"):
         CLIPTextModel.from_checkpoint(path)
     assert not marker.exists()
+
+
+def test_tensors_already_read_load_like_the_file(model, ids, tmp_path, monkeypatch):
+    """`load_state_dict` reads a pickle once; `from_checkpoint` takes what it returns (or any
+    mapping) with the same inference, metadata config and errors, and reads no file for it."""
+    from sd_clip import load_state_dict
+
+    path = tmp_path / "sd.ckpt"
+    torch.save({"state_dict": single_file(model), "global_step": 10}, path)
+    tensors = load_state_dict(path)
+    assert set(tensors) == set(single_file(model)) and tensors.source == str(path)
+    saved = tmp_path / "te.safetensors"
+    model.save(saved)
+    with_config = load_state_dict(saved)
+    assert json.loads(with_config.metadata["sd_clip.config"])["heads"] == TINY.heads
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a file was read")
+
+    monkeypatch.setattr(checkpoint.torch, "load", no_reading)
+    monkeypatch.setattr(checkpoint, "safe_open", no_reading)
+    for source in (tensors, with_config, dict(single_file(model))):
+        loaded = CLIPTextModel.from_checkpoint(source)
+        assert loaded.config == TINY
+        assert_same(loaded, model, ids)
+    others = checkpoint.StateDict({"first_stage_model.x": torch.zeros(1)}, source=str(path))
+    with pytest.raises(CheckpointError, match=r"sd\.ckpt: no CLIP text encoder found"):
+        CLIPTextModel.from_checkpoint(others)
+    with pytest.raises(CheckpointError, match=r"the given state dict: no CLIP text encoder"):
+        CLIPTextModel.from_checkpoint({"first_stage_model.x": torch.zeros(1)})

@@ -224,3 +224,118 @@ def test_truncated_safetensors(tiny, tmp_path):
     path.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match="truncated"):
         UNet.from_checkpoint(path)
+
+
+def test_owned_read_takes_only_the_prefixs_bytes(tiny, tmp_path, monkeypatch):
+    """The CPU read (``_owned_read``): the header, then only model.diffusion_model. tensors, each
+    copied from a mapping of its own bytes, 4-d ones into channels_last."""
+    import builtins
+    import json
+    import mmap
+
+    from safetensors.torch import load_file
+
+    import sd_unet._owned_read as owned
+
+    path = tmp_path / "sd.safetensors"
+    save_file(sd_file_state(tiny), path)
+    header_size = int.from_bytes(path.read_bytes()[:8], "little")
+    entries = json.loads(path.read_bytes()[8 : 8 + header_size])
+    ends = {  # where each UNet tensor's bytes end in the file: its size
+        8 + header_size + info["data_offsets"][1]: info["data_offsets"][1] - info["data_offsets"][0]
+        for name, info in entries.items()
+        if name.startswith(SD_PREFIX)
+    }
+    total = {"bytes": 0}
+    real_mmap = mmap.mmap
+
+    def counting_mmap(fileno, length, offset=0, **kwargs):
+        total["bytes"] += ends[offset + length]  # a mapping that ends where one ends
+        return real_mmap(fileno, length, offset=offset, **kwargs)
+
+    monkeypatch.setattr(owned.mmap, "mmap", counting_mmap)
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            total["bytes"] += len(data)
+            return data
+
+    opener = builtins.open  # the wrapper closes it: its __exit__ is the file's
+    monkeypatch.setattr(owned, "open", lambda *a, **k: Counting(opener(*a, **k)), raising=False)
+    state = owned.read_owned(path, SD_PREFIX)
+    stored = load_file(path)
+    assert len(state) == len(ends)
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, stored[SD_PREFIX + name], rtol=0, atol=0)
+        layout = torch.channels_last if tensor.dim() == 4 else torch.contiguous_format
+        assert tensor.is_contiguous(memory_format=layout)
+    ours = sum(t.numel() * t.element_size() for t in state.values())
+    assert total["bytes"] == 8 + header_size + ours < path.stat().st_size
+
+
+def test_a_tensor_whose_bytes_do_not_fit_its_shape(tmp_path):
+    """A header whose offsets disagree with a tensor's shape (safetensors refuses such a file
+    when it opens it; the owned read checks it again itself)."""
+    import json
+
+    from sd_unet._owned_read import read_owned
+
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.zeros(2, 2, 1, 1), "b": torch.zeros(2)}, path)
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["w"]["shape"] = [3, 2, 1, 1]
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    assert len(text) == size
+    path.write_bytes(data[:8] + text + data[8 + size :])
+    with pytest.raises(CheckpointError, match=r"'w' holds 16 bytes, not the 24 of its shape"):
+        read_owned(path, "")
+
+
+def test_tensors_already_read_load_like_the_file(tiny, tmp_path, monkeypatch):
+    """`load_state_dict` reads a pickle once; `from_checkpoint` takes what it returns (or any
+    mapping) with the same inference, EMA choice and errors, and reads no file for it."""
+    import sd_unet._checkpoint as checkpoint
+    from sd_unet import load_state_dict
+
+    ema = random_unet(tiny.config, seed=5)
+    state = sd_file_state(tiny)
+    for k, v in ema.state_dict().items():
+        state["model_ema.diffusion_model" + k.replace(".", "")] = v.contiguous()
+    path = tmp_path / "full.ckpt"
+    torch.save({"state_dict": state, "global_step": 10}, path)
+    tensors = load_state_dict(path)
+    assert set(tensors) == set(state) and tensors.source == str(path)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a file was read")
+
+    monkeypatch.setattr(checkpoint.torch, "load", no_reading)
+    monkeypatch.setattr(checkpoint, "safe_open", no_reading)
+    for source in (tensors, dict(state), {"state_dict": state}):
+        loaded = UNet.from_checkpoint(source)
+        assert loaded.config == tiny.config and same_output(loaded, tiny)
+    assert same_output(UNet.from_checkpoint(tensors, ema=True), ema)
+    others = checkpoint.StateDict(
+        {k: v for k, v in tensors.items() if "diffusion_model" not in k}, source=tensors.source
+    )
+    with pytest.raises(CheckpointError, match=r"full\.ckpt: no UNet in this file"):
+        UNet.from_checkpoint(others)
+    with pytest.raises(CheckpointError, match=r"the given state dict: no UNet"):
+        UNet.from_checkpoint({"first_stage_model.x": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"tensor names must be strings"):
+        UNet.from_checkpoint({1: torch.zeros(1)})

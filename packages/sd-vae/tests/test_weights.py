@@ -8,9 +8,9 @@ import stat
 import pytest
 import torch
 from conftest import assert_same_weights, random_vae, sd_single_file, write_weights
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from sd_vae import AutoencoderKL, AutoencoderKLConfig, CheckpointError
+from sd_vae import AutoencoderKL, AutoencoderKLConfig, CheckpointError, load_state_dict
 from sd_vae.weights import from_diffusers, rename_key, to_diffusers
 
 
@@ -51,6 +51,18 @@ LAYOUTS = {
     "diffusers weight file alone": lambda vae, d: write_weights(
         diffusers_state(vae), d / "diffusion_pytorch_model.safetensors"
     ),
+    # the tensors already read: what a pipeline passes to read a pickle once for three models
+    "load_state_dict(sd.ckpt)": lambda vae, d: load_state_dict(sd_single_file(vae, d / "sd.ckpt")),
+    "load_state_dict(save())": lambda vae, d: load_state_dict(
+        (vae.save(d / "saved.safetensors"), d / "saved.safetensors")[1]
+    ),
+    "a plain dict, SD layout": lambda vae, d: {
+        "first_stage_model." + k: v for k, v in vae.state_dict().items()
+    },
+    "a plain dict, a checkpoint's whole object": lambda vae, d: {
+        "state_dict": {"first_stage_model." + k: v for k, v in vae.state_dict().items()},
+        "global_step": 5,
+    },
 }
 
 
@@ -192,8 +204,6 @@ def test_only_the_autoencoder_is_read_from_a_single_file(tiny_vae, tmp_path, mon
     stay memory-mapped: see test_a_loaded_vae_runs_channels_last_on_its_mapped_weights)."""
     from safetensors import safe_open
 
-    from sd_vae.weights import _read_file
-
     path = sd_single_file(tiny_vae, tmp_path / "sd.safetensors")
     read = []
     real_open = safe_open
@@ -224,73 +234,9 @@ def test_only_the_autoencoder_is_read_from_a_single_file(tiny_vae, tmp_path, mon
             return self.f.__exit__(*exc)
 
     monkeypatch.setattr("sd_vae._checkpoint.safe_open", Recording)
-    _read_file(path)
+    AutoencoderKL.from_checkpoint(path)
     assert read and all(name.startswith("first_stage_model.") for name in read)
     assert len(read) == len(tiny_vae.state_dict())
-
-
-def test_owned_read_takes_only_the_prefixs_bytes(tiny_vae, tmp_path, monkeypatch):
-    """The shared loader's owned read (``channels_last=True``, which sd-unet loads with): the
-    header, then only first_stage_model. tensors, each copied from a mapping of its own bytes,
-    4-d ones into channels_last."""
-    import builtins
-    import json
-    import mmap
-
-    import sd_vae._checkpoint as checkpoint
-
-    path = sd_single_file(tiny_vae, tmp_path / "sd.safetensors")
-    header_size = int.from_bytes(path.read_bytes()[:8], "little")
-    entries = json.loads(path.read_bytes()[8 : 8 + header_size])
-    ends = {  # where each autoencoder tensor's bytes end in the file: its size
-        8 + header_size + info["data_offsets"][1]: info["data_offsets"][1] - info["data_offsets"][0]
-        for name, info in entries.items()
-        if name.startswith("first_stage_model.")
-    }
-    total = {"bytes": 0}
-    real_mmap = mmap.mmap
-
-    def counting_mmap(fileno, length, offset=0, **kwargs):
-        total["bytes"] += ends[offset + length]  # a mapping that ends where one ends
-        return real_mmap(fileno, length, offset=offset, **kwargs)
-
-    monkeypatch.setattr(checkpoint.mmap, "mmap", counting_mmap)
-
-    class Counting:
-        def __init__(self, f):
-            self.f = f
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def read(self, n=-1):
-            data = self.f.read(n)
-            total["bytes"] += len(data)
-            return data
-
-        def readinto(self, buffer):
-            n = self.f.readinto(buffer)
-            total["bytes"] += n
-            return n
-
-    opener = builtins.open  # the wrapper closes it: its __exit__ is the file's
-    monkeypatch.setattr(checkpoint, "open", lambda *a, **k: Counting(opener(*a, **k)),
-                        raising=False)  # fmt: skip
-    state = checkpoint.load_tensors(path, "first_stage_model.", channels_last=True)
-    stored = load_file(path)
-    assert len(state) == len(ends)
-    for name, tensor in state.items():
-        torch.testing.assert_close(tensor, stored["first_stage_model." + name], rtol=0, atol=0)
-        layout = torch.channels_last if tensor.dim() == 4 else torch.contiguous_format
-        assert tensor.is_contiguous(memory_format=layout)
-    ours = sum(t.numel() * t.element_size() for t in state.values())
-    assert total["bytes"] == 8 + header_size + ours < path.stat().st_size
 
 
 def test_a_loaded_vae_runs_channels_last_on_its_mapped_weights(tiny_vae, tmp_path):
@@ -433,24 +379,3 @@ def test_shapes_that_fit_no_config(tiny_vae, tmp_path):
         AutoencoderKL.from_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"1 missing \(first: 'post_quant_conv.weight'\)"):
         AutoencoderKL.from_checkpoint(path, config=AutoencoderKLConfig.tiny())
-
-
-def test_a_tensor_whose_bytes_do_not_fit_its_shape(tmp_path):
-    """A header whose offsets disagree with a tensor's shape (safetensors refuses such a file
-    when it opens it; the owned read checks it again itself)."""
-    import json
-
-    from sd_vae._checkpoint import load_tensors
-
-    path = write_weights(
-        {"w": torch.zeros(2, 2, 1, 1), "b": torch.zeros(2)}, tmp_path / "a.safetensors"
-    )
-    data = path.read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    header["w"]["shape"] = [3, 2, 1, 1]
-    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
-    assert len(text) == size
-    path.write_bytes(data[:8] + text + data[8 + size :])
-    with pytest.raises(CheckpointError, match=r"'w' holds 16 bytes, not the 24 of its shape"):
-        load_tensors(path, "", channels_last=True)

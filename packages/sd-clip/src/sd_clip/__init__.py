@@ -1,6 +1,6 @@
 """The CLIP BPE tokenizer and CLIP text encoder that turn a prompt into Stable Diffusion's conditioning."""
 
-from sd_clip._checkpoint import CheckpointError
+from sd_clip._checkpoint import CheckpointError, load_state_dict
 from sd_clip._version import __version__
 from sd_clip.embeddings import Embedding, load_embedding, load_embeddings, ti_hashes
 from sd_clip.prompt import parse_attention, prompt_schedule, split_and
@@ -18,6 +18,7 @@ __all__ = [
     "__version__",
     "load_embedding",
     "load_embeddings",
+    "load_state_dict",
     "pad_to_same_length",
     "parse_attention",
     "prompt_schedule",

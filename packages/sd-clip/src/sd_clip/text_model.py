@@ -358,17 +358,20 @@ class CLIPTextModel(nn.Module):
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | Mapping[str, torch.Tensor],
         *,
         config: CLIPTextConfig | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> CLIPTextModel:
-        """Load from an SD single file, a transformers/diffusers folder or a bare file.
+        """Load from an SD single file, a transformers/diffusers folder, a bare file, or the
+        tensors of such a file already read (``sd_clip.load_state_dict(path)``, or any mapping of
+        names to tensors), so that one pickle is read once for several models.
 
-        See :func:`sd_clip.weights.load_text_model` for the layouts; ``config`` overrides the
-        one inferred from the file; ``dtype`` defaults to torch's default (float32), ``device``
-        to the CPU.
+        See :func:`sd_clip.weights.load_text_model` for the layouts. The config comes from
+        ``config``, else the file (its safetensors metadata, or ``config.json``), else the tensor
+        shapes. ``dtype`` defaults to float32 (every floating tensor, whatever the file stores),
+        ``device`` to the CPU. Bad files raise ``CheckpointError``.
         """
         from sd_clip.weights import load_text_model
 

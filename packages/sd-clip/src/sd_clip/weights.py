@@ -21,16 +21,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from sd_clip._checkpoint import (
     CheckpointError,
+    Tensors,
     check_state_dict,
-    checkpoint_keys,
+    config_from_metadata,
+    config_value,
     diffusers_weight_file,
+    existing_path,
     find_diffusers_folder,
     load_tensors,
     pick_prefix,
@@ -53,28 +56,30 @@ HEAD_SIZE = 64  # every CLIP text encoder (OpenAI and OpenCLIP) uses 64-wide hea
 
 
 def load_text_model(
-    path: str | os.PathLike,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
     *,
     config: CLIPTextConfig | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> CLIPTextModel:
-    """Build a ``CLIPTextModel`` from any of the layouts in this module's docstring."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
-    if path.is_dir():
-        tensors, found_config = _read_folder(path)
+    """Build a ``CLIPTextModel`` from any of the layouts in this module's docstring, or from
+    the tensors of such a file already read (``load_state_dict``)."""
+    if isinstance(source, Mapping):
+        tensors, found_config, name = _read_tensors(Tensors(source))
     else:
-        tensors, found_config = _read_file(path)
-    source = str(path)
-    config = config or found_config or infer_config(tensors, source)
+        path = existing_path(source)
+        if path.is_dir():
+            tensors, found_config = _read_folder(path, config)
+        else:
+            tensors, found_config, _ = _read_tensors(Tensors(path))
+        name = str(path)
+    config = config or found_config or infer_config(tensors, name)
     with torch.device("meta"):
         model = CLIPTextModel(config)
     expected = model.state_dict()
-    check_state_dict(expected, tensors, source, ignore=IGNORED)
+    check_state_dict(expected, tensors, name, ignore=IGNORED)
     model.load_state_dict({k: tensors[k] for k in expected}, assign=True)
-    return model.to(device=device, dtype=dtype or torch.get_default_dtype()).eval()
+    return model.to(device=device, dtype=dtype or torch.float32).eval()
 
 
 def save_text_model(model: CLIPTextModel, path: str | os.PathLike) -> None:
@@ -120,25 +125,35 @@ def infer_config(tensors: dict[str, torch.Tensor], source: str) -> CLIPTextConfi
 
 
 def config_from_transformers(cfg: dict, source: str) -> CLIPTextConfig:
-    """Map a transformers ``CLIPTextConfig`` JSON (or a ``CLIPConfig``'s text part) to ours."""
-    cfg = cfg.get("text_config") or cfg
-    # transformers' defaults for keys a config.json may leave out
+    """Map a transformers ``CLIPTextConfig`` JSON (or a ``CLIPConfig``'s text part) to ours,
+    each value checked for its type and size first (one clear error naming the field)."""
+    text_config = cfg.get("text_config")
+    if text_config is not None:
+        if not isinstance(text_config, dict):
+            raise CheckpointError(f"{source}: text_config is {text_config!r}; expected an object")
+        cfg = text_config
+
+    def value(name, default):  # transformers' defaults for keys a config.json may leave out
+        return config_value(cfg, name, default, source)
+
     try:
         return CLIPTextConfig(
-            vocab_size=cfg.get("vocab_size", 49408),
-            max_positions=cfg.get("max_position_embeddings", 77),
-            width=cfg.get("hidden_size", 512),
-            layers=cfg.get("num_hidden_layers", 12),
-            heads=cfg.get("num_attention_heads", 8),
-            mlp_width=cfg.get("intermediate_size", 2048),
-            activation=cfg.get("hidden_act", "quick_gelu"),
-            layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
+            vocab_size=value("vocab_size", 49408),
+            max_positions=value("max_position_embeddings", 77),
+            width=value("hidden_size", 512),
+            layers=value("num_hidden_layers", 12),
+            heads=value("num_attention_heads", 8),
+            mlp_width=value("intermediate_size", 2048),
+            activation=value("hidden_act", "quick_gelu"),
+            layer_norm_eps=value("layer_norm_eps", 1e-5),
         )
-    except ValueError as e:
+    except (ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{source}: unsupported text encoder config: {e}") from e
 
 
-def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], CLIPTextConfig]:
+def _read_folder(
+    path: Path, config: CLIPTextConfig | None
+) -> tuple[dict[str, torch.Tensor], CLIPTextConfig]:
     folder = find_diffusers_folder(path, "text_encoder")
     if folder is None:
         raise CheckpointError(
@@ -146,27 +161,33 @@ def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], CLIPTextConfig]:
             "model.safetensors or pytorch_model.bin in it or in its text_encoder/ subfolder"
         )
     weights = diffusers_weight_file(folder)
-    config = config_from_transformers(read_json(folder / "config.json"), str(folder))
+    if config is None:  # (a config given is used as it is: config.json is not read)
+        config = config_from_transformers(
+            read_json(folder / "config.json"), str(folder / "config.json")
+        )
     tensors = load_tensors(weights)
     if PROBE not in tensors and SHORT_PROBE in tensors:
         tensors = {"text_model." + k: v for k, v in tensors.items()}
     return tensors, config
 
 
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], CLIPTextConfig | None]:
-    keys = checkpoint_keys(path)
+def _read_tensors(source: Tensors) -> tuple[dict[str, torch.Tensor], CLIPTextConfig | None, str]:
+    """The text encoder's tensors (only those: safetensors are read lazily) and the config the
+    file's metadata holds for it, if any (a bare file's, or an SD single file's)."""
+    keys = source.keys()
     prefix = pick_prefix(keys, PREFIXES, PROBE)
     if prefix is not None:
-        tensors = load_tensors(path, prefix)
+        tensors = source.read(prefix)
     else:
         prefix = pick_prefix(keys, PREFIXES, SHORT_PROBE)
         if prefix is None:
-            raise CheckpointError(_no_encoder_message(path, keys))
-        tensors = {"text_model." + k: v for k, v in load_tensors(path, prefix).items()}
-    return tensors, _saved_config(path)
+            raise CheckpointError(_no_encoder_message(source.name, keys))
+        tensors = {"text_model." + k: v for k, v in source.read(prefix).items()}
+    config = config_from_metadata(source.metadata, CONFIG_METADATA, CLIPTextConfig, source.name)
+    return tensors, config, source.name
 
 
-def _no_encoder_message(path: Path, keys: list[str]) -> str:
+def _no_encoder_message(path: str, keys: list[str]) -> str:
     if OPENCLIP_PROBE in keys:
         return (
             f"{path}: holds an OpenCLIP text encoder ('cond_stage_model.model.', SD 2.x), "
@@ -178,18 +199,3 @@ def _no_encoder_message(path: Path, keys: list[str]) -> str:
         f"'cond_stage_model.transformer.{PROBE}' (SD single file) or '{PROBE}' (bare file); "
         f"the file's first keys are {sample}"
     )
-
-
-def _saved_config(path: Path) -> CLIPTextConfig | None:
-    """The config that ``save`` stored in a safetensors file's metadata, if any."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # a pickle, or a file checkpoint_keys already vetted as readable
-        return None
-    if CONFIG_METADATA not in meta:
-        return None
-    try:
-        return CLIPTextConfig(**json.loads(meta[CONFIG_METADATA]))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable {CONFIG_METADATA!r} metadata ({e})") from e

@@ -1,7 +1,14 @@
 """The conditional denoising UNet of Stable Diffusion."""
 
-from sd_unet._checkpoint import CheckpointError
+from sd_unet._checkpoint import CheckpointError, load_state_dict
 from sd_unet._version import __version__
 from sd_unet.unet import UNet, UNetConfig, compile_frozen
 
-__all__ = ["CheckpointError", "UNet", "UNetConfig", "__version__", "compile_frozen"]
+__all__ = [
+    "CheckpointError",
+    "UNet",
+    "UNetConfig",
+    "__version__",
+    "compile_frozen",
+    "load_state_dict",
+]

@@ -438,11 +438,16 @@ class UNet(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, *, config=None, dtype=None, device=None, ema=False) -> UNet:
-        """Load from an SD single file (``.safetensors``, or a ``.ckpt``/``.pt``/``.bin`` pickle
-        opened with ``weights_only=True``), a bare UNet file, or a diffusers ``unet/`` folder or
-        model root. ``config`` overrides the inferred architecture; ``ema=True`` takes the EMA
-        weights of a full (non-pruned) checkpoint. On the CPU the model is put in
-        ``channels_last``, its fast layout there."""
+        """Load from an SD single file (``.safetensors``, or a ``.ckpt``/``.pt``/``.bin`` pickle,
+        read without running code), a bare UNet file, a diffusers ``unet/`` folder or model
+        root, or the tensors of such a file already read (``sd_unet.load_state_dict(path)``, or
+        any mapping of names to tensors), so that one pickle is read once for several models.
+
+        The config comes from ``config``, else the file (its safetensors metadata, or a
+        diffusers ``config.json``), else the tensor shapes. ``ema=True`` takes the EMA weights of
+        a full (non-pruned) checkpoint. ``dtype`` defaults to float32 (every floating tensor,
+        whatever the file stores). On the CPU the model is put in ``channels_last``, its fast
+        layout there. Bad files raise ``CheckpointError``."""
         from sd_unet.weights import from_checkpoint
 
         return from_checkpoint(path, config=config, dtype=dtype, device=device, ema=ema)

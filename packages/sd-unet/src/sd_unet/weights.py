@@ -10,23 +10,30 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from sd_unet._checkpoint import (
+    MAX_SAMPLE_SIZE,
     CheckpointError,
+    Tensors,
     check_state_dict,
-    checkpoint_keys,
+    config_from_metadata,
+    config_value,
     diffusers_weight_file,
+    existing_path,
     find_diffusers_folder,
     load_tensors,
     pick_prefix,
     read_json,
+    save_json,
     save_tensors,
+    typed,
 )
+from sd_unet._owned_read import read_owned
 from sd_unet.unet import UNet, UNetConfig
 
 SD_PREFIX = "model.diffusion_model."  # the UNet inside a CompVis/SD single-file checkpoint
@@ -40,79 +47,87 @@ CONFIG_METADATA = "sd_unet.config"  # where save() records the config in a .safe
 
 
 def from_checkpoint(
-    path: str | os.PathLike,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
     *,
     config: UNetConfig | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     ema: bool = False,
 ) -> UNet:
-    """A UNet with the weights of ``path`` (see ``UNet.from_checkpoint``)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+    """A UNet with the weights of ``source`` (see ``UNet.from_checkpoint``)."""
     # On the CPU convolution weights end up channels_last: read them straight into that layout
     on_cpu = device is None or torch.device(device).type == "cpu"
-    if path.is_dir():
-        state, found_config, source = _read_diffusers(path)
+    if isinstance(source, Mapping):
+        state, found_config, name = _read_tensors(Tensors(source), ema)
     else:
-        state, found_config, source = _read_file(path, ema, channels_last=on_cpu)
-    config = config or found_config or infer_config(state, source)
+        path = existing_path(source)
+        if path.is_dir():
+            state, found_config, name = _read_diffusers(path, config)
+        else:
+            state, found_config, name = _read_tensors(Tensors(path), ema, channels_last=on_cpu)
+    config = config or found_config or infer_config(state, name)
     with torch.device("meta"):
         model = UNet(config)
-    check_state_dict(model.state_dict(), state, source)
+    check_state_dict(model.state_dict(), state, name)
     model.load_state_dict(state, assign=True)
     del state  # from here on each conversion below frees the tensor it replaces
-    model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=dtype or torch.float32)
     if on_cpu:
         model.to(memory_format=torch.channels_last)  # the fast layout for CPU convolutions
     return model.eval()
 
 
-def _read_file(
-    path: Path, ema: bool, channels_last: bool = False
+def _read_tensors(
+    source: Tensors, ema: bool, channels_last: bool = False
 ) -> tuple[dict, UNetConfig | None, str]:
-    keys = checkpoint_keys(path)
-    prefix = pick_prefix(keys, (SD_PREFIX, ""), PROBE)
+    """The UNet's tensors (only those: safetensors are read lazily) and the config the file's
+    metadata holds for it, if any (a bare UNet file's, or an SD single file's)."""
+    keys = source.keys()
+    config = config_from_metadata(source.metadata, CONFIG_METADATA, UNetConfig, source.name)
     if ema:
-        return _read_ema(path, keys), None, f"{path} (EMA weights)"
+        return _read_ema(source, keys), config, f"{source.name} (EMA weights)"
+    prefix = pick_prefix(keys, (SD_PREFIX, ""), PROBE)
     if prefix is None:
         raise CheckpointError(
-            f"{path}: no UNet in this file: expected '{SD_PREFIX}{PROBE}' (an SD checkpoint) or "
-            f"'{PROBE}' (a bare UNet file); found {len(keys)} keys, such as {keys[:3]}"
+            f"{source.name}: no UNet in this file: expected '{SD_PREFIX}{PROBE}' (an SD "
+            f"checkpoint) or '{PROBE}' (a bare UNet file); found {len(keys)} keys, such as "
+            f"{keys[:3]}"
         )
-    tensors = load_tensors(path, prefix, channels_last=channels_last)
-    return tensors, _config_from_metadata(path), str(path)
+    tensors = None
+    if channels_last and source.is_safetensors_file:
+        tensors = read_owned(source.path, prefix)
+    return tensors if tensors is not None else source.read(prefix), config, source.name
 
 
-def _read_ema(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+def _read_ema(source: Tensors, keys: list[str]) -> dict[str, torch.Tensor]:
     """The EMA weights of a full checkpoint: ``model_ema.diffusion_model<name>``, the name's dots
     removed. The file's ``model.diffusion_model.*`` keys give the dotted names back."""
     stem = EMA_PREFIX + "diffusion_model"
     if stem + PROBE.replace(".", "") not in keys:
         raise CheckpointError(
-            f"{path}: no EMA weights in this file (no '{stem}...' keys); it is an EMA-only or "
-            "non-EMA checkpoint: load it with ema=False"
+            f"{source.name}: no EMA weights in this file (no '{stem}...' keys); it is an "
+            "EMA-only or non-EMA checkpoint: load it with ema=False"
         )
     names = [k[len(SD_PREFIX) :] for k in keys if k.startswith(SD_PREFIX)]
     dotted = {name.replace(".", ""): name for name in names}
     if len(dotted) != len(names) or not names:
         raise CheckpointError(
-            f"{path}: cannot name the EMA weights: the file needs its '{SD_PREFIX}*' keys, "
-            "each distinct once dots are removed"
+            f"{source.name}: cannot name the EMA weights: the file needs its '{SD_PREFIX}*' "
+            "keys, each distinct once dots are removed"
         )
-    flat = load_tensors(path, stem)
+    flat = source.read(stem)
     return {dotted.get(k, k): v for k, v in flat.items()}
 
 
-def _read_diffusers(path: Path) -> tuple[dict, UNetConfig, str]:
+def _read_diffusers(path: Path, config: UNetConfig | None) -> tuple[dict, UNetConfig, str]:
     folder = find_diffusers_folder(path, "unet")
     if folder is None:
         raise CheckpointError(
             f"{path}: a folder, but not a diffusers UNet: expected config.json and "
             "diffusion_pytorch_model.safetensors in it or in its unet/ subfolder"
         )
-    config = config_from_diffusers(read_json(folder / "config.json"), folder)
+    if config is None:  # (a config given is used as it is: config.json is not read)
+        config = config_from_diffusers(read_json(folder / "config.json"), folder / "config.json")
     weights = diffusers_weight_file(folder)
     theirs = load_tensors(weights)
     to_ours = {v: k for k, v in diffusers_key_map(config).items()}
@@ -123,17 +138,6 @@ def _read_diffusers(path: Path) -> tuple[dict, UNetConfig, str]:
             f"(first: {unknown[0]!r})"
         )
     return {to_ours[k]: v for k, v in theirs.items()}, config, str(weights)
-
-
-def _config_from_metadata(path: Path) -> UNetConfig | None:
-    if path.suffix != ".safetensors":
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        text = (f.metadata() or {}).get(CONFIG_METADATA)
-    if text is None:
-        return None
-    values = json.loads(text)
-    return UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,15 +303,37 @@ def diffusers_config(config: UNetConfig) -> dict:
 
 
 def config_from_diffusers(d: dict, source: Path | str = "config.json") -> UNetConfig:
-    """Our config from a diffusers UNet2DConditionModel config.json."""
+    """Our config from a diffusers UNet2DConditionModel config.json.
+
+    Each value is checked for its type and size first, so that a damaged or hostile file is one
+    clear error naming the field (``sample_size``, unused here, is checked for the pipeline).
+    """
+    source = str(source)
     for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim"):
         if d.get(key):
             raise CheckpointError(f"{source}: {key}={d[key]!r} is not a Stable Diffusion 1/2 UNet")
-    channels = list(d.get("block_out_channels", (320, 640, 1280, 1280)))
-    down = list(d.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
-    heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
+
+    def value(name, default, **kwargs):
+        return config_value(d, name, default, source, **kwargs)
+
+    def int_or_list(name, default, **kwargs):  # diffusers allows either for these fields
+        return value(name, (0,) if isinstance(d.get(name), list) else default, **kwargs)
+
+    int_or_list("sample_size", 64, limit=MAX_SAMPLE_SIZE)
+    channels = value("block_out_channels", (320, 640, 1280, 1280))
+    down = value("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
+    if len(down) != len(channels):
+        raise CheckpointError(
+            f"{source}: block_out_channels {list(channels)} and down_block_types {list(down)} "
+            "must be lists of the same length"
+        )
+    heads = d.get("num_attention_heads") or d.get("attention_head_dim") or 8
+    like = (0,) if isinstance(heads, list) else 0
+    heads = typed(heads, like, f"{source}: attention_head_dim", low=1)
     heads = [heads] * len(channels) if isinstance(heads, int) else list(heads)
-    depth = d.get("transformer_layers_per_block", 1)
+    if len(heads) != len(channels):
+        raise CheckpointError(f"{source}: attention_head_dim {heads}: expected one per level")
+    depth = int_or_list("transformer_layers_per_block", 1)
     if not isinstance(depth, int):
         if len(set(depth)) != 1:
             raise CheckpointError(f"{source}: per-level transformer depths {depth} unsupported")
@@ -320,22 +346,25 @@ def config_from_diffusers(d: dict, source: Path | str = "config.json") -> UNetCo
         if len(widths) != 1:
             raise CheckpointError(f"{source}: heads {heads} fit neither a fixed count nor width")
         num_heads, num_head_channels = -1, widths.pop()
-    return UNetConfig(
-        in_channels=d.get("in_channels", 4),
-        out_channels=d.get("out_channels", 4),
-        model_channels=channels[0],
-        channel_mult=tuple(ch // channels[0] for ch in channels),
-        num_res_blocks=d.get("layers_per_block", 2),
-        attention_resolutions=tuple(
-            2**level for level, kind in enumerate(down) if "CrossAttn" in kind
-        ),
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        transformer_depth=depth,
-        context_dim=d.get("cross_attention_dim", 768),
-        use_linear_in_transformer=d.get("use_linear_projection", False),
-        norm_groups=d.get("norm_num_groups", 32),
-    )
+    try:
+        return UNetConfig(
+            in_channels=value("in_channels", 4),
+            out_channels=value("out_channels", 4),
+            model_channels=channels[0],
+            channel_mult=tuple(ch // channels[0] for ch in channels),
+            num_res_blocks=value("layers_per_block", 2),
+            attention_resolutions=tuple(
+                2**level for level, kind in enumerate(down) if "CrossAttn" in kind
+            ),
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            transformer_depth=depth,
+            context_dim=value("cross_attention_dim", 768),
+            use_linear_in_transformer=value("use_linear_projection", False),
+            norm_groups=value("norm_num_groups", 32),
+        )
+    except (ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: unsupported UNet config ({e})") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,4 +383,4 @@ def save_diffusers(model: UNet, folder: str | os.PathLike) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = to_diffusers(model.state_dict(), model.config)
     save_tensors(state, folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps(diffusers_config(model.config), indent=2))
+    save_json(diffusers_config(model.config), folder / "config.json")

@@ -1,6 +1,6 @@
 """The Stable Diffusion KL autoencoder: images to latents and back."""
 
-from sd_vae._checkpoint import CheckpointError
+from sd_vae._checkpoint import CheckpointError, load_state_dict
 from sd_vae._version import __version__
 from sd_vae.autoencoder import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution
 from sd_vae.taesd import TinyDecoder
@@ -12,4 +12,5 @@ __all__ = [
     "DiagonalGaussianDistribution",
     "TinyDecoder",
     "__version__",
+    "load_state_dict",
 ]

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from itertools import pairwise
@@ -496,16 +496,20 @@ class AutoencoderKL(nn.Module):
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | Mapping[str, torch.Tensor],
         *,
         config: AutoencoderKLConfig | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
     ) -> AutoencoderKL:
         """Load from an SD single file (``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``), a
-        standalone VAE file, or a diffusers folder (the VAE's, or the model root holding
-        ``vae/``). ``config`` overrides the one found or inferred; ``dtype`` defaults to
-        torch's default dtype (float32)."""
+        standalone VAE file, a diffusers folder (the VAE's, or the model root holding ``vae/``),
+        or the tensors of such a file already read (``sd_vae.load_state_dict(path)``, or any
+        mapping of names to tensors), so that one pickle is read once for several models.
+
+        The config comes from ``config``, else the file (its safetensors metadata, or a
+        diffusers ``config.json``), else the tensor shapes. ``dtype`` defaults to float32 (every
+        floating tensor, whatever the file stores). Bad files raise ``CheckpointError``."""
         from sd_vae.weights import load_autoencoder
 
         return load_autoencoder(path, config=config, dtype=dtype, device=device)

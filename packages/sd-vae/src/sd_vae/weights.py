@@ -12,23 +12,27 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from sd_vae._checkpoint import (
-    PICKLE_SUFFIXES,
+    MAX_SAMPLE_SIZE,
     CheckpointError,
+    Tensors,
     check_state_dict,
-    checkpoint_keys,
+    config_from_metadata,
+    config_value,
     diffusers_weight_file,
+    existing_path,
     find_diffusers_folder,
     load_tensors,
     pick_prefix,
     read_json,
+    save_json,
     save_tensors,
 )
 from sd_vae.autoencoder import AutoencoderKL, AutoencoderKLConfig
@@ -151,7 +155,11 @@ def config_from_shapes(state: dict[str, torch.Tensor], source: str) -> Autoencod
 
 
 def config_from_diffusers(cfg: dict, source: str) -> AutoencoderKLConfig:
-    """A diffusers ``config.json`` (missing fields take diffusers' defaults) -> our config."""
+    """A diffusers ``config.json`` (missing fields take diffusers' defaults) -> our config.
+
+    Each value is checked for its type and size first, so that a damaged or hostile file is one
+    clear error naming the field (``sample_size``, unused here, is checked for the pipeline).
+    """
     supported = {
         "act_fn": "silu",
         "use_quant_conv": True,
@@ -159,25 +167,34 @@ def config_from_diffusers(cfg: dict, source: str) -> AutoencoderKLConfig:
         "mid_block_add_attention": True,
     }
     for field, value in supported.items():
-        if cfg.get(field, value) != value:
+        if config_value(cfg, field, value, source) != value:
             raise CheckpointError(
                 f"{source}: unsupported autoencoder: {field}={cfg[field]!r} (the SD autoencoder "
                 f"has {field}={value!r})"
             )
-    widths = list(cfg.get("block_out_channels", [64]))
+    sample_size = cfg.get("sample_size")
+    like = (0,) if isinstance(sample_size, list) else 0
+    config_value(cfg, "sample_size", like, source, limit=MAX_SAMPLE_SIZE)
+    widths = config_value(cfg, "block_out_channels", (64,), source)
     base = widths[0]
     if any(w % base for w in widths):
-        raise CheckpointError(f"{source}: block_out_channels {widths} are not multiples of {base}")
-    return AutoencoderKLConfig(
-        in_channels=cfg.get("in_channels", 3),
-        out_channels=cfg.get("out_channels", 3),
-        latent_channels=cfg.get("latent_channels", 4),
-        base_channels=base,
-        channel_mult=tuple(w // base for w in widths),
-        num_res_blocks=cfg.get("layers_per_block", 1),
-        norm_groups=cfg.get("norm_num_groups", 32),
-        scaling_factor=cfg.get("scaling_factor", 0.18215),
-    )
+        raise CheckpointError(
+            f"{source}: block_out_channels {list(widths)} are not multiples of {base}"
+        )
+    values = {
+        "in_channels": config_value(cfg, "in_channels", 3, source),
+        "out_channels": config_value(cfg, "out_channels", 3, source),
+        "latent_channels": config_value(cfg, "latent_channels", 4, source),
+        "base_channels": base,
+        "channel_mult": tuple(w // base for w in widths),
+        "num_res_blocks": config_value(cfg, "layers_per_block", 1, source),
+        "norm_groups": config_value(cfg, "norm_num_groups", 32, source),
+        "scaling_factor": config_value(cfg, "scaling_factor", 0.18215, source),
+    }
+    try:
+        return AutoencoderKLConfig(**values)
+    except (ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: unsupported autoencoder config ({e})") from e
 
 
 def diffusers_config(config: AutoencoderKLConfig) -> dict:
@@ -198,78 +215,67 @@ def diffusers_config(config: AutoencoderKLConfig) -> dict:
     }
 
 
-def _saved_config(path: Path) -> AutoencoderKLConfig | None:
-    """The config `save` wrote into a safetensors file's metadata, if any."""
-    if path.suffix != ".safetensors":
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        text = (f.metadata() or {}).get(CONFIG_METADATA)
-    if text is None:
-        return None
-    try:
-        return AutoencoderKLConfig(**json.loads(text))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable {CONFIG_METADATA!r} metadata ({e})") from e
-
-
 # ---------------------------------------------------------------------------- load and save
 
 
 def load_autoencoder(
-    path: str | os.PathLike,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
     *,
     config: AutoencoderKLConfig | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> AutoencoderKL:
-    """An AutoencoderKL from an SD single file, a standalone VAE file or a diffusers folder."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
+    """An AutoencoderKL from an SD single file, a standalone VAE file, a diffusers folder, or
+    the tensors of either file already read (``load_state_dict``)."""
+    if isinstance(source, Mapping):
+        state, found_config, name = _read_tensors(Tensors(source))
+    else:
+        path = existing_path(source)
+        if path.is_dir():
+            state, found_config, name = _read_diffusers_folder(path, config)
+        else:
+            state, found_config, name = _read_tensors(Tensors(path))
     # A .safetensors file's tensors stay memory-mapped (copied only where the dtype or device
     # changes): a decode pages in the decoder's weights, never the encoder's
-    if path.is_dir():
-        state, found_config, source = _read_diffusers_folder(path)
-    else:
-        state, found_config, source = _read_file(path)
-    config = config or found_config or config_from_shapes(state, source)
+    config = config or found_config or config_from_shapes(state, name)
     with torch.device("meta"):
         model = AutoencoderKL(config)
     expected = model.state_dict()
     common = [k for k in expected if k in state]  # shapes first: the more telling error
-    check_state_dict({k: expected[k] for k in common}, {k: state[k] for k in common}, source)
-    check_state_dict(expected, state, source)
+    check_state_dict({k: expected[k] for k in common}, {k: state[k] for k in common}, name)
+    check_state_dict(expected, state, name)
     model.load_state_dict(state, assign=True)
     del state  # from here on each conversion below frees the tensor it replaces
-    model.to(device=device, dtype=dtype or torch.get_default_dtype())
+    model.to(device=device, dtype=dtype or torch.float32)
     return model.eval()
 
 
-def _read_file(path: Path) -> tuple[dict, AutoencoderKLConfig | None, str]:
-    if path.suffix in PICKLE_SUFFIXES:  # read once (memory-mapped where torch can)
-        everything = load_tensors(path)
-        prefix = _vae_prefix(path, list(everything))
-        state = {k[len(prefix) :]: v for k, v in everything.items() if k.startswith(prefix)}
-    else:  # safetensors: only the autoencoder's tensors are read
-        prefix = _vae_prefix(path, checkpoint_keys(path))
-        state = load_tensors(path, prefix)
-    state = {k: v for k, v in state.items() if k.startswith(PARTS)}
+def _read_tensors(source: Tensors) -> tuple[dict, AutoencoderKLConfig | None, str]:
+    """The autoencoder's tensors (only those: safetensors are read lazily) and the config the
+    file's metadata holds for it, if any (a standalone file's, or an SD single file's)."""
+    prefix = _vae_prefix(source.name, source.keys())
+    state = {k: v for k, v in source.read(prefix).items() if k.startswith(PARTS)}
+    config = config_from_metadata(
+        source.metadata, CONFIG_METADATA, AutoencoderKLConfig, source.name
+    )
     if is_diffusers_layout(state):
-        return from_diffusers(state), None, str(path)
-    return conv_attention(state), _saved_config(path) if prefix == "" else None, str(path)
+        return from_diffusers(state), config, source.name
+    return conv_attention(state), config, source.name
 
 
-def _vae_prefix(path: Path, keys: list[str]) -> str:
+def _vae_prefix(name: str, keys: list[str]) -> str:
     prefix = pick_prefix(keys, (SD_PREFIX, ""), PROBE)
     if prefix is None:
         raise CheckpointError(
-            f"{path}: no autoencoder in this checkpoint: expected {SD_PREFIX + PROBE!r} (an SD "
+            f"{name}: no autoencoder in this checkpoint: expected {SD_PREFIX + PROBE!r} (an SD "
             f"single file) or {PROBE!r} (a standalone VAE); its first keys are {keys[:3]}"
         )
     return prefix
 
 
-def _read_diffusers_folder(path: Path) -> tuple[dict, AutoencoderKLConfig, str]:
+def _read_diffusers_folder(
+    path: Path, config: AutoencoderKLConfig | None
+) -> tuple[dict, AutoencoderKLConfig, str]:
     folder = find_diffusers_folder(path, "vae")
     if folder is None:
         raise CheckpointError(
@@ -277,7 +283,10 @@ def _read_diffusers_folder(path: Path) -> tuple[dict, AutoencoderKLConfig, str]:
             "diffusion_pytorch_model.safetensors (or .bin) in it or in its vae/ subfolder"
         )
     weights = diffusers_weight_file(folder)
-    config = config_from_diffusers(read_json(folder / "config.json"), str(folder))
+    if config is None:  # (a config given is used as it is: config.json is not read)
+        config = config_from_diffusers(
+            read_json(folder / "config.json"), str(folder / "config.json")
+        )
     return from_diffusers(load_tensors(weights)), config, str(weights)
 
 
@@ -292,4 +301,4 @@ def save_diffusers_folder(model: AutoencoderKL, folder: str | os.PathLike) -> No
     folder = Path(folder)
     state = to_diffusers(model.state_dict(), len(model.config.channel_mult))
     save_tensors(state, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(diffusers_config(model.config), indent=2))
+    save_json(diffusers_config(model.config), folder / "config.json")
