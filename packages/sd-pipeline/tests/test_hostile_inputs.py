@@ -185,3 +185,17 @@ def test_nothing_written_when_sampling_fails(tiny_checkpoint, tmp_path, capsys):
     assert not out.exists() or _files(out) == []
     assert np.isfinite(1.0)  # the run above printed one line, not a traceback
     assert "Traceback" not in err
+
+
+def test_a_pickle_is_read_once_per_pipeline_load(tmp_path, monkeypatch):
+    """One torch.load for the three parts (it was five reads of a multi-GB pickle)."""
+    from conftest import checkpoint_state
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": checkpoint_state(), "global_step": 3}, path)
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or real(*a, **k))
+    pipe = StableDiffusion.from_checkpoint(path, device="cpu", native_size=32)
+    assert len(calls) == 1
+    assert pipe.txt2img("x", seed=0, **FAST)[0].size == (32, 32)

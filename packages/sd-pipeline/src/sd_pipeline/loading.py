@@ -207,14 +207,20 @@ def _json_object(path: Path) -> dict:
 
 
 def load_parts(path: Path, vae_path: Path | None, dtype: torch.dtype | None) -> dict:
-    """The three parts from a checkpoint (and a separate VAE), on the CPU, each reading only its
-    own tensors; component errors come out as CheckpointError."""
+    """The three parts from a checkpoint (and a separate VAE), on the CPU; component errors
+    come out as CheckpointError. A safetensors file is handed to each part's loader, which
+    reads only its own tensors; a pickle (``.ckpt``) is read once, safely, and its tensors
+    shared by the three."""
     load = {"device": "cpu", "dtype": dtype or torch.float32}
     try:
+        source = path
+        if path.is_file() and path.suffix != ".safetensors":
+            source = sd_unet.load_state_dict(path)
+        vae_source = source if vae_path is None else vae_path
         return dict(
-            unet=UNet.from_checkpoint(path, **load),
-            text_encoder=CLIPTextModel.from_checkpoint(path, **load),
-            vae=AutoencoderKL.from_checkpoint(vae_path if vae_path is not None else path, **load),
+            unet=UNet.from_checkpoint(source, **load),
+            text_encoder=CLIPTextModel.from_checkpoint(source, **load),
+            vae=AutoencoderKL.from_checkpoint(vae_source, **load),
         )
     except COMPONENT_ERRORS as e:
         raise CheckpointError(str(e)) from e
