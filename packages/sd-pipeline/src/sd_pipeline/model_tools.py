@@ -225,10 +225,10 @@ def bake_vae(args) -> int:
 
 
 def merge(args) -> int:
-    a, b = read(Path(args.a)), read(Path(args.b))
-    c = read(Path(args.base)) if args.method == "add-difference" else None
     if args.method == "add-difference" and args.base is None:
         raise ToolError("--method add-difference needs --base C (the model B was tuned from)")
+    a, b = read(Path(args.a)), read(Path(args.b))
+    c = read(Path(args.base)) if args.method == "add-difference" else None
     out = merge_tensors(a, b, c, args.alpha)
     print(write(out, Path(args.target), args))
     return 0
