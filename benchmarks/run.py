@@ -129,7 +129,11 @@ def _checkpoint_prepare(workdir: Path, opts) -> dict:
     if not path.exists():
         state = {}
         for seed, (key, cls, config) in enumerate(
-            zip(("vae", "text_encoder", "unet"), (AutoencoderKL, CLIPTextModel, UNet), _configs(size))
+            zip(
+                ("vae", "text_encoder", "unet"),
+                (AutoencoderKL, CLIPTextModel, UNet),
+                _configs(size),
+            )
         ):
             with torch.device("meta"):
                 model = cls(config)
