@@ -63,7 +63,11 @@ def test_kohya_lora_and_locon(path, alpha):
 
 def test_locon_tucker_lora_mid():
     g, rank = _g(1), 3
-    down, mid, up = _rand(rank, 8, 1, 1, g=g), _rand(rank, rank, 3, 3, g=g), _rand(16, rank, 1, 1, g=g)
+    down, mid, up = (
+        _rand(rank, 8, 1, 1, g=g),
+        _rand(rank, rank, 3, 3, g=g),
+        _rand(16, rank, 1, 1, g=g),
+    )
     tensors = {"lora_down.weight": down, "lora_mid.weight": mid, "lora_up.weight": up,
                "alpha": torch.tensor(2.0)}  # fmt: skip
     original, merged, _ = _merged(CONV3, tensors)
@@ -96,13 +100,17 @@ def test_loha_against_lycoris(path, tucker):
 
 LOKR_CASES = {  # name: (path, tensors' shapes), weights 48x12 = kron((4x3), (12x4)) etc.
     "full_w1_low_rank_w2": (LINEAR, {"lokr_w1": (4, 3), "lokr_w2_a": (12, 2), "lokr_w2_b": (2, 4)}),
-    "both_low_rank": (LINEAR, {"lokr_w1_a": (4, 2), "lokr_w1_b": (2, 3), "lokr_w2_a": (12, 2),
-                               "lokr_w2_b": (2, 4)}),  # fmt: skip
+    "both_low_rank": (
+        LINEAR,
+        {"lokr_w1_a": (4, 2), "lokr_w1_b": (2, 3), "lokr_w2_a": (12, 2), "lokr_w2_b": (2, 4)},
+    ),
     "both_full": (LINEAR, {"lokr_w1": (4, 3), "lokr_w2": (12, 4)}),
     "conv_full_w2": (CONV3, {"lokr_w1": (4, 2), "lokr_w2": (4, 4, 3, 3)}),
     "conv_flat_w2": (CONV3, {"lokr_w1": (4, 2), "lokr_w2_a": (4, 2), "lokr_w2_b": (2, 4 * 9)}),
-    "conv_tucker": (CONV3, {"lokr_w1": (4, 2), "lokr_w2_a": (2, 4), "lokr_w2_b": (2, 4),
-                            "lokr_t2": (2, 2, 3, 3)}),  # fmt: skip
+    "conv_tucker": (
+        CONV3,
+        {"lokr_w1": (4, 2), "lokr_w2_a": (2, 4), "lokr_w2_b": (2, 4), "lokr_t2": (2, 2, 3, 3)},
+    ),
 }
 
 
@@ -170,13 +178,18 @@ def test_diffusers_and_peft_names_reach_the_same_layers():
     down, up = _rand(2, 8, g=g), _rand(8, 2, g=g)
     q = "transformer_blocks.0.attn1.to_q"
     layouts = {
-        "kohya": {f"lora_unet_down_blocks_0_attentions_0_{q.replace('.', '_')}": ("lora_down", "lora_up")},
+        "kohya": {
+            f"lora_unet_down_blocks_0_attentions_0_{q.replace('.', '_')}": ("lora_down", "lora_up")
+        },
         "compvis": {f"lora_unet_input_blocks_1_1_{q.replace('.', '_')}": ("lora_down", "lora_up")},
         "peft": {f"unet.down_blocks.0.attentions.0.{q}": ("lora_A", "lora_B")},
         "diffusers": {f"unet.down_blocks.0.attentions.0.{q}": ("lora.down", "lora.up")},
         "processor": {
             "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora": (
-                "down", "up")},  # fmt: skip
+                "down",
+                "up",
+            )
+        },
     }
     results = {}
     for name, layout in layouts.items():
@@ -186,7 +199,7 @@ def test_diffusers_and_peft_names_reach_the_same_layers():
         LoRA.from_state_dict(tensors).merge(model)
         results[name] = model.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight.detach()
     original = randomize(TinyUNet()).input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight
-    for name, merged in results.items():
+    for merged in results.values():
         _close(merged, original.detach() + up @ down)
 
 
@@ -199,7 +212,9 @@ def test_peft_text_encoder_names():
         "text_encoder.text_model.encoder.layers.1.self_attn.k_proj.lora_A.weight": down,
         "text_encoder.text_model.encoder.layers.1.self_attn.k_proj.lora_B.weight": up,
     }).merge(model)  # fmt: skip
-    _close(model.text_model.encoder.layers[1].self_attn.k_proj.weight.detach(), original + up @ down)
+    _close(
+        model.text_model.encoder.layers[1].self_attn.k_proj.weight.detach(), original + up @ down
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +231,10 @@ def test_unknown_keys_are_named():
 
 
 def test_incomplete_layer_is_named():
-    with pytest.raises(LoRAError, match="lora_te_text_model_encoder_layers_0_mlp_fc1.*lora_up"):
-        LoRA.from_state_dict({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 12)})
+    with pytest.raises(LoRAError, match=r"lora_te_text_model_encoder_layers_0_mlp_fc1.*lora_up"):
+        LoRA.from_state_dict(
+            {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 12)}
+        )
 
 
 def test_layer_the_model_lacks_is_named():
@@ -225,7 +242,9 @@ def test_layer_the_model_lacks_is_named():
         "lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight": torch.ones(2, 8),
         "lora_unet_down_blocks_3_attentions_0_proj_in.lora_up.weight": torch.ones(8, 2),
     })  # fmt: skip
-    with pytest.raises(LoRAError, match="not in this UNet: 'lora_unet_down_blocks_3_attentions_0_proj_in'"):
+    with pytest.raises(
+        LoRAError, match="not in this UNet: 'lora_unet_down_blocks_3_attentions_0_proj_in'"
+    ):
         lora.merge(TinyUNet())
 
 

@@ -1,7 +1,7 @@
 """The CompVis -> diffusers rule on the UNet's module tree, against names written out by hand
 from diffusers' UNet2DConditionModel (down_blocks / mid_block / up_blocks)."""
 
-from conftest import TinyUNet, TinyTextEncoder
+from conftest import TinyTextEncoder, TinyUNet
 
 from sd_lora import names
 
@@ -38,7 +38,11 @@ EXPECTED = {
 
 
 def test_unet_diffusers_names_by_rule():
-    paths = [n for n, m in TinyUNet().named_modules() if next(m.parameters(recurse=False), None) is not None]
+    paths = [
+        n
+        for n, m in TinyUNet().named_modules()
+        if next(m.parameters(recurse=False), None) is not None
+    ]
     got = names.unet_diffusers_names(paths)
     assert {k: got[k] for k in EXPECTED} == EXPECTED
     assert len(set(got.values())) == len(got)  # one module per diffusers name

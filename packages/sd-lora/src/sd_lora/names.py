@@ -54,7 +54,11 @@ def kind_of_model(root: nn.Module) -> str:
 def index(root: nn.Module) -> tuple[str, dict[str, str]]:
     """The model kind and {flattened name a LoRA file may use: the module's path in ``root``}."""
     kind = kind_of_model(root)
-    paths = [name for name, m in root.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    paths = [
+        name
+        for name, m in root.named_modules()
+        if next(m.parameters(recurse=False), None) is not None
+    ]
     found: dict[str, str] = {}
     if kind == "unet":
         to_diffusers = unet_diffusers_names(paths)
