@@ -34,9 +34,12 @@ UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.ne
 TE_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
-def _kohya_file(path, unet: nn.Module, text: nn.Module, rank: int = 4, alpha: float = 2.0):
+def _kohya_file(path, unet: nn.Module, text: nn.Module, rank: int = 4):
     """A kohya LoRA for diffusers' UNet and transformers' text encoder: the layer names are
-    theirs (diffusers paths for the UNet, text_model.* for the text encoder), as kohya writes."""
+    theirs (diffusers paths for the UNet, text_model.* for the text encoder), as kohya writes.
+    The UNet's alphas differ by layer (2; 4 for convolutions), the text encoder's are all 1: with
+    transformers 5, diffusers drops per-layer text encoder alphas (its alpha_pattern keys keep
+    the ``text_model.`` prefix that transformers 5's module names no longer have)."""
     g = torch.Generator().manual_seed(5)
     state = {}
     parts = (("lora_unet_", unet, UNET_LAYERS), ("lora_te_text_model_", text, TE_LAYERS))
@@ -51,6 +54,7 @@ def _kohya_file(path, unet: nn.Module, text: nn.Module, rank: int = 4, alpha: fl
             up = torch.randn(w.shape[0], rank, *((1, 1) if conv else ()), generator=g) * 0.5
             state[f"{key}.lora_down.weight"] = down
             state[f"{key}.lora_up.weight"] = up
+            alpha = 4.0 if conv else 1.0 if prefix.startswith("lora_te") else 2.0
             state[f"{key}.alpha"] = torch.tensor(alpha)
     save_file(state, str(path), {"ss_network_dim": str(rank), "ss_output_name": "tiny-style"})
     return state
@@ -93,33 +97,57 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("merge", [True, False], ids=["merged", "attached"])
-def test_kohya_lora_matches_diffusers(models, merge):
+UNET_WEIGHT, TE_WEIGHT = 0.8, 0.5
+
+
+@pytest.fixture(scope="module")
+def reference(models, tmp_path_factory):
+    """diffusers' outputs with the kohya LoRA fused (UNet at 0.8, text encoder at 0.5), and the
+    same LoRA as diffusers saves it (PEFT lora_A/lora_B names, alphas in the metadata)."""
     from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
 
     unet, text, their_unet, their_text, path, tensors = models
     inputs = _inputs(unet, text)
-    base_ours = _ours(unet, text, *inputs)
-    base_theirs = _theirs(their_unet, their_text, *inputs)
-    assert (
-        _rel(base_ours[0], base_theirs[0]) < REL_TOL
-        and _rel(base_ours[1], base_theirs[1]) < REL_TOL
-    )
-
-    unet_weight, te_weight = 0.8, 0.5
+    base = _theirs(their_unet, their_text, *inputs)
     pipe = StableDiffusionPipeline(vae=None, text_encoder=their_text, tokenizer=None, unet=their_unet,
                                    scheduler=None, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)  # fmt: skip
     pipe.load_lora_weights(dict(tensors), adapter_name="style")
-    pipe.fuse_lora(components=["unet"], lora_scale=unet_weight, adapter_names=["style"])
-    pipe.fuse_lora(components=["text_encoder"], lora_scale=te_weight, adapter_names=["style"])
-    theirs = _theirs(their_unet, their_text, *inputs)
+    folder = tmp_path_factory.mktemp("peft")
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=get_peft_model_state_dict(their_unet, adapter_name="style"),
+        text_encoder_lora_layers=get_peft_model_state_dict(their_text, adapter_name="style"),
+        unet_lora_adapter_metadata=their_unet.peft_config["style"].to_dict(),
+        text_encoder_lora_adapter_metadata=their_text.peft_config["style"].to_dict(),
+    )
+    pipe.fuse_lora(components=["unet"], lora_scale=UNET_WEIGHT, adapter_names=["style"])
+    pipe.fuse_lora(components=["text_encoder"], lora_scale=TE_WEIGHT, adapter_names=["style"])
+    fused = _theirs(their_unet, their_text, *inputs)
     pipe.unfuse_lora(components=["unet", "text_encoder"])
     pipe.unload_lora_weights()
+    for a, b in zip(_theirs(their_unet, their_text, *inputs), base):  # unfused (to rounding)
+        assert _rel(a, b) < REL_TOL
+    return base, fused, {"kohya": path, "diffusers": folder / "pytorch_lora_weights.safetensors"}
 
-    lora = LoRA.from_file(path)
-    n_unet = sum(1 for k in lora.keys() if k.startswith("lora_unet_"))
-    assert n_unet > 50 and len(lora.keys()) - n_unet == 6 * text.config.layers
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "attached"])
+def test_lora_matches_diffusers(models, reference, layout, merge):
+    unet, text, *_ = models
+    base_theirs, theirs, files = reference
+    inputs = _inputs(unet, text)
+    base_ours = _ours(unet, text, *inputs)
+    for o, th in zip(base_ours, base_theirs):
+        assert _rel(o, th) < REL_TOL
+
+    lora = LoRA.from_file(files[layout])
+    n_te = sum(1 for k in lora.keys() if k.startswith(("lora_te_", "text_encoder.")))
+    assert n_te == 6 * text.config.layers and len(lora.keys()) - n_te > 50
+    # diffusers' file: its alphas in the metadata (lora_alpha, alpha_pattern for the convs)
+    assert {layer.alpha for layer in lora.layers.values()} == {1.0, 2.0, 4.0}
+    unet_weight, te_weight = UNET_WEIGHT, TE_WEIGHT
     apply_loras(unet, text, [(lora, unet_weight, te_weight)], merge=merge)
     ours = _ours(unet, text, *inputs)
     assert loaded_loras(unet, text) == [(lora, unet_weight, te_weight)]

@@ -16,9 +16,11 @@ never depends on the order of unmerges.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -112,11 +114,14 @@ class LoRA:
             else:
                 groups.setdefault(layer, {})[param] = tensor
         layers, unsupported = [], []
+        peft = _peft_config(metadata or {}, source)
         for layer_name, group in groups.items():
             component, path = _component(layer_name)
             if component is None:
                 unknown.extend(f"{layer_name}.{p}" for p in group)
                 continue
+            if peft and "alpha" not in group and "lora_down.weight" in group:
+                group.update(_peft_alpha(peft, layer_name, path, group["lora_down.weight"]))
             try:
                 layers.append(Layer(layer_name, component, path, group))
             except LoRAError as e:
@@ -402,6 +407,36 @@ def _component(layer: str) -> tuple[str | None, str]:
         if layer.startswith(prefix):
             return component, layer[len(prefix) :]
     return None, layer
+
+
+def _peft_config(metadata: dict, source: str) -> dict:
+    """The PEFT LoraConfig values diffusers records in a file's metadata ({"unet.r": 4,
+    "unet.lora_alpha": 8, "unet.alpha_pattern": {...}, "text_encoder.r": ...}); {} if none."""
+    text = metadata.get("lora_adapter_metadata")
+    if not text:
+        return {}
+    try:
+        config = json.loads(text)
+    except ValueError:
+        raise LoRAError(f"{source}: its lora_adapter_metadata is not JSON") from None
+    return config if isinstance(config, dict) else {}
+
+
+def _peft_alpha(config: dict, layer_name: str, path: str, down: torch.Tensor) -> dict:
+    """A PEFT layer's alpha as a kohya ``alpha`` tensor: lora_alpha, or its alpha_pattern entry
+    (with use_rslora, the ``scale`` alpha / sqrt(rank) instead); {} where the metadata says
+    nothing about the layer's part (PEFT's default alpha is the rank: scale 1)."""
+    part = layer_name.removeprefix("base_model.model.").split(".")[0]
+    alpha = config.get(f"{part}.lora_alpha")
+    if alpha is None:
+        return {}
+    for pattern, value in (config.get(f"{part}.alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", path):  # PEFT's own matching rule
+            alpha = value
+            break
+    if config.get(f"{part}.use_rslora"):
+        return {"scale": torch.tensor(alpha / math.sqrt(down.shape[0]))}
+    return {"alpha": torch.tensor(float(alpha))}
 
 
 def _rename_processor(path: str) -> str:
