@@ -109,6 +109,8 @@ def test_round_trip_bit_exact_in_half_precision_and_channels_last():
     a.merge(model, 0.7)
     b.merge(model, 1.5)
     assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for k, v in model.state_dict().items():  # merged weights keep the layout (channels_last)
+        assert v.stride() == before[k].stride() and v.dtype == torch.float16, k
     remove_all(model)
     _equal(_state(model), before)
 
@@ -139,14 +141,24 @@ def test_half_precision_overflow_is_refused():
     lora = LoRA.from_state_dict({f"{key}.lora_down.weight": torch.full((1, 12), 1e3),
                                  f"{key}.lora_up.weight": torch.full((12, 1), 1e3)})  # fmt: skip
     before = _state(model)
-    with pytest.raises(LoRAError, match="non-finite"):
+    with pytest.raises(LoRAError, match=r"beyond torch\.float16's range"):
         lora.merge(model)
     _equal(_state(model), before)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("kind", ["unet", "te"])
-def test_attached_equals_merged(kind):
-    """On the fly (hooks, weights untouched) each adapted layer gives the merged layer's output."""
+def test_attached_equals_merged(kind, grad):
+    """On the fly (hooks, weights untouched) each adapted layer gives the merged layer's output,
+    with autograd (out of place) and without (added in place into the layer's fresh output)."""
+    torch.set_grad_enabled(grad)
+    try:
+        _attached_equals_merged(kind)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _attached_equals_merged(kind):
     model = _model(kind)
     a, b = _lora(model, kind, seed=1), _lora(model, kind, seed=2)
     before = _state(model)
@@ -187,6 +199,17 @@ def test_attach_full_kind_and_weight_zero():
     lora.detach(model)
     lora.merge(model, 1.5)
     torch.testing.assert_close(hooked, module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_in_the_file_is_refused():
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    with pytest.raises(LoRAError, match=f"{key}.lora_up.weight: NaN"):
+        LoRA.from_state_dict(
+            {
+                f"{key}.lora_down.weight": torch.ones(1, 12),
+                f"{key}.lora_up.weight": torch.full((12, 1), float("nan")),
+            }
+        )
 
 
 def test_bad_weight():

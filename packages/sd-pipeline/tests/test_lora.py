@@ -5,6 +5,7 @@ to the same random weights gives the same outputs; prompt tags and hashes as AUT
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from sd_lora import LoRA, LoRAError
 from sd_pipeline.lora import (
     PromptLora,
+    ResolvedLora,
     apply_loras,
     find_by_hash,
     find_lora,
@@ -22,8 +24,10 @@ from sd_pipeline.lora import (
     lora_hash,
     lora_hashes,
     parse_lora_hashes,
+    parse_lora_option,
     parse_prompt,
     remove_loras,
+    resolve_prompt,
 )
 
 REL_TOL = 1e-5
@@ -256,3 +260,28 @@ def test_recorded_hash_wins(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file({"lora_te_a.diff": torch.ones(1)}, str(path), {"sshs_model_hash": "ABCDEF0123456789"})
     assert lora_hash(path) == "abcdef012345"
+
+
+def test_resolve_prompt_by_name_then_by_recorded_hash(models, tmp_path):
+    *_, path, _ = models
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    (folder / "style.safetensors").write_bytes(path.read_bytes())
+    short = lora_hash(folder / "style.safetensors")
+    cleaned, found = resolve_prompt("a cat <lora:style:0.8:0.4>", folder)
+    assert cleaned == "a cat "
+    assert found == [ResolvedLora("style", folder / "style.safetensors", 0.8, 0.4, short)]
+    # a PNG made with the file under another name: found again by its recorded hash
+    _, found = resolve_prompt("<lora:renamed:1>", folder, parse_lora_hashes(f"renamed: {short}"))
+    assert [r.path for r in found] == [folder / "style.safetensors"]
+    with pytest.raises(FileNotFoundError, match="<lora:renamed>"):
+        resolve_prompt("<lora:renamed:1>", folder, {"renamed": "000000000000"})
+
+
+def test_parse_lora_option():
+    assert parse_lora_option("x.safetensors") == (Path("x.safetensors"), 1.0)
+    assert parse_lora_option("dir/x.safetensors:0.6") == (Path("dir/x.safetensors"), 0.6)
+    assert parse_lora_option("x.pt:-1") == (Path("x.pt"), -1.0)
+    assert parse_lora_option("C:\\loras\\x.safetensors") == (Path("C:\\loras\\x.safetensors"), 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        parse_lora_option("x.safetensors:nan")

@@ -113,6 +113,9 @@ class Layer:
 
     def __post_init__(self):
         self.kind = kind_of(self.name, self.tensors)
+        for key, t in self.tensors.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise LoRAError(f"{self.name}.{key}: NaN or infinite values (a broken file)")
 
     def _t(self, key: str) -> torch.Tensor | None:
         t = self.tensors.get(key)
@@ -148,6 +151,23 @@ class Layer:
 
     # -----------------------------------------------------------------------------------------
     # The update, as a full weight-shaped tensor
+
+    def merged(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """``weight + multiplier * update``: a new tensor in the weight's dtype and memory
+        layout, computed in float32 and rounded once. A plain LoRA's goes through one fused
+        multiply-add (``addmm``) into one new tensor: no full-size temporaries."""
+        t = self.tensors
+        if self.kind == "lora" and not {"lora_mid.weight", "dora_scale"} & t.keys():
+            up, down = self._t("lora_up.weight").flatten(1), self._t("lora_down.weight").flatten(1)
+            if up.shape[0] == weight.shape[0] and up.shape[0] * down.shape[1] == weight.numel():
+                if up.shape[1] != down.shape[0]:
+                    self._lora()  # raises the error that names the shapes
+                base = weight.float().reshape(up.shape[0], -1)  # a view where the layout allows
+                new = torch.addmm(base, up.to(base.device), down.to(base.device),
+                                  alpha=self.scale * multiplier)  # fmt: skip
+                return _layout(new.reshape(weight.shape).to(weight.dtype), weight)
+        new = weight.float() + self.delta(weight) * multiplier
+        return _layout(new.to(weight.dtype), weight)
 
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """The float32 update of ``weight`` at multiplier 1 (scale, and DoRA, applied)."""
@@ -250,3 +270,13 @@ class Layer:
             )
         eps = torch.finfo(torch.float32).eps  # as LyCORIS: a zero row stays zero, never NaN
         return merged * (magnitude / (norm + eps)) - weight
+
+
+def _layout(new: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``new`` with the strides of ``like``: a channels_last conv weight stays one, exactly."""
+    if new.stride() == like.stride():
+        return new
+    out = torch.empty_like(like, dtype=new.dtype)  # like's strides (it is dense)
+    if out.stride() == new.stride():
+        return new
+    return out.copy_(new)

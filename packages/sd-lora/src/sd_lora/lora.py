@@ -268,36 +268,25 @@ def remove_all(module: nn.Module) -> None:
 def _merge(pairs: list[tuple[Layer, nn.Module]], weight: float, state: _State) -> None:
     updates = []
     for layer, target in pairs:  # compute every update before writing any
-        w = target.weight
-        new = (w.float() + layer.delta(w) * weight).to(w.dtype)
+        updates.append((layer, target, "weight", layer.merged(target.weight, weight)))
         bias = layer.bias_delta()
-        if bias is not None and getattr(target, "bias", None) is None:
-            raise LoRAError(f"{layer.name}: a bias update (diff_b) for a layer without a bias")
-        updates.append((layer, target, "weight", new))
         if bias is not None:
-            b = target.bias
-            updates.append(
-                (layer, target, "bias", (b.float() + bias.to(b.device) * weight).to(b.dtype))
-            )
-    for layer, _, _, new in updates:
-        if not torch.isfinite(new).all():
+            b = getattr(target, "bias", None)
+            if b is None:
+                raise LoRAError(f"{layer.name}: a bias update (diff_b) for a layer without one")
+            new = (b.float() + bias.to(b.device) * weight).to(b.dtype)
+            updates.append((layer, target, "bias", new))
+    for layer, _, _, new in updates:  # float32 cannot overflow from the finite factors checked
+        if torch.finfo(new.dtype).bits < 32 and not torch.isfinite(new).all():
             raise LoRAError(
-                f"{layer.name}: merging at weight {weight} gives non-finite values in "
-                f"{new.dtype} (too large a weight for half precision?)"
+                f"{layer.name}: merging at weight {weight} gives values beyond {new.dtype}'s "
+                "range (merge into float32 weights, or use a smaller weight)"
             )
     for _, target, name, new in updates:
         param = getattr(target, name)
-        key = (id(param), name)
-        if key not in state.originals:
-            state.originals[key] = (param, param.data)
-        param.data = _like(new, param.data)
-
-
-def _like(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` in the memory layout of ``old`` (a channels_last conv weight stays one)."""
-    out = torch.empty_like(old)
-    out.copy_(new)
-    return out
+        if id(param) not in state.originals:
+            state.originals[id(param)] = (param, param.data)
+        param.data = new
 
 
 def _rebuild(root: nn.Module, state: _State) -> None:
@@ -331,14 +320,23 @@ def _hook(layer: Layer, target: nn.Module, weight: float):
                              module.dilation, module.groups)  # fmt: skip
         else:
             extra = F.linear(x, delta.to(x.dtype), bias)
-        return output + extra
+        return _add(output, extra)
 
     return hook
+
+
+def _add(output: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """``output + extra``, in place where nothing can need ``output`` as it was: without
+    autograd the module's output is a fresh tensor that only the caller will read."""
+    if torch.is_grad_enabled() or output.dtype != extra.dtype:
+        return output + extra.to(output.dtype)
+    return output.add_(extra)
 
 
 def _low_rank_hook(layer: Layer, target: nn.Module, weight: float):
     """``up(mid(down(x)))``: two (or three) thin products instead of a full-size one."""
     w = target.weight
+    layer._fit(layer._lora(), w)  # a wrong shape fails here, not at the first step
     tensors = layer.tensors
     down = tensors["lora_down.weight"].to(w.device, w.dtype)
     up = (tensors["lora_up.weight"].float() * (layer.scale * weight)).to(w.device, w.dtype)
@@ -348,22 +346,27 @@ def _low_rank_hook(layer: Layer, target: nn.Module, weight: float):
         if down.dim() == 2:
             down, up = down[:, :, None, None], up[:, :, None, None]
         stride, padding, dilation = target.stride, target.padding, target.dilation
-        layer._fit(layer._lora(), w)  # a wrong shape fails here, not at the first step
 
         def hook(module, inputs, output):
             x = inputs[0]
             if mid is None:
-                h = F.conv2d(x, down, None, stride, padding, dilation)
+                h = F.conv2d(x, down.to(x.dtype), None, stride, padding, dilation)
             else:
-                h = F.conv2d(F.conv2d(x, down), mid, None, stride, padding, dilation)
-            return output + F.conv2d(h, up)
+                h = F.conv2d(F.conv2d(x, down.to(x.dtype)), mid.to(x.dtype), None, stride,
+                             padding, dilation)  # fmt: skip
+            return _add(output, F.conv2d(h, up.to(x.dtype)))
 
         return hook
-    down, up = down.flatten(1), up.flatten(1)
-    layer._fit(layer._lora(), w)  # a wrong shape fails here, not at the first step
+    down, up_t = down.flatten(1), up.flatten(1).t().contiguous()  # (rank, in), (rank, out)
 
     def hook(module, inputs, output):
-        return output + F.linear(F.linear(inputs[0], down), up)
+        x = inputs[0]
+        h = F.linear(x, down.to(x.dtype))
+        if torch.is_grad_enabled() or not output.is_contiguous() or output.dtype != x.dtype:
+            return output + (h @ up_t.to(x.dtype)).to(output.dtype)
+        flat = output.view(-1, output.shape[-1])  # out += h @ up^T, one fused multiply-add
+        flat.addmm_(h.reshape(-1, h.shape[-1]), up_t.to(x.dtype))
+        return output
 
     return hook
 

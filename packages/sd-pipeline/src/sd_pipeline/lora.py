@@ -160,6 +160,55 @@ def _number(tag: str, text: str) -> float:
     return value
 
 
+def parse_lora_option(text: str) -> tuple[Path, float]:
+    """``FILE[:WEIGHT]`` (the CLI's ``--lora``) as (path, weight); the weight defaults to 1. A
+    colon not followed by a number belongs to the path (``C:\\loras\\x.safetensors``)."""
+    head, colon, tail = text.rpartition(":")
+    if colon and head and not tail.startswith(("/", "\\")):
+        try:
+            weight = float(tail)
+        except ValueError:
+            pass
+        else:
+            if weight != weight or weight in (float("inf"), float("-inf")):
+                raise ValueError(f"--lora {text}: the weight must be a finite number")
+            return Path(head), weight
+    return Path(text), 1.0
+
+
+@dataclass(frozen=True)
+class ResolvedLora:
+    """A prompt's ``<lora:...>`` with the file it names and that file's short hash."""
+
+    name: str
+    path: Path
+    te_weight: float
+    unet_weight: float
+    hash: str
+
+
+def resolve_prompt(
+    prompt: str, lora_dir: str | os.PathLike, recorded: dict[str, str] | None = None
+) -> tuple[str, list[ResolvedLora]]:
+    """The prompt without its LoRA tags, and each tag's file in ``lora_dir``: by name, or (for
+    a PNG's parameters, whose ``Lora hashes`` are ``recorded``) by hash where the name is not
+    found. ``lora_hashes((r.name, r.hash) for r in resolved)`` is the value to record."""
+    cleaned, wanted = parse_prompt(prompt)
+    resolved = []
+    for tag in wanted:
+        try:
+            path = find_lora(tag.name, lora_dir)
+        except FileNotFoundError:
+            short = (recorded or {}).get(tag.name.replace(":", "").replace(",", ""))
+            path = find_by_hash(short, lora_dir) if short else None
+            if path is None:
+                raise
+        resolved.append(
+            ResolvedLora(tag.name, path, tag.te_weight, tag.unet_weight, lora_hash(path))
+        )
+    return cleaned, resolved
+
+
 # ---------------------------------------------------------------------------------------------
 # Files in a LoRA folder
 
