@@ -98,13 +98,29 @@ def main(argv=None):
     print(f"{lora!r} on an SD 1.5 UNet ({opts.dtype}, {device}, {torch.get_num_threads()} threads)")
 
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    merges, unmerges = [], []
+    merges, unmerges, cpu = [], [], []
     for _ in range(3):
+        start = time.process_time()
         merges.append(timed(lambda: lora.merge(unet), device))
+        cpu.append(time.process_time() - start)
         unmerges.append(timed(lambda: lora.unmerge(unet), device))
     merge, unmerge = statistics.median(merges), statistics.median(unmerges)
     print(f"merge {merge:.3f} s ({merge / layers * 100:.3f} s per 100 layers; goal < 1; "
-          f"first {merges[0]:.3f} s), unmerge {unmerge:.4f} s, {layers} layers")  # fmt: skip
+          f"first {merges[0]:.3f} s; CPU time {statistics.median(cpu):.3f} s), "
+          f"unmerge {unmerge:.4f} s, {layers} layers")  # fmt: skip
+    # The merge is matrix products (rank x out x in multiply-adds a layer): beside it, one
+    # product of as many FLOPs, to tell the merge's overhead from a busy or slow machine
+    flops = sum(2 * layer.rank * layer.tensors["lora_up.weight"].shape[0]
+                * layer.tensors["lora_down.weight"][0].numel() for layer in lora.layers.values())  # fmt: skip
+    n = 4096
+    a = torch.randn(n, n, device=device)
+    product = statistics.median(timed(lambda: a @ a, device) for _ in range(3))
+    peak = 2 * n**3 / product
+    print(
+        f"merge: {flops / 1e9:.1f} GFLOP, {flops / merge / 1e9:.1f} GFLOP/s; a {n}^3 float32 "
+        f"product here now: {peak / 1e9:.1f} GFLOP/s (the merge at {flops / merge / peak:.0%})"
+    )
+    del a
     exact = all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
     print(f"after unmerge the weights equal the originals bit for bit: {exact}")
     del before

@@ -8,7 +8,7 @@ import torch
 from conftest import TinyTextEncoder, TinyUNet, randomize
 from torch import nn
 
-from sd_lora import LoRA, LoRAError
+from sd_lora import LoRA, LoRAError, applied
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.functional import general, locon, loha, lokr  # noqa: E402
@@ -75,11 +75,8 @@ def test_locon_tucker_lora_mid():
     _close(merged, original + reference)
 
 
-@pytest.mark.parametrize("path", [LINEAR, CONV3])
-@pytest.mark.parametrize("tucker", [False, True])
+@pytest.mark.parametrize("path, tucker", [(LINEAR, False), (CONV3, False), (CONV3, True)])
 def test_loha_against_lycoris(path, tucker):
-    if tucker and path == LINEAR:
-        pytest.skip("Tucker is for convolutions")
     g, rank = _g(2), 4
     out, inn = (48, 12) if path == LINEAR else (16, 8)
     k = 3 if path == CONV3 else 1
@@ -270,6 +267,26 @@ def test_sdxl_lora_is_refused():
     for model in (TinyTextEncoder(), TinyUNet()):
         with pytest.raises(LoRAError, match="SDXL"):
             lora.merge(model)
+
+
+def test_sdxl_by_metadata_is_refused():
+    lora = LoRA.from_state_dict(
+        {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.ones(2, 8),
+         "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.ones(8, 2)},
+        metadata={"ss_base_model_version": "sdxl_base_v1-0"},
+    )  # fmt: skip
+    with pytest.raises(LoRAError, match="SDXL"):
+        lora.merge(TinyUNet())
+
+
+def test_a_lora_for_the_other_part_is_a_no_op():
+    model = randomize(TinyTextEncoder())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = LoRA.from_state_dict({"lora_unet_conv_in.diff": torch.ones(8, 4, 3, 3)})
+    lora.merge(model)
+    lora.attach(model)
+    assert applied(model) == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_not_a_model():

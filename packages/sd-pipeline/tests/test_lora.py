@@ -66,10 +66,11 @@ def _kohya_file(path, unet: nn.Module, text: nn.Module, rank: int = 4):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    test_parity = pytest.importorskip("test_parity")  # diffusers' side, from the same weights
+    from test_parity import _diffusers_parts  # diffusers' side, from the same weights
+
     pytest.importorskip("peft")  # diffusers' LoRA loading goes through peft
     state = checkpoint_state()
-    _, their_text, their_unet = test_parity._diffusers_parts(state, 4)
+    _, their_text, their_unet = _diffusers_parts(state, 4)
     _, text, unet = tiny_components()
     path = tmp_path_factory.mktemp("lora") / "tiny-style.safetensors"
     tensors = _kohya_file(path, their_unet, their_text)

@@ -171,11 +171,13 @@ class LoRA:
         Raises LoRAError for a LoRA of another architecture: an SDXL one (two text encoders),
         or layers this model does not have."""
         kind, found = names.index(root)
-        xl = sorted({c for c in self.components() if c in ("te1", "te2")})
-        if xl:
+        base = self.metadata.get("ss_base_model_version", "") + self.metadata.get(
+            "modelspec.architecture", ""
+        )
+        if {"te1", "te2"} & self.components() or "sdxl" in base or "-xl-" in base:
             raise LoRAError(
-                f"{self.name}: an SDXL LoRA (it adapts two text encoders: lora_te1_/lora_te2_ "
-                "keys); this model is SD 1.x/2.x with one text encoder"
+                f"{self.name}: an SDXL LoRA (lora_te1_/lora_te2_ keys for its two text encoders, "
+                "or SDXL in its metadata); this model is SD 1.x/2.x"
             )
         modules = dict(root.named_modules())
         pairs, missing = [], []
@@ -206,6 +208,9 @@ class LoRA:
             _rebuild(module, state)
             return
         pairs = self.targets(module)  # every check first: a bad LoRA changes nothing
+        if not pairs:  # e.g. a UNet-only LoRA given the text encoder: nothing of it is here
+            logger.debug("%s: no layers for this %s", self.name, type(module).__name__)
+            return
         _merge(pairs, weight, state)
         state.merged.append((self, weight))
 
@@ -223,14 +228,13 @@ class LoRA:
         weights untouched (switch LoRAs between images without touching the weights).
         Attaching it again changes its weight."""
         weight = _check_weight(weight)
+        hooks = [(target, _hook(layer, target, weight)) for layer, target in self.targets(module)]
         state = _state(module)
         if id(self) in state.attached:
             self.detach(module)
-        handles = []
-        for layer, target in self.targets(module):
-            hook = _hook(layer, target, weight)
-            handles.append(target.register_forward_hook(hook))
-        state.attached[id(self)] = (self, weight, handles)
+        if hooks:
+            handles = [target.register_forward_hook(hook) for target, hook in hooks]
+            state.attached[id(self)] = (self, weight, handles)
 
     def detach(self, module: nn.Module) -> None:
         """Remove the hooks ``attach`` put on ``module``."""
@@ -265,6 +269,7 @@ def remove_all(module: nn.Module) -> None:
 # Merging
 
 
+@torch.no_grad()
 def _merge(pairs: list[tuple[Layer, nn.Module]], weight: float, state: _State) -> None:
     updates = []
     for layer, target in pairs:  # compute every update before writing any
@@ -289,6 +294,7 @@ def _merge(pairs: list[tuple[Layer, nn.Module]], weight: float, state: _State) -
         param.data = new
 
 
+@torch.no_grad()
 def _rebuild(root: nn.Module, state: _State) -> None:
     """The original weights, then each still-merged LoRA merged again in its order."""
     for param, original in state.originals.values():
@@ -303,6 +309,7 @@ def _rebuild(root: nn.Module, state: _State) -> None:
 # Applying on the fly
 
 
+@torch.no_grad()  # what the hooks hold is computed once, outside any graph
 def _hook(layer: Layer, target: nn.Module, weight: float):
     """A forward hook adding ``weight`` times the layer's update to the module's output."""
     w = target.weight
@@ -333,6 +340,7 @@ def _add(output: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     return output.add_(extra)
 
 
+@torch.no_grad()
 def _low_rank_hook(layer: Layer, target: nn.Module, weight: float):
     """``up(mid(down(x)))``: two (or three) thin products instead of a full-size one."""
     w = target.weight
