@@ -134,10 +134,37 @@ def reference(models, tmp_path_factory):
     pipe.unload_lora_weights()
     for a, b in zip(_theirs(their_unet, their_text, *inputs), base):  # unfused (to rounding)
         assert _rel(a, b) < REL_TOL
-    return base, fused, {"kohya": path, "diffusers": folder / "pytorch_lora_weights.safetensors"}
+    compvis = folder / "compvis-names.safetensors"
+    save_file(_compvis_names(tensors, their_unet), str(compvis))
+    files = {"kohya": path, "diffusers": folder / "pytorch_lora_weights.safetensors"}
+    return base, fused, files | {"compvis": compvis}
 
 
-@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def _compvis_names(tensors: dict, their_unet) -> dict:
+    """The kohya tensors with the UNet layers in CompVis names, as some AUTOMATIC1111-era files
+    have them (``lora_unet_input_blocks_1_1_proj_in``): the names found by running diffusers'
+    own single-file converter over the checkpoint and seeing where each tensor lands."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    state = checkpoint_state()
+    prefix = "model.diffusion_model."
+    where = {v.data_ptr(): k[len(prefix) :] for k, v in state.items() if k.startswith(prefix)}
+    converted = convert_ldm_unet_checkpoint(state, dict(their_unet.config))
+    to_compvis = {
+        "lora_unet_" + k.removesuffix(".weight").replace(".", "_"): "lora_unet_"
+        + where[v.data_ptr()].removesuffix(".weight").replace(".", "_")
+        for k, v in converted.items()
+        if k.endswith(".weight")
+    }
+    out = {}
+    for key, value in tensors.items():
+        layer, _, param = key.partition(".")
+        out[f"{to_compvis.get(layer, layer)}.{param}"] = value
+    assert sum(k.startswith("lora_unet_input_blocks_") for k in out) > 30
+    return out
+
+
+@pytest.mark.parametrize("layout", ["kohya", "diffusers", "compvis"])
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "attached"])
 def test_lora_matches_diffusers(models, reference, layout, merge):
     unet, text, *_ = models
@@ -150,7 +177,7 @@ def test_lora_matches_diffusers(models, reference, layout, merge):
     lora = LoRA.from_file(files[layout])
     n_te = sum(1 for k in lora.keys() if k.startswith(("lora_te_", "text_encoder.")))
     assert n_te == 6 * text.config.layers and len(lora.keys()) - n_te > 50
-    # diffusers' file: its alphas in the metadata (lora_alpha, alpha_pattern for the convs)
+    # (diffusers' file: its alphas in the metadata, lora_alpha and alpha_pattern for the convs)
     assert {layer.alpha for layer in lora.layers.values()} == {1.0, 2.0, 4.0}
     unet_weight, te_weight = UNET_WEIGHT, TE_WEIGHT
     apply_loras(unet, text, [(lora, unet_weight, te_weight)], merge=merge)
