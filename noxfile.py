@@ -27,8 +27,9 @@ PACKAGES = {
     "sd-clip": ("clip", ()),
     "sd-unet": ("unet", ()),
     "sd-samplers": ("samplers", ()),
-    "sd-pipeline": ("pipeline", ("sd-vae", "sd-clip", "sd-unet", "sd-samplers")),
-    "sd-server": ("server", ("sd-pipeline", "sd-vae", "sd-clip", "sd-unet", "sd-samplers")),
+    "sd-lora": ("lora", ()),
+    "sd-pipeline": ("pipeline", ("sd-vae", "sd-clip", "sd-unet", "sd-samplers", "sd-lora")),
+    "sd-server": ("server", ("sd-pipeline", "sd-vae", "sd-clip", "sd-unet", "sd-samplers", "sd-lora")),
 }
 # Test-only references that must be installed without their dependencies: k-diffusion 0.1.1
 # requires torchvision, scikit-image, wandb, ...; its sampling and external modules need none.

@@ -1,6 +1,6 @@
 """Lint for the monorepo's shape: component packages stay independent, copies stay identical.
 
-1. No component package (sd-vae, sd-clip, sd-unet, sd-samplers) imports a sibling; only
+1. No component package (sd-vae, sd-clip, sd-unet, sd-samplers, sd-lora) imports a sibling; only
    sd-pipeline composes them (and sd-server serves sd-pipeline).
 2. A module whose first line is ``# Copied from pkg.module`` must equal that module, line for
    line, apart from the marker (STYLE.md, convention 4).
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPONENTS = ("sd_vae", "sd_clip", "sd_unet", "sd_samplers")
+COMPONENTS = ("sd_vae", "sd_clip", "sd_unet", "sd_samplers", "sd_lora")
 ALL = (*COMPONENTS, "sd_pipeline", "sd_server")
 MARKER = "# Copied from "
 

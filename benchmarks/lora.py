@@ -1,0 +1,166 @@
+"""LoRA speed at SD 1.5 size (not a test): merging, and the cost of an unmerged LoRA per step.
+
+    python benchmarks/lora.py                          rank 128 on the 192 transformer layers
+    python benchmarks/lora.py --conv                   and LoCon on the ResBlocks' convolutions
+    python benchmarks/lora.py --device cuda --dtype float16 --rounds 10
+
+Goals (issue 19): merging a rank-128 LoRA takes under a second per 100 layers on the CPU; an
+unmerged (attached) LoRA adds under 10% to a UNet step. A UNet with random SD 1.5 weights and a
+kohya LoRA on the layers kohya trains by default (attention, feed-forward and the 1x1
+projections of each SpatialTransformer; with --conv also the ResBlocks' 3x3 convolutions) are
+made in memory. One process; the step variants (plain, merged, attached) alternate round by
+round, so that whatever else the machine does weighs on each alike: compare the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from sd_lora import LoRA
+from sd_lora.names import unet_diffusers_names
+from sd_unet import UNet, UNetConfig
+
+TRANSFORMER_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+                      "proj_in", "proj_out")  # fmt: skip
+CONV_LAYERS = ("in_layers.2", "out_layers.3")
+
+
+def make_unet(device, dtype) -> UNet:
+    with torch.device("meta"):
+        unet = UNet(UNetConfig.sd15())
+    unet = unet.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.normal_(0, 0.02, generator=g)
+    unet = unet.to(dtype=dtype).eval()
+    if torch.device(device).type == "cpu":
+        unet = unet.to(memory_format=torch.channels_last)  # as from_checkpoint leaves it
+    return unet
+
+
+def make_lora(unet: UNet, rank: int, conv: bool) -> LoRA:
+    """A kohya file's tensors (diffusers names, float16 as kohya saves them) for ``unet``."""
+    wanted = TRANSFORMER_LAYERS + (CONV_LAYERS if conv else ())
+    modules = {n: m for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    theirs = unet_diffusers_names(list(modules))
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for path, m in modules.items():
+        if not path.endswith(wanted):
+            continue
+        key = "lora_unet_" + theirs[path].replace(".", "_")
+        w = m.weight
+        down = torch.randn(rank, *w.shape[1:], generator=g) * 0.01
+        up = torch.randn(w.shape[0], rank, *((1, 1) if w.dim() == 4 else ()), generator=g) * 0.01
+        state[f"{key}.lora_down.weight"] = down.half()
+        state[f"{key}.lora_up.weight"] = up.half()
+        state[f"{key}.alpha"] = torch.tensor(float(rank))
+    return LoRA.from_state_dict(state, name=f"rank{rank}")
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--conv", action="store_true", help="LoCon on the ResBlock convs too")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--latent", type=int, default=64, help="latent side (64: 512 px)")
+    parser.add_argument("--rounds", type=int, default=3, help="0: time the merge only")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    opts = parser.parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device, dtype = opts.device, getattr(torch, opts.dtype)
+
+    unet = make_unet(device, dtype)
+    lora = make_lora(unet, opts.rank, opts.conv)
+    layers = len(lora.keys())
+    print(f"{lora!r} on an SD 1.5 UNet ({opts.dtype}, {device}, {torch.get_num_threads()} threads)")
+
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    merges, unmerges, cpu = [], [], []
+    for _ in range(3):
+        start = time.process_time()
+        merges.append(timed(lambda: lora.merge(unet), device))
+        cpu.append(time.process_time() - start)
+        unmerges.append(timed(lambda: lora.unmerge(unet), device))
+    merge, unmerge = statistics.median(merges), statistics.median(unmerges)
+    print(f"merge {merge:.3f} s ({merge / layers * 100:.3f} s per 100 layers; goal < 1; "
+          f"first {merges[0]:.3f} s; CPU time {statistics.median(cpu):.3f} s), "
+          f"unmerge {unmerge:.4f} s, {layers} layers")  # fmt: skip
+    # The merge is matrix products (rank x out x in multiply-adds a layer): beside it, one
+    # product of as many FLOPs, to tell the merge's overhead from a busy or slow machine
+    flops = sum(2 * layer.rank * layer.tensors["lora_up.weight"].shape[0]
+                * layer.tensors["lora_down.weight"][0].numel() for layer in lora.layers.values())  # fmt: skip
+    n = 4096
+    a = torch.randn(n, n, device=device)
+    product = statistics.median(timed(lambda: a @ a, device) for _ in range(3))
+    peak = 2 * n**3 / product
+    print(
+        f"merge: {flops / 1e9:.1f} GFLOP, {flops / merge / 1e9:.1f} GFLOP/s; a {n}^3 float32 "
+        f"product here now: {peak / 1e9:.1f} GFLOP/s (the merge at {flops / merge / peak:.0%})"
+    )
+    del a
+    exact = all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    print(f"after unmerge the weights equal the originals bit for bit: {exact}")
+    del before
+    if opts.rounds == 0:
+        return
+
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (opts.batch, 4, opts.latent, opts.latent)
+    x = torch.randn(shape, generator=g, device=device).to(dtype)
+    context = torch.randn(opts.batch, 77, 768, generator=g, device=device).to(dtype)
+    t = torch.full((opts.batch,), 500.0, device=device)
+
+    def step():
+        with torch.no_grad():
+            return unet(x, t, context)
+
+    variants = {
+        "plain": (lambda: None, lambda: None),
+        "merged": (lambda: lora.merge(unet), lambda: lora.unmerge(unet)),
+        "attached": (lambda: lora.attach(unet), lambda: lora.detach(unet)),
+    }
+    times = {name: [] for name in variants}
+    outputs = {}
+    for round_ in range(opts.rounds + 1):  # round 0: warm-up, untimed
+        for name, (on, off) in variants.items():
+            on()
+            seconds = timed(lambda name=name: outputs.__setitem__(name, step()), device)
+            off()
+            if round_:
+                times[name].append(seconds)
+    plain = statistics.median(times["plain"])
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        print(f"{name:9s} step {median:.4f} s (median of {len(ts)}), ratio to plain "
+              f"{median / plain:.3f}, finite {bool(torch.isfinite(outputs[name]).all())}")  # fmt: skip
+    a, b = outputs["attached"].float(), outputs["merged"].float()
+    print(
+        f"attached vs merged output: max relative difference {((a - b).abs().max() / b.abs().max()).item():.2e}"
+    )
+
+
+if __name__ == "__main__":
+    main()

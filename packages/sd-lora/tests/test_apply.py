@@ -1,0 +1,269 @@
+"""Merging, unmerging and attaching: round trips bit for bit, several LoRAs at once, any weight,
+half precision; the expected weights from LyCORIS' functions (test-only)."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from conftest import TinyTextEncoder, TinyUNet, adaptable, kohya_lora, randomize
+from safetensors.torch import save_file
+
+from sd_lora import LoRA, LoRAError, applied, remove_all
+
+lycoris = pytest.importorskip("lycoris")
+from lycoris.functional import locon  # noqa: E402
+
+
+def _model(kind: str, seed: int = 0):
+    return randomize(TinyUNet() if kind == "unet" else TinyTextEncoder(), seed)
+
+
+def _lora(model, kind: str, seed: int = 1, rank: int = 4, alpha: float = 2.0):
+    prefix = "lora_unet_" if kind == "unet" else "lora_te_"
+    return LoRA.from_state_dict(kohya_lora(adaptable(model), prefix, rank, alpha, seed))
+
+
+def _expected(lora: LoRA, model, weights: dict[LoRA, float] | None = None):
+    """Each adapted weight as LyCORIS computes the update: W + sum of weight * delta."""
+    modules = adaptable(model)
+    out = {path: m.weight.detach().float().clone() for path, m in modules.items()}
+    for lo, w in (weights or {lora: 1.0}).items():
+        for layer in lo.layers.values():
+            path = next(p for p in modules if p.replace(".", "_") == layer.path)
+            t = layer.tensors
+            delta = locon.diff_weight(t["lora_down.weight"].float(), t["lora_up.weight"].float(),
+                                      None, gamma=layer.alpha / layer.rank)  # fmt: skip
+            out[path] += w * delta.reshape(out[path].shape)
+    return out
+
+
+def _weights(model):
+    return {path: m.weight.detach().clone() for path, m in adaptable(model).items()}
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        assert a[k].stride() == b[k].stride(), k
+
+
+@pytest.mark.parametrize("kind", ["unet", "te"])
+@pytest.mark.parametrize("weight", [1.0, 0.0, -0.6, 2.5])
+def test_merge_at_any_weight(kind, weight):
+    model = _model(kind)
+    lora = _lora(model, kind)
+    expected = _expected(lora, model, {lora: weight})
+    before = _state(model)
+    lora.merge(model, weight)
+    for path, w in _weights(model).items():
+        torch.testing.assert_close(w, expected[path], rtol=1e-5, atol=1e-5)
+    if weight == 0:
+        _equal(_state(model), before)
+    lora.unmerge(model)
+    _equal(_state(model), before)
+
+
+def test_two_loras_at_once_and_unmerged_in_any_order():
+    model = _model("unet")
+    a, b = _lora(model, "unet", seed=1), _lora(model, "unet", seed=2, rank=2, alpha=1.0)
+    before = _state(model)
+    a.merge(model, 0.8)
+    b.merge(model, -0.3)
+    expected_from_original = _expected(a, randomize(TinyUNet()), {a: 0.8, b: -0.3})
+    for path, w in _weights(model).items():
+        torch.testing.assert_close(w, expected_from_original[path], rtol=1e-5, atol=1e-5)
+    a.unmerge(model)  # the first merged goes first: b stays, as if merged alone
+    only_b = _expected(b, randomize(TinyUNet()), {b: -0.3})
+    for path, w in _weights(model).items():
+        torch.testing.assert_close(w, only_b[path], rtol=1e-5, atol=1e-5)
+    assert [(lo, w) for lo, w, _ in applied(model)] == [(b, -0.3)]
+    b.unmerge(model)
+    _equal(_state(model), before)
+    assert applied(model) == []
+
+
+def test_merge_again_changes_the_weight():
+    model = _model("te")
+    lora = _lora(model, "te")
+    before = _state(model)
+    lora.merge(model, 1.0)
+    lora.merge(model, 0.25)
+    expected = _expected(lora, _model("te"), {lora: 0.25})
+    for path, w in _weights(model).items():
+        torch.testing.assert_close(w, expected[path], rtol=1e-5, atol=1e-5)
+    lora.unmerge(model)
+    _equal(_state(model), before)
+
+
+def test_round_trip_bit_exact_in_half_precision_and_channels_last():
+    model = _model("unet").half().to(memory_format=torch.channels_last)
+    before = _state(model)
+    a, b = _lora(model, "unet", seed=1), _lora(model, "unet", seed=2)
+    a.merge(model, 0.7)
+    b.merge(model, 1.5)
+    assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for k, v in model.state_dict().items():  # merged weights keep the layout (channels_last)
+        assert v.stride() == before[k].stride() and v.dtype == torch.float16, k
+    remove_all(model)
+    _equal(_state(model), before)
+
+
+def test_half_precision_merge_computes_in_float32():
+    """An update whose factors' product overflows float16 (but not once scaled by alpha /
+    rank) merges to finite weights, equal to the float32 computation rounded once."""
+    model = _model("te").half()
+    rank = 16
+    path = "text_model.encoder.layers.0.self_attn.q_proj"
+    key = "lora_te_" + path.replace(".", "_")
+    down = torch.full((rank, 12), 100.0, dtype=torch.float16)
+    up = torch.full((12, rank), 100.0, dtype=torch.float16)
+    assert not torch.isfinite(up @ down).all()  # in float16 the product is inf
+    lora = LoRA.from_state_dict({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                                 f"{key}.alpha": torch.tensor(1.0, dtype=torch.float16)})  # fmt: skip
+    module = model.text_model.encoder.layers[0].self_attn.q_proj
+    original = module.weight.detach().clone()
+    lora.merge(model, 0.5)
+    expected = (original.float() + 0.5 / rank * (up.float() @ down.float())).half()
+    assert torch.isfinite(module.weight).all()
+    assert torch.equal(module.weight.detach(), expected)
+
+
+def test_half_precision_overflow_is_refused():
+    model = _model("te").half()
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    lora = LoRA.from_state_dict({f"{key}.lora_down.weight": torch.full((1, 12), 1e3),
+                                 f"{key}.lora_up.weight": torch.full((12, 1), 1e3)})  # fmt: skip
+    before = _state(model)
+    with pytest.raises(LoRAError, match=r"beyond torch\.float16's range"):
+        lora.merge(model)
+    _equal(_state(model), before)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("kind", ["unet", "te"])
+def test_attached_equals_merged(kind, grad):
+    """On the fly (hooks, weights untouched) each adapted layer gives the merged layer's output,
+    with autograd (out of place) and without (added in place into the layer's fresh output)."""
+    torch.set_grad_enabled(grad)
+    try:
+        _attached_equals_merged(kind)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _attached_equals_merged(kind):
+    model = _model(kind)
+    a, b = _lora(model, kind, seed=1), _lora(model, kind, seed=2)
+    before = _state(model)
+    g = torch.Generator().manual_seed(0)
+    inputs = {}
+    for path, m in adaptable(model).items():
+        shape = (2, m.in_features) if hasattr(m, "in_features") else (1, m.in_channels, 6, 6)
+        inputs[path] = torch.randn(shape, generator=g)
+    plain = {p: m(inputs[p]) for p, m in adaptable(model).items()}
+    a.attach(model, 0.7)
+    b.attach(model, -1.2)
+    _equal(_state(model), before)
+    hooked = {p: m(inputs[p]) for p, m in adaptable(model).items()}
+    a.detach(model)
+    b.detach(model)
+    for p, m in adaptable(model).items():
+        assert torch.equal(m(inputs[p]), plain[p])
+    a.merge(model, 0.7)
+    b.merge(model, -1.2)
+    for p, m in adaptable(model).items():
+        torch.testing.assert_close(hooked[p], m(inputs[p]), rtol=1e-4, atol=1e-4)
+
+
+def test_attach_full_kind_and_weight_zero():
+    model = _model("te")
+    path = "text_model.encoder.layers.1.mlp.fc2"
+    key = "lora_te_" + path.replace(".", "_")
+    g = torch.Generator().manual_seed(3)
+    lora = LoRA.from_state_dict({f"{key}.diff": torch.randn(12, 48, generator=g),
+                                 f"{key}.diff_b": torch.randn(12, generator=g)})  # fmt: skip
+    module = model.text_model.encoder.layers[1].mlp.fc2
+    x = torch.randn(3, 48, generator=g)
+    plain = module(x)
+    lora.attach(model, 0.0)
+    assert torch.equal(module(x), plain)
+    lora.attach(model, 1.5)
+    hooked = module(x)
+    lora.detach(model)
+    lora.merge(model, 1.5)
+    torch.testing.assert_close(hooked, module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_in_the_file_is_refused():
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    with pytest.raises(LoRAError, match=f"{key}.lora_up.weight: NaN"):
+        LoRA.from_state_dict(
+            {
+                f"{key}.lora_down.weight": torch.ones(1, 12),
+                f"{key}.lora_up.weight": torch.full((12, 1), float("nan")),
+            }
+        )
+
+
+def test_bad_weight():
+    model = _model("te")
+    with pytest.raises(ValueError, match="finite number"):
+        _lora(model, "te").merge(model, float("nan"))
+
+
+def test_unmerge_of_a_lora_not_merged():
+    model = _model("te")
+    with pytest.raises(LoRAError, match="not merged"):
+        _lora(model, "te").unmerge(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def test_from_file_safetensors_and_pickle(tmp_path):
+    te, unet = _model("te"), _model("unet")
+    state = kohya_lora(adaptable(te), "lora_te_", rank=8, alpha=4.0)
+    state |= kohya_lora(adaptable(unet), "lora_unet_", rank=8, alpha=4.0, seed=2)
+    metadata = {"ss_network_dim": "8", "ss_network_alpha": "4.0", "ss_output_name": "style"}
+    save_file(state, tmp_path / "style.safetensors", metadata)
+    torch.save(state, tmp_path / "style.pt")
+    for path, meta in ((tmp_path / "style.safetensors", metadata), (tmp_path / "style.pt", {})):
+        lora = LoRA.from_file(path)
+        assert lora.name == "style"
+        assert lora.rank == 8 and lora.alpha == 4.0
+        assert lora.metadata == meta
+        assert sorted(lora.keys()) == sorted({k.split(".")[0] for k in state})
+        assert lora.components() == {"unet", "te"}
+        lora.merge(te)
+        lora.merge(unet)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"lora_te_x.lora_down.weight": _Payload()}, protocol=2))
+    with pytest.raises(LoRAError, match="cannot be opened safely"):
+        LoRA.from_file(path)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        LoRA.from_file(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LoRAError, match="not a readable"):
+        LoRA.from_file(tmp_path / "junk.safetensors")
+    (tmp_path / "x.txt").write_text("")
+    with pytest.raises(LoRAError, match=r"expected \.safetensors"):
+        LoRA.from_file(tmp_path / "x.txt")
