@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sd_pipeline import GenerationParameters, GenerationRequest, RequestError
+from sd_pipeline.hires import upscale_latents
 from sd_pipeline.noise import image_noise, philox_randn, randn, slerp
-from sd_pipeline.pipeline import upscale_latents
 from sd_pipeline.request import HiresFix
 
 FAST = dict(steps=3, progress=False, sampler="euler")

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="SD 1.x .safetensors/.ckpt or diffusers folder")
     p.add_argument("--vae", type=Path, help="a separate VAE file replacing the checkpoint's")
     p.add_argument(
+        "--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+        help="merge a LoRA / LyCORIS file (repeatable; weight 1 by default)",
+    )  # fmt: skip
+    p.add_argument("--lora-dir", type=Path, help="where <lora:name:weight> in a prompt looks")
+    p.add_argument(
         "--embeddings", type=Path,
         help="a folder of textual-inversion embeddings (a file's name is its word in a prompt)",
     )  # fmt: skip
@@ -208,8 +213,10 @@ def build_request(args: argparse.Namespace):
     from sd_pipeline.request import GenerationRequest
 
     fields, sources = {}, {}
+    args.recorded_lora_hashes = {}
     if args.from_png is not None:
         fields, sources = _png_fields(args.from_png)
+        args.recorded_lora_hashes = fields.pop("lora_hashes", {})
     given = dict(
         subseed=args.subseed,
         subseed_strength=args.subseed_strength,
@@ -274,10 +281,14 @@ def _png_fields(path: Path):
         clip_skip=params.clip_skip,
     )
     fields.update(_png_extras(params.extra, path))
+    if "Lora hashes" in params.extra:
+        from sd_pipeline.lora import parse_lora_hashes
+
+        fields["lora_hashes"] = parse_lora_hashes(params.extra["Lora hashes"])
     if "hires" in fields:
         fields.pop("strength", None)  # the Denoising strength is the hires pass's
     fields = {k: v for k, v in fields.items() if v is not None}
-    sources = {k: f"{path}: its {PNG_FIELDS[k]} field" for k in fields}
+    sources = {k: f"{path}: its {PNG_FIELDS.get(k, k)} field" for k in fields}
     return fields, sources
 
 
@@ -402,10 +413,14 @@ def _check_run(args, request) -> list[Path]:
         raise UsageError("--compile keeps the UNet on its device: leave out --offload")
     if args.vae is not None and args.checkpoint is None:
         raise UsageError("--vae needs --checkpoint (the bundled model has its own VAE)")
-    for name in ("checkpoint", "vae", "embeddings"):
+    for name in ("checkpoint", "vae", "embeddings", "lora_dir"):
         value = getattr(args, name)
         if value is not None and not value.exists():
-            raise UsageError(f"--{name} {value}: no such file or folder")
+            raise UsageError(f"--{name.replace('_', '-')} {value}: no such file or folder")
+    for option in args.lora:
+        path = _lora_option(option)[0]
+        if not path.is_file():
+            raise UsageError(f"--lora {option}: no such LoRA file {path}")
     print(f"seed: {request.seed}", file=sys.stderr)
     try:
         return plan_outputs(args.output, request.all_seeds, overwrite=args.overwrite)
@@ -421,6 +436,15 @@ def _write_grid(images, written: list[Path]) -> Path:
     first = Path(written[0])
     grid = image_grid(images)
     return save_image(grid, first.with_name(f"grid-{first.stem}.png"), images[0].info["parameters"])
+
+
+def _lora_option(text: str):
+    from sd_pipeline.lora import parse_lora_option
+
+    try:
+        return parse_lora_option(text)
+    except ValueError as e:
+        raise UsageError(f"--lora {text}: {e}") from e
 
 
 def _check_device(device: str | None) -> None:
@@ -449,6 +473,11 @@ def _run(args, request):
         pipe.offload = args.offload
     if args.embeddings is not None:
         pipe.load_embeddings(args.embeddings)
+    pipe.lora_dir = args.lora_dir
+    pipe.recorded_lora_hashes = args.recorded_lora_hashes
+    for option in args.lora:
+        path, weight = _lora_option(option)
+        pipe.load_lora(path, weight)
     if args.compile:
         pipe.compile()
     callback = None

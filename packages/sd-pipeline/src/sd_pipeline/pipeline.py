@@ -10,7 +10,6 @@ encode prompt, prepare latents, denoise, decode, postprocess.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -22,9 +21,12 @@ import torch
 from PIL import Image
 
 from sd_clip import CLIPTextModel, CLIPTokenizer
-from sd_pipeline import allocator, loading, single_file
+from sd_pipeline import allocator, infotext, loading, single_file
+from sd_pipeline import lora as lora_glue
+from sd_pipeline.adapters import Adapters, without_lora_tags
 from sd_pipeline.conditioning import Conditioning, encode_conditioning
 from sd_pipeline.guidance import GuidedModel, Inpainting, NonFiniteError, StopSampling
+from sd_pipeline.hires import hires_request
 from sd_pipeline.images import (
     mask_to_tensor,
     pil_to_tensor,
@@ -33,6 +35,7 @@ from sd_pipeline.images import (
 from sd_pipeline.loading import GENERATION_DEFAULTS, bundled_checkpoint, resolve_dtype
 from sd_pipeline.metadata import GenerationParameters, file_sha256, model_hash
 from sd_pipeline.noise import image_noise
+from sd_pipeline.placement import Placement
 from sd_pipeline.request import GenerationRequest, RequestError, random_seed
 from sd_pipeline.tasks import Tasks
 from sd_samplers import (
@@ -41,9 +44,8 @@ from sd_samplers import (
     GaussianNoise,
     NoiseSchedule,
     sample,
-    sampler_label,
 )
-from sd_unet import UNet, compile_frozen
+from sd_unet import UNet
 from sd_vae import AutoencoderKL
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ class Start:
     inpainting: Inpainting | None = None
 
 
-class StableDiffusion(Tasks):
+class StableDiffusion(Tasks, Adapters, Placement):
     """A text-to-image latent diffusion model: tokenizer, text encoder, UNet, VAE and schedule.
 
     Build it with :meth:`from_checkpoint` (an SD 1.x file or a diffusers model root),
@@ -115,6 +117,7 @@ class StableDiffusion(Tasks):
         source: Path | None = None,
         defaults: Mapping[str, Any] | None = None,
         embeddings: Mapping[str, Any] | str | os.PathLike | None = None,
+        lora_dir: str | os.PathLike | None = None,
     ):
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.tokenizer = tokenizer or CLIPTokenizer(max_length=text_encoder.config.max_positions)
@@ -128,12 +131,17 @@ class StableDiffusion(Tasks):
         self.vae_tiling, self.vae_tile_size = vae_tiling, vae_tile_size
         self.name, self.source = name, source
         self.defaults = {**GENERATION_DEFAULTS, **(defaults or {})}
+        self.lora_dir = None if lora_dir is None else Path(lora_dir)  # for <lora:...> in prompts
+        self._loras: list[tuple[str, str]] = []  # (name, hash) of load_lora's, for the metadata
+        self._prompt_loras: list[tuple[str, str]] = []  # and of the running prompts' tags
         self.embeddings: dict[str, Any] = {}  # trigger word -> sd_clip.Embedding
         if embeddings is not None:
             self.load_embeddings(embeddings)
         self._hash: str | None = None
         self._compiled_unet: Callable | None = None  # see compile()
         self._stopped = False  # a callback raised StopSampling in the last run
+        # a PNG's Lora hashes (name -> hash), to find its LoRAs by hash where a name is not found
+        self.recorded_lora_hashes: dict[str, str] = {}
 
     # construction
 
@@ -219,22 +227,6 @@ class StableDiffusion(Tasks):
         parts = {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
         return single_file.save(path, parts, settings, dtype=resolve_dtype(dtype))
 
-    def load_embeddings(self, source: Mapping[str, Any] | str | os.PathLike) -> dict:
-        """Add textual-inversion embeddings: a folder of AUTOMATIC1111 / diffusers embedding
-        files (each file's name is its trigger word in a prompt), one such file, or a dict of
-        trigger word -> ``sd_clip.Embedding``. Returns the embeddings added."""
-        import sd_clip
-
-        if isinstance(source, Mapping):
-            found = dict(source)
-        elif Path(source).is_dir():
-            found = sd_clip.load_embeddings(source)
-        else:
-            embedding = sd_clip.load_embedding(source)
-            found = {embedding.name: embedding}
-        self.embeddings.update(found)
-        return found
-
     # the named steps
 
     @torch.inference_mode()
@@ -252,57 +244,25 @@ class StableDiffusion(Tasks):
         request = self.check_inputs(request, latents)
         if self.keep_freed_memory and self.device.type == "cpu":
             allocator.keep_freed_memory()
-        if request.n_iter > 1:
+        with self._loras_of_prompts(request):
+            if request.n_iter == 1:
+                return self._run_one(request, latents, callback, progress)
             batches = [self._run_one(request.iteration(j), None, callback, progress)
                        for j in range(request.n_iter)]  # fmt: skip
-            if request.output_type == "pil":
-                return [picture for batch in batches for picture in batch]
-            return torch.cat(batches)
-        return self._run_one(request, latents, callback, progress)
+        if request.output_type == "pil":
+            return [picture for batch in batches for picture in batch]
+        return torch.cat(batches)
 
     def _run_one(self, request, latents, callback, progress):
         start = self.prepare_latents(request, latents)
         result = self.denoise(request, self.encode_prompt(request), start, callback, progress)
         if request.hires is not None and not self._stopped:
-            second = self.hires_request(request, result)
+            second = hires_request(self, request, result)
             start = self.prepare_latents(second, None)
             result = self.denoise(second, self.encode_prompt(second), start, callback, progress)
         if request.output_type == "latent":
             return result
         return self.postprocess(request, self.decode(result), start)
-
-    def hires_request(self, request: GenerationRequest, latents: torch.Tensor):
-        """The hires fix's second pass: img2img from the first pass's latents, upscaled (in
-        latent space, or as pictures with Lanczos), at the hires denoising strength."""
-        hires = request.hires
-        width = int(request.width * hires.scale) // self.scale * self.scale
-        height = int(request.height * hires.scale) // self.scale * self.scale
-        size = (height // self.scale, width // self.scale)
-        if hires.upscaler == "lanczos":
-            pictures = tensor_to_pil(self.decode(latents))
-            pictures = [p.resize((width, height), Image.Resampling.LANCZOS) for p in pictures]
-            upscaled = torch.cat([self._encode_image(pil_to_tensor(p), 1) for p in pictures])
-        else:
-            upscaled = upscale_latents(latents, size, hires.upscaler)
-        prompts, negatives = request.prompts, request.negative_prompts
-        if hires.prompt is not None:
-            prompts = (hires.prompt,) * len(prompts)
-        if hires.negative_prompt is not None:
-            negatives = (hires.negative_prompt,)
-        return dataclasses.replace(
-            request,
-            task="img2img",
-            width=width,
-            height=height,
-            steps=hires.steps or request.steps,
-            sampler=hires.sampler or request.sampler,
-            strength=hires.denoise,
-            prompts=prompts,
-            negative_prompts=negatives,
-            init_latents=upscaled,
-            seed_resize_from=None,
-            hires=None,
-        ).check()
 
     def check_inputs(
         self, request: GenerationRequest, latents: torch.Tensor | None = None
@@ -340,8 +300,9 @@ class StableDiffusion(Tasks):
                 comma_padding_backtrack=self.comma_padding_backtrack,
             )  # fmt: skip
 
+        prompts = [(without_lora_tags(p), n) for p, n in request.image_prompts]
         with self._on_device(self.text_encoder):
-            return encode_conditioning(encode, request.image_prompts, request.steps, request.guided)
+            return encode_conditioning(encode, prompts, request.steps, request.guided)
 
     def prepare_latents(self, request: GenerationRequest, latents: torch.Tensor | None) -> Start:
         """The starting noise (drawn on the CPU, one generator per image, so that a seed gives
@@ -528,7 +489,10 @@ class StableDiffusion(Tasks):
 
     def parameters(self, request: GenerationRequest) -> list[GenerationParameters]:
         """What made each image of a resolved request, as the PNG metadata records it."""
-        extra = {**_extra_parameters(request), **self._ti_hashes(request)}
+        extra = {**infotext.extra_fields(request), **self._ti_hashes(request)}
+        loras = dict(self._loras + self._prompt_loras)
+        if loras:
+            extra["Lora hashes"] = lora_glue.lora_hashes(loras.items())
         return [
             GenerationParameters(
                 prompt=prompt,
@@ -542,28 +506,14 @@ class StableDiffusion(Tasks):
                 height=request.height,
                 model_hash=self.model_hash,
                 model=self.name,
-                denoising_strength=_denoising_strength(request),
+                denoising_strength=infotext.denoising_strength(request),
                 clip_skip=request.clip_skip,
-                extra={**extra, **_variation(request, subseed)},
+                extra={**extra, **infotext.variation_fields(request, subseed)},
             )
             for (prompt, negative), seed, subseed in zip(
                 request.image_prompts, request.seeds, request.subseeds
             )
         ]
-
-    def _ti_hashes(self, request: GenerationRequest) -> dict[str, str]:
-        """AUTOMATIC1111's ``TI hashes`` field: the embeddings the prompts use, then the
-        negative prompts'."""
-        if not self.embeddings:
-            return {}
-        import sd_clip
-
-        texts = list(dict.fromkeys(request.prompts + request.negative_prompts))
-        used = [slot.embedding for text in texts
-                for chunk in self.tokenizer.chunks(text, self.embeddings)
-                for slot in chunk.embedding_slots]  # fmt: skip
-        value = sd_clip.ti_hashes(used)
-        return {"TI hashes": value} if value else {}
 
     # properties and helpers of the steps
 
@@ -621,53 +571,6 @@ class StableDiffusion(Tasks):
             tiling = max(size) > AUTO_TILE_ABOVE
         return self.vae_tile_size if tiling else None
 
-    # placement
-
-    def _modules(self) -> list[torch.nn.Module]:
-        return [self.vae, self.text_encoder, self.unet]
-
-    @contextlib.contextmanager
-    def _on_device(self, module: torch.nn.Module):
-        """With offloading, move ``module`` to the device for the duration of the block."""
-        if not self.offload:
-            yield module
-            return
-        module.to(self.device)
-        try:
-            yield module
-        finally:
-            module.to("cpu")
-
-    def compile(self, mode: str | None = None) -> StableDiffusion:
-        """Run the UNet through ``torch.compile`` from now on; returns self.
-
-        Inductor compiles it with *freezing* (``sd_unet.compile_frozen``): the weights become
-        constants of the compiled graph, so their layouts are prepared once (oneDNN's blocked
-        convolution weights on the CPU) and the element-wise work around them is fused; the
-        prepared weights are a second copy beside the UNet's own. The first generation pays the
-        compilation (inductor caches it on disk for later runs); a new image size or batch size
-        compiles again. ``mode`` is ``torch.compile``'s (e.g. ``"max-autotune"``, or
-        ``"reduce-overhead"`` for CUDA graphs on a GPU). Moving or casting the pipeline (``to``)
-        drops the compiled UNet: call ``compile`` again after it. Not with ``offload=True``.
-        """
-        if self.offload:
-            raise ValueError(
-                "compile() needs the UNet to stay on its device: not with offload=True"
-            )
-        self._compiled_unet = compile_frozen(self.unet, mode=mode)
-        return self
-
-    def to(self, device: str | torch.device | None = None, dtype=None) -> StableDiffusion:
-        """Move (and cast) every part; returns self. Drops a compiled UNet (see ``compile``)."""
-        self._compiled_unet = None
-        if device is not None:
-            self.device = torch.device(device)
-        if dtype is not None:
-            self.dtype = resolve_dtype(dtype)
-        for module in self._modules():
-            module.to(device="cpu" if self.offload else self.device, dtype=self.dtype)
-        return self
-
     def __repr__(self) -> str:
         kind = "inpainting" if self.is_inpainting_model else "txt2img"
         return (
@@ -689,12 +592,6 @@ def random_tiny(
     )
 
 
-def check_sampler(name: str) -> None:
-    """Raise a ValueError listing the valid names if ``name`` is not a sampler of sd-samplers."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose from: {', '.join(SAMPLERS)}")
-
-
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -703,58 +600,6 @@ def _generator(seed: int) -> torch.Generator:
     # CPU generators everywhere: sd-samplers draws on the CPU and copies, so a seed gives the
     # same noise on every device.
     return torch.Generator().manual_seed(int(seed) % 2**64)
-
-
-def _denoising_strength(request: GenerationRequest) -> float | None:
-    if request.hires is not None:
-        return request.hires.denoise
-    return request.strength if request.task != "txt2img" else None
-
-
-def _extra_parameters(request: GenerationRequest) -> dict[str, str]:
-    """AUTOMATIC1111's infotext fields beyond GenerationParameters' own, under its names."""
-    from sd_pipeline.request import HIRES_UPSCALER_LABELS
-
-    extra = {"RNG": request.rng.upper()} if request.rng != "gpu" else {}
-    if request.seed_resize_from is not None:
-        extra["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
-    hires = request.hires
-    if hires is not None:
-        extra["Hires upscale"] = f"{hires.scale:g}"
-        if hires.steps is not None:
-            extra["Hires steps"] = str(hires.steps)
-        extra["Hires upscaler"] = HIRES_UPSCALER_LABELS[hires.upscaler]
-        if hires.sampler is not None:
-            extra["Hires sampler"] = sampler_label(hires.sampler)
-        if hires.prompt is not None:
-            extra["Hires prompt"] = hires.prompt
-        if hires.negative_prompt is not None:
-            extra["Hires negative prompt"] = hires.negative_prompt
-    return extra
-
-
-def _variation(request: GenerationRequest, subseed: int | None) -> dict[str, str]:
-    if subseed is None or not request.subseed_strength:
-        return {}
-    return {"Variation seed": str(subseed),
-            "Variation seed strength": f"{request.subseed_strength:g}"}  # fmt: skip
-
-
-def upscale_latents(latents: torch.Tensor, size: tuple[int, int], upscaler: str) -> torch.Tensor:
-    """Latents resized to ``size`` (h, w) as AUTOMATIC1111's latent upscalers do it."""
-    mode, antialias = {
-        "latent": ("bilinear", False),
-        "latent-antialiased": ("bilinear", True),
-        "latent-bicubic": ("bicubic", False),
-        "latent-bicubic-antialiased": ("bicubic", True),
-        "latent-nearest": ("nearest", False),
-        "latent-nearest-exact": ("nearest-exact", False),
-    }[upscaler]
-    if mode in ("nearest", "nearest-exact"):
-        return torch.nn.functional.interpolate(latents, size=size, mode=mode)
-    return torch.nn.functional.interpolate(
-        latents, size=size, mode=mode, align_corners=False, antialias=antialias
-    )
 
 
 def _inpainting_rows(p: Inpainting | None, rows: slice) -> Inpainting | None:

@@ -1,0 +1,43 @@
+"""AUTOMATIC1111's infotext fields for what the pipeline adds beyond the basic ones (seed
+extras, the hires fix), written under its names so that its tools and ``--from-png`` read
+them."""
+
+from __future__ import annotations
+
+from sd_pipeline.request import HIRES_UPSCALER_LABELS, GenerationRequest
+from sd_samplers import sampler_label
+
+__all__ = ["denoising_strength", "extra_fields", "variation_fields"]
+
+
+def denoising_strength(request: GenerationRequest) -> float | None:
+    if request.hires is not None:
+        return request.hires.denoise
+    return request.strength if request.task != "txt2img" else None
+
+
+def extra_fields(request: GenerationRequest) -> dict[str, str]:
+    """AUTOMATIC1111's infotext fields beyond GenerationParameters' own, under its names."""
+    extra = {"RNG": request.rng.upper()} if request.rng != "gpu" else {}
+    if request.seed_resize_from is not None:
+        extra["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
+    hires = request.hires
+    if hires is not None:
+        extra["Hires upscale"] = f"{hires.scale:g}"
+        if hires.steps is not None:
+            extra["Hires steps"] = str(hires.steps)
+        extra["Hires upscaler"] = HIRES_UPSCALER_LABELS[hires.upscaler]
+        if hires.sampler is not None:
+            extra["Hires sampler"] = sampler_label(hires.sampler)
+        if hires.prompt is not None:
+            extra["Hires prompt"] = hires.prompt
+        if hires.negative_prompt is not None:
+            extra["Hires negative prompt"] = hires.negative_prompt
+    return extra
+
+
+def variation_fields(request: GenerationRequest, subseed: int | None) -> dict[str, str]:
+    if subseed is None or not request.subseed_strength:
+        return {}
+    return {"Variation seed": str(subseed),
+            "Variation seed strength": f"{request.subseed_strength:g}"}  # fmt: skip
