@@ -123,3 +123,53 @@ def test_never_overwrites_and_errors_are_one_line(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "junk.ckpt" in err and "Traceback" not in err
     assert not (tmp_path / "j.safetensors").exists()
+
+
+def test_extract_lora_recovers_a_merged_lora(files, tmp_path):
+    """(base + a rank-2 LoRA) vs base, extracted at rank 2: the LoRA's delta comes back (to
+    float rounding), and at rank 1 the best rank-1 approximation of it (Eckart-Young)."""
+    from sd_lora import LoRA
+
+    base_file = files[0]
+    base = load_file(str(base_file))
+    g = torch.Generator().manual_seed(3)
+    lora_state, deltas = {}, {}
+    for key in [k for k in base if k.endswith(("attn1.to_q.weight", "self_attn.v_proj.weight"))]:
+        w = base[key]
+        down = torch.randn(2, w.shape[1], generator=g)
+        up = torch.randn(w.shape[0], 2, generator=g) * 0.1
+        prefix = "lora_unet_" if key.startswith(PREFIXES["unet"]) else "lora_te_"
+        start = PREFIXES["unet"] if prefix == "lora_unet_" else PREFIXES["text"]
+        name = prefix + key[len(start) : -len(".weight")].replace(".", "_")
+        lora_state |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                       f"{name}.alpha": torch.tensor(2.0)}  # fmt: skip
+        deltas[key] = up @ down
+    assert len(deltas) >= 2
+    tuned = {k: v + deltas[k] if k in deltas else v for k, v in base.items()}
+    tuned_file = tmp_path / "tuned.safetensors"
+    save_file(tuned, str(tuned_file))
+    out = tmp_path / "extracted.safetensors"
+    assert main(["extract-lora", str(tuned_file), str(base_file), str(out), "--rank", "2"]) == 0
+    lora = LoRA.from_file(out)
+    assert lora.rank == 2 and len(lora.keys()) == len(deltas)
+    pipe = StableDiffusion.from_checkpoint(base_file, device="cpu")
+    pipe.load_lora(out)
+    merged = pipe.save(tmp_path / "merged.safetensors")
+    again = load_file(str(merged))
+    for key, delta in deltas.items():
+        torch.testing.assert_close(again[key] - base[key], delta, atol=1e-5, rtol=1e-4)
+    one = tmp_path / "rank1.safetensors"
+    assert main(["extract-lora", str(tuned_file), str(base_file), str(one), "--rank", "1"]) == 0
+    key = next(iter(deltas))
+    u, s, vh = torch.linalg.svd(deltas[key].double())
+    best = (s[0] * torch.outer(u[:, 0], vh[0])).float()
+    layer = LoRA.from_file(one)
+    pipe1 = StableDiffusion.from_checkpoint(base_file, device="cpu")
+    pipe1.load_lora(one)
+    got = load_file(str(pipe1.save(tmp_path / "m1.safetensors")))[key] - base[key]
+    torch.testing.assert_close(got, best, atol=1e-5, rtol=1e-4)
+    assert layer.rank == 1
+    assert (
+        main(["extract-lora", str(base_file), str(base_file), str(tmp_path / "none.safetensors")])
+        == 2
+    )

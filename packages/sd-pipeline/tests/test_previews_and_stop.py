@@ -75,3 +75,15 @@ def test_taesd_previews_are_full_size_and_the_decoders_pictures(tiny_pipe, tmp_p
     with torch.no_grad():
         expected = tensor_to_pil(decoder(latents))[0]
     assert picture.tobytes() == expected.tobytes()
+
+
+def test_preview_callback_hands_previews_to_the_caller(tiny_pipe):
+    from sd_pipeline.previews import preview_callback
+
+    got = []
+    callback = preview_callback(lambda d, pictures: got.append((d["i"], pictures)), every=2)
+    tiny_pipe.txt2img("x", seed=0, steps=5, batch_size=2, callback=callback, progress=False)
+    assert [i for i, _ in got] == [0, 2, 4]
+    assert all(len(p) == 2 and p[0].size == (4, 4) for _, p in got)
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        preview_callback(print, every=0)

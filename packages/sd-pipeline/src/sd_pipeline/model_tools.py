@@ -8,6 +8,7 @@
     sd-model merge a.safetensors b.safetensors merged.safetensors --alpha 0.3
     sd-model merge a.safetensors b.safetensors merged.safetensors --method add-difference \\
         --base c.safetensors --alpha 1
+    sd-model extract-lora tuned.safetensors base.safetensors style.safetensors --rank 32
 
 Every command reads checkpoints without running code (sd-vae's safe reader), writes atomically
 (a temporary file renamed into place) and never replaces an existing file without
@@ -255,6 +256,66 @@ def merge_tensors(a, b, c=None, alpha: float = 0.5) -> dict[str, torch.Tensor]:
     return out
 
 
+# Where an SD single file keeps the two models a LoRA adapts, and kohya's prefix for each.
+LORA_PARTS = {UNET_PREFIX: "lora_unet_", "cond_stage_model.transformer.": "lora_te_"}
+
+
+def extract_lora(args) -> int:
+    """A LoRA of rank ``--rank`` approximating (tuned - base), layer by layer (SVD)."""
+    tuned, base = read(Path(args.tuned)), read(Path(args.base))
+    tensors = extract_lora_tensors(tuned, base, args.rank, args.min_difference)
+    if not tensors:
+        raise ToolError(f"{args.tuned} and {args.base} do not differ in any adaptable layer")
+    metadata = {"ss_network_dim": str(args.rank), "ss_network_alpha": str(args.rank),
+                "ss_output_name": Path(args.target).stem}  # fmt: skip
+    _check_target(Path(args.target), args.overwrite)
+    from sd_pipeline.files import save_safetensors
+
+    print(save_safetensors(tensors, Path(args.target), metadata))
+    return 0
+
+
+def extract_lora_tensors(
+    tuned: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    rank: int,
+    min_difference: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """kohya LoRA tensors (``lora_down``, ``lora_up``, ``alpha`` = rank, so a scale of 1) for
+    every linear and convolution weight of the UNet and text encoder that differs between
+    the models by more than ``min_difference`` (relative, in the Frobenius norm). Layers are
+    named by their original (CompVis / transformers) paths, as AUTOMATIC1111-era files are."""
+    out = {}
+    for key, w in tuned.items():
+        prefix = next((p for p in LORA_PARTS if key.startswith(p)), None)
+        if prefix is None or not key.endswith(".weight") or w.ndim not in (2, 4):
+            continue
+        if "embedding" in key or key not in base or base[key].shape != w.shape:
+            continue
+        delta = w.float() - base[key].float()
+        if delta.norm() <= min_difference * base[key].float().norm() or not delta.any():
+            continue
+        name = LORA_PARTS[prefix] + key[len(prefix) : -len(".weight")].replace(".", "_")
+        down, up = _low_rank(delta, rank)
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    return out
+
+
+def _low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) with up @ down the best rank-``rank`` approximation of ``delta`` (a
+    convolution's kernel flattened per output channel, as kohya's extraction does)."""
+    matrix = delta.reshape(delta.shape[0], -1)
+    r = min(rank, *matrix.shape)
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    up = (u[:, :r] * s[:r]).float()
+    down = vh[:r].float()
+    if delta.ndim == 4:
+        return down.reshape(r, *delta.shape[1:]), up.reshape(delta.shape[0], r, 1, 1)
+    return down, up
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sd-model", description="Stable Diffusion checkpoint tools")
     sub = p.add_subparsers(dest="command", required=True)
@@ -293,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, default=0.5, help="B's share (default 0.5)")
     c.add_argument("--base", help="model C for add-difference: A + (B - C) * alpha")
     writes(c)
+    c = command("extract-lora", extract_lora, "a LoRA of a fine-tune's difference from its base")
+    c.add_argument("tuned", help="the fine-tuned model")
+    c.add_argument("base", help="the model it was tuned from")
+    c.add_argument("target", help="the LoRA file to write (.safetensors)")
+    c.add_argument("--rank", type=int, default=32, help="the LoRA's rank (default 32)")
+    c.add_argument(
+        "--min-difference", type=float, default=0.0,
+        help="skip layers whose relative change is at most this (default 0: any change)",
+    )  # fmt: skip
+    c.add_argument("--overwrite", action="store_true", help="replace an existing target")
     return p
 
 

@@ -11,12 +11,14 @@ to the real decode, at a small fraction of the VAE's cost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from PIL import Image
 
 from sd_pipeline.images import tensor_to_pil
 
-__all__ = ["CHEAP_COEFFICIENTS", "cheap_preview", "latent_preview"]
+__all__ = ["CHEAP_COEFFICIENTS", "cheap_preview", "latent_preview", "preview_callback"]
 
 # (latent channel, RGB) for scaled latents (as the sampler sees them), giving [-1, 1] pixels.
 CHEAP_COEFFICIENTS = {
@@ -64,3 +66,22 @@ def latent_preview(
     if size is not None:
         pictures = [p.resize(size, Image.Resampling.BILINEAR) for p in pictures]
     return pictures
+
+
+def preview_callback(
+    on_preview: Callable[[dict, list[Image.Image]], None],
+    every: int = 1,
+    decoder: torch.nn.Module | None = None,
+    space: str = "sd1",
+) -> Callable[[dict], None]:
+    """A step callback for ``StableDiffusion.run``/``txt2img`` that calls
+    ``on_preview(d, pictures)`` every ``every`` steps with previews of the current estimates
+    (``d`` is sd-samplers' step dict); it may raise ``StopSampling`` as any callback may."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive integer, got {every!r}")
+
+    def callback(d: dict) -> None:
+        if d["i"] % every == 0:
+            on_preview(d, latent_preview(d["denoised"], space, decoder=decoder))
+
+    return callback
