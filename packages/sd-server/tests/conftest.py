@@ -86,6 +86,23 @@ def stop_server(server: RunningServer) -> None:
         server.process.wait()
 
 
+def _write_lora(path: Path, pipe) -> None:
+    """A kohya LoRA on the model's own (CompVis) attention names, as AUTOMATIC1111-era files."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for prefix, model in (("lora_unet_", pipe.unet), ("lora_te_", pipe.text_encoder)):
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and name.endswith(("to_q", "q_proj")):
+                key = prefix + name.replace(".", "_")
+                state[f"{key}.lora_down.weight"] = torch.randn(2, m.in_features, generator=g)
+                state[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 2, generator=g)
+                state[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(state, str(path))
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     """Two tiny checkpoints (different random weights), a LoRA and an embedding file."""
@@ -93,10 +110,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
     (root / "models").mkdir()
     (root / "loras").mkdir()
     (root / "embeddings").mkdir()
-    main = random_tiny(seed=0).save(root / "tiny.safetensors")
+    tiny = random_tiny(seed=0)
+    main = tiny.save(root / "tiny.safetensors")
     other = random_tiny(seed=1).save(root / "models" / "other.safetensors")
-    (root / "loras" / "style.safetensors").write_bytes(b"")
-    (root / "embeddings" / "badhands.pt").write_bytes(b"")
+    _write_lora(root / "loras" / "style.safetensors", tiny)
+    width = tiny.text_encoder.config.width
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(2))
+    torch.save({"string_to_param": {"*": vectors}, "name": "badhands"},
+               root / "embeddings" / "badhands.pt")  # fmt: skip
     return {"main": main, "other": other, "root": root}
 
 

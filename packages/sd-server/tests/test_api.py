@@ -131,7 +131,7 @@ def test_lists(server, models):
     titles = [m["title"] for m in client.get_sd_models()]
     assert titles[:2] == ["tiny.safetensors", "other.safetensors"]
     assert [lora["name"] for lora in client.get_loras()] == ["style"]
-    assert list(client.get_embeddings()["skipped"]) == ["badhands"]
+    assert list(client.get_embeddings()["loaded"]) == ["badhands"]
     assert client.get_sd_vae() == []
     (models["root"] / "models" / "late.safetensors").write_bytes(b"")
     client.refresh_checkpoints()
@@ -278,7 +278,7 @@ def test_a_waiting_client_that_leaves_is_dropped_from_the_queue(server):
 def test_unknown_and_unsupported_fields_are_listed(server):
     with server.client() as client:
         answer = client.post("/sdapi/v1/txt2img", json={
-            "prompt": "x <lora:style:0.8>", "steps": 1, "foo": 1, "restore_faces": True,
+            "prompt": "x <lora:missing:0.8>", "steps": 1, "foo": 1, "restore_faces": True,
             "styles": [], "tiling": False, "override_settings": {"sd_vae": "x"}, **SMALL})  # fmt: skip
     assert answer.status_code == 200
     info = __import__("json").loads(answer.json()["info"])
@@ -300,3 +300,23 @@ def test_send_and_save_images(server):
 
 def test_starts_on_loopback_and_says_so(server):
     assert "127.0.0.1" in server.output() and "loopback only" in server.output()
+
+
+def test_loras_and_embeddings_apply(server):
+    """<lora:...> tags in a prompt merge the --lora-dir LoRA for the run (AUTOMATIC1111's Lora
+    hashes in the infotext); --embeddings are loaded and listed."""
+    import json
+
+    with server.client() as client:
+        base = {"prompt": "x", "steps": 1, "seed": 5, **SMALL}
+        plain = client.post("/sdapi/v1/txt2img", json=base).json()
+        styled = client.post(
+            "/sdapi/v1/txt2img", json={**base, "prompt": "x <lora:style:1>"}
+        ).json()
+        again = client.post("/sdapi/v1/txt2img", json=base).json()
+        listed = client.get("/sdapi/v1/embeddings").json()
+    assert styled["images"][0] != plain["images"][0]
+    assert again["images"][0] == plain["images"][0]  # taken out after the run
+    info = json.loads(styled["info"])
+    assert "Lora hashes" in info["infotexts"][0] and not info.get("warnings")
+    assert listed["loaded"]["badhands"]["vectors"] == 2

@@ -69,11 +69,23 @@ class ServerConfig:
 class Server:
     """The state behind the routes: the worker and its pipeline, options, progress listeners."""
 
+    def equip(self, pipe: StableDiffusion) -> StableDiffusion:
+        """Give a (newly loaded) pipeline the LoRA folder (for ``<lora:...>`` in prompts) and
+        the embeddings of ``--embeddings``; an embedding that does not load is logged."""
+        pipe.lora_dir = self.catalog.lora_dir
+        for path in self.catalog.embeddings():
+            try:
+                pipe.load_embeddings(path)
+            except (ValueError, OSError) as e:
+                log.warning("embedding %s not loaded: %s", path, e)
+        return pipe
+
     def __init__(self, config: ServerConfig):
         self.config = config
         self.catalog = config.catalog
         self.checkpoint: Checkpoint = self.catalog.initial
         pipe = config.pipe or self.checkpoint.load(config.device, config.dtype)
+        self.equip(pipe)
         self.worker = Worker(pipe, max_waiting=config.max_waiting)
         self.loading: str | None = None  # the title of a model being switched to
         self.clip_skip: int | None = None  # CLIP_stop_at_last_layers, when set
@@ -198,7 +210,9 @@ class Server:
 
         def load(job: Job, pipe: StableDiffusion) -> None:
             try:
-                self.worker.pipe = checkpoint.load(self.config.device, self.config.dtype)
+                self.worker.pipe = self.equip(
+                    checkpoint.load(self.config.device, self.config.dtype)
+                )
                 self.checkpoint, self.worker.last_error = checkpoint, None
                 log.info("model switched to %s", checkpoint.title)
             except Exception as e:  # nobody waits on a switch: keep the old model, say why
@@ -518,11 +532,15 @@ def _add_routes(app: FastAPI, server: Server) -> None:
 
     @app.get(f"{api}/embeddings")
     async def embeddings():
-        # Listed as AUTOMATIC1111 lists the ones it cannot use with the loaded model: the
-        # pipeline does not apply embeddings yet.
-        skipped = {p.stem: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                            "shape": None, "vectors": 0} for p in server.catalog.embeddings()}  # fmt: skip
-        return {"loaded": {}, "skipped": skipped}
+        # AUTOMATIC1111's shape: those the model can use, and those it cannot (another width)
+        pipe = server.worker.pipe
+        width = pipe.text_encoder.config.width
+        loaded, skipped = {}, {}
+        for name, e in pipe.embeddings.items():
+            entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                     "shape": width, "vectors": e.num_vectors}  # fmt: skip
+            (loaded if width in e.widths else skipped)[name] = entry
+        return {"loaded": loaded, "skipped": skipped}
 
     @app.get(f"{api}/options")
     async def get_options():

@@ -79,8 +79,8 @@ def build(body, task: str, pipe, clip_skip: int | None) -> Generation:
     """Check a txt2img or img2img body against the current model; raises BadInput."""
     noop = IMG2IMG_NOOP if task == "img2img" else TXT2IMG_NOOP
     warnings = ignored_fields(body.model_extra or {}, noop)
-    prompt = _prompt(body.prompt, "prompt", warnings)
-    negative = _prompt(body.negative_prompt, "negative_prompt", warnings)
+    prompt = _prompt(body.prompt, "prompt", warnings, pipe.lora_dir)
+    negative = _prompt(body.negative_prompt, "negative_prompt", warnings, None)
     clip_skip = _overrides(body.override_settings, clip_skip, warnings)
     fields: dict[str, Any] = dict(
         prompts=(prompt,),
@@ -119,7 +119,7 @@ def build(body, task: str, pipe, clip_skip: int | None) -> Generation:
     )
 
 
-def _prompt(text: str, name: str, warnings: list[str]) -> str:
+def _prompt(text: str, name: str, warnings: list[str], lora_dir) -> str:
     if len(text) > MAX_PROMPT:
         raise BadInput(name, f"is {len(text)} characters long; at most {MAX_PROMPT} are accepted")
     try:
@@ -127,13 +127,30 @@ def _prompt(text: str, name: str, warnings: list[str]) -> str:
     except UnicodeEncodeError as e:
         raise BadInput(name, f"holds a character that is not text (at {e.start}: a lone "
                        "surrogate); send UTF-8 text") from None  # fmt: skip
-    tags = LORA_TAG.findall(text)
-    if tags:
-        warnings.append(
-            f"{name}: {', '.join(tags)} removed and not applied (no LoRA support in sd-pipeline yet)"
-        )
-        text = LORA_TAG.sub("", text)
-    return text
+    return _usable_tags(text, name, warnings, lora_dir)
+
+
+def _usable_tags(text: str, name: str, warnings: list[str], lora_dir) -> str:
+    """The prompt with the extra-network tags the pipeline cannot use removed, each named in a
+    warning (AUTOMATIC1111 skips a LoRA it cannot find, too): the pipeline merges the LoRAs of
+    the tags left, from ``--lora-dir``."""
+    from sd_pipeline.lora import find_lora, parse_prompt
+
+    def usable(match: re.Match) -> str:
+        tag = match.group(0)
+        if lora_dir is None or tag.lower().startswith("<hypernet:"):
+            why = "no --lora-dir" if lora_dir is None else "hypernetworks are not supported"
+            warnings.append(f"{name}: {tag} removed and not applied ({why})")
+            return ""
+        try:
+            for lora in parse_prompt(tag)[1]:
+                find_lora(lora.name, lora_dir)
+        except (FileNotFoundError, ValueError) as e:
+            warnings.append(f"{name}: {tag} removed and not applied ({e})")
+            return ""
+        return tag
+
+    return LORA_TAG.sub(usable, text)
 
 
 def _overrides(settings: dict[str, Any], clip_skip: int | None, warnings: list[str]):
@@ -234,9 +251,11 @@ def run(job: Job, pipe, generation: Generation) -> Result:
             raise api_error(e) from None
         job.iteration, job.step, job.steps = k, 0, sampling_steps(resolved)
         job.size = (resolved.width, resolved.height)
-        images += pipe.run(resolved, callback=job.on_step, progress=False)
+        batch = pipe.run(resolved, callback=job.on_step, progress=False)
+        images += batch
         requests.append(resolved)
-        parameters += pipe.parameters(resolved)
+        # what each picture carries (the run's LoRAs included), read back from it
+        parameters += [GenerationParameters.from_text(im.info["parameters"]) for im in batch]
     return Result(
         images=images,
         requests=requests,
