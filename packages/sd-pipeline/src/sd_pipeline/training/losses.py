@@ -63,7 +63,7 @@ def _latents(trainer, indices, generators):
     """Scaled latents of the samples, drawn from the frozen VAE's posterior."""
     vae = trainer.models["vae"]
     if trainer.latents is not None:
-        shape, post = trainer.latents[False].shape[2:], None
+        shape, post = trainer.latents[False][indices[0]].shape[1:], None
     else:
         with torch.no_grad():
             post = vae.encode(images(trainer, indices, generators))
@@ -87,8 +87,10 @@ def diffusion(trainer, indices, generators) -> torch.Tensor:
     x_t = ab.sqrt() * z + (1 - ab).sqrt() * noise
     target = noise if c.prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * z
     captions = ["" if d else trainer.data.captions[i] for i, d in zip(indices, drop)]
-    ids = trainer.tokenizer(captions).to(trainer.device)
     with autocast(c.mixed_precision, trainer.device):
-        context = trainer.models["text_encoder"](ids)
+        if trainer.contexts is not None:  # the frozen text encoder's outputs, cached
+            context = torch.cat([trainer.contexts[text] for text in captions])
+        else:
+            context = trainer.models["text_encoder"](trainer.tokenizer(captions).to(trainer.device))
         pred = trainer.models["unet"](x_t, t.float(), context)
     return F.mse_loss(pred.float(), target)

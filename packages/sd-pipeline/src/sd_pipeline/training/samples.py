@@ -31,12 +31,16 @@ def make_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
 
 
 def write_samples(trainer) -> None:
-    """OUT/<stage>/samples/step-NNNNNNN.png (written atomically)."""
+    """OUT/<stage>/samples/step-NNNNNNN.png (written atomically, by rank 0). Under FSDP every
+    rank calls this: each block's weights are gathered from all of them as it runs."""
     from PIL import Image
 
+    images = sample_images(trainer)
+    if not trainer.dist.main:
+        return
     folder = trainer.dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
-    grid = Image.fromarray(make_grid(sample_images(trainer)))
+    grid = Image.fromarray(make_grid(images))
     with replacing(folder / f"step-{trainer.step:07d}.png") as f:
         grid.save(f, format="PNG")
 
@@ -59,7 +63,7 @@ def sample_images(trainer) -> np.ndarray:
 def _reconstructions(trainer) -> torch.Tensor:
     """Up to 8 training images above their VAE round trips."""
     vae = trainer.models["vae"]
-    images, _ = trainer.data.batch(list(range(min(8, len(trainer.data)))))
+    images, _ = trainer.data.batch(trainer.data.same_size(list(range(len(trainer.data))))[0][:8])
     images = images.to(trainer.device)
     return torch.cat([images, vae.decode(vae.encode(images).mean)])
 
