@@ -124,12 +124,14 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The units FSDP gathers one at a time: each block of the model's ModuleLists."""
+    """The units FSDP gathers one at a time: each block of the model's ModuleLists, inner ones
+    before the blocks that hold them (FSDP shards bottom-up: a parameter belongs to the
+    innermost sharded module)."""
     out = []
     for module in model.modules():
         if isinstance(module, nn.ModuleList):
             out.extend(b for b in module if any(p.requires_grad for p in b.parameters()))
-    return out
+    return out[::-1]
 
 
 def shard(root: nn.Module, parts: list[nn.Module], mixed_precision: str) -> None:
@@ -148,6 +150,10 @@ def shard(root: nn.Module, parts: list[nn.Module], mixed_precision: str) -> None
         policy = MixedPrecisionPolicy(half, torch.float32, cast_forward_inputs=False)
     seen: set[int] = set()
     for part in parts:
+        with torch.no_grad():  # FSDP shards plain (row-major) tensors only, not channels-last
+            for p in part.parameters():
+                if not p.is_contiguous():
+                    p.data = p.data.contiguous()
         for block in blocks(part):
             if id(block) not in seen:
                 seen.add(id(block))

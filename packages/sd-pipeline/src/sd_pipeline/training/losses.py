@@ -46,12 +46,13 @@ def reconstruction(trainer, indices, generators) -> torch.Tensor:
     return rec + c.kl_weight * kl
 
 
-def _draws(trainer, generators, shape):
-    """Per sample: flip, posterior noise, diffusion noise, timestep, caption dropout."""
+def _draws(trainer, generators, shape, flip: bool):
+    """Per sample: flip (unless the image loader drew it already, as the first draw of the
+    same generator), posterior noise, diffusion noise, timestep, caption dropout."""
     c = trainer.config
     flips, post_noise, eps, ts, drop = [], [], [], [], []
     for g in generators:
-        flips.append(bool(c.random_flip and torch.rand((), generator=g) < 0.5))
+        flips.append(bool(flip and c.random_flip and torch.rand((), generator=g) < 0.5))
         post_noise.append(torch.randn(shape, generator=g))
         eps.append(torch.randn(shape, generator=g))
         ts.append(int(torch.randint(trainer.schedule.num_timesteps, (), generator=g)))
@@ -68,7 +69,8 @@ def _latents(trainer, indices, generators):
         with torch.no_grad():
             post = vae.encode(images(trainer, indices, generators))
         shape = post.mean.shape[1:]
-    flips, post_noise, noise, ts, drop = _draws(trainer, generators, shape)
+    # Cached or not, a sample draws the same numbers (without random crops): the same steps.
+    flips, post_noise, noise, ts, drop = _draws(trainer, generators, shape, flip=post is None)
     post_noise = post_noise.to(trainer.device)
     if post is None:
         moments = torch.stack([trainer.latents[f][i] for i, f in zip(indices, flips)])
