@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from sd_pipeline.files import replacing
+from sd_pipeline.training.losses import autocast
 
 __all__ = ["make_grid", "sample_images", "write_samples"]
 
@@ -79,6 +80,14 @@ def _prompts(trainer) -> torch.Tensor:
         dtype=torch.float32, name=f"sd-train {trainer.stage.name} step {trainer.step}",
     )  # fmt: skip
     pipe.keep_freed_memory = False  # leave the training process's allocator as it is
+    # FSDP's mixed-precision policy gathers the weights in half precision: the pipeline's float32
+    # inputs need the training's autocast to meet them.
+    precision = c.mixed_precision if trainer.sharded else "no"
+    with autocast(precision, trainer.device):
+        return _txt2img(pipe, c)
+
+
+def _txt2img(pipe, c) -> torch.Tensor:
     return pipe.txt2img(
         list(c.sample_prompts), steps=c.sample_steps, guidance_scale=c.sample_guidance,
         sampler=SAMPLER, seed=c.seed, output_type="tensor", progress=False,
