@@ -4,6 +4,9 @@ export a model file in another precision.
     sd-train finetune --checkpoint model.safetensors --data my_images/ --steps 1000
     sd-train scratch --recipe recipes/shapes.json
     torchrun --nproc_per_node 2 -m sd_pipeline.training scratch --recipe ...
+    torchrun --nproc_per_node 8 -m sd_pipeline.training finetune --fsdp --checkpoint ...
+    torchrun --nnodes 2 --node-rank 0 --nproc_per_node 8 --rdzv-backend c10d \
+        --rdzv-endpoint HOST:29500 -m sd_pipeline.training finetune ...   (the same on node 1)
     sd-train export run/model.safetensors shipped.safetensors --dtype float16
 
 Settings come from a JSON recipe (``--recipe``), and flags given on the command line win. Bad
@@ -49,7 +52,13 @@ COMMON_FLAGS = [
     ("sample-steps", int, "sampling steps of the sample grids (default 20)"),
     ("sample-guidance", float, "guidance scale of the sample grids (default 5.0)"),
     ("log-every", int, "append a line to log.jsonl every N steps (default 10)"),
-    ("device", str, "where to train: cpu, cuda, cuda:1, ... (default cpu)"),
+    (
+        "device",
+        str,
+        "where to train: cpu, cuda (under torchrun: cuda:LOCAL_RANK), ... (default cpu)",
+    ),
+    ("min-bucket-reso", int, "--enable-bucket: smallest bucket side (default resolution / 2)"),
+    ("max-bucket-reso", int, "--enable-bucket: largest bucket side (default resolution * 2)"),
 ]
 SCRATCH_FLAGS = [
     ("vae-steps", int, "optimizer steps of the VAE stage (default 1000)"),
@@ -63,6 +72,13 @@ SWITCHES = [
     ("gradient-checkpointing", "recompute activations in backward: less memory, slower"),
     ("random-crop", "crop each image at a random place (default: centre)"),
     ("random-flip", "mirror each image with probability 1/2"),
+    ("ema-on-cpu", "keep the EMA weights in CPU memory rather than on the device"),
+    ("fused-adam", "torch's fused AdamW kernel (same maths, fewer kernel launches)"),
+    ("enable-bucket", "aspect-ratio bucketing: train each image near its own aspect ratio"),
+]
+FINETUNE_SWITCHES = [
+    ("fsdp", "shard weights, gradients and optimizer state over the processes (FSDP2)"),
+    ("cache-text-encoder-outputs", "encode each caption once (the text encoder stays frozen)"),
 ]
 
 
@@ -81,8 +97,10 @@ def _mode_parser(sub, mode: str, summary: str) -> None:
         s.add_argument(f"--{name}", type=kind, help=text, metavar=METAVARS[kind])
     s.add_argument("--sample-prompt", action="append", dest="sample_prompts", metavar="TEXT",
                    help="a prompt of the sample grids (repeat for more)")  # fmt: skip
-    for name, text in SWITCHES:
+    for name, text in SWITCHES + (FINETUNE_SWITCHES if mode == "finetune" else []):
         s.add_argument(f"--{name}", action="store_true", default=None, help=text)
+    s.add_argument("--no-cache-latents", action="store_false", dest="cache_latents", default=None,
+                   help="encode the images with the VAE every step, not once")  # fmt: skip
     s.add_argument("--no-progress", action="store_false", dest="progress", default=None,
                    help="no progress bar")  # fmt: skip
 

@@ -47,6 +47,18 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
     ema_decay: float = 0.0  # 0: no EMA
+    ema_on_cpu: bool = False  # keep the EMA weights in CPU memory, not on the device
+    fused_adam: bool = False  # torch's fused AdamW kernel (one kernel per step, same maths)
+    fsdp: bool = False  # finetune: shard weights, gradients and optimizer state (FSDP2)
+    # kohya's cache_latents: encode every image with the frozen VAE once (not with random_crop)
+    cache_latents: bool = True
+    # kohya's cache_text_encoder_outputs: encode every caption once (a frozen text encoder only)
+    cache_text_encoder_outputs: bool = False
+    # kohya's aspect-ratio bucketing: each image trains at the bucket (sides multiples of 64, about
+    # resolution**2 pixels) nearest its aspect ratio; every batch is drawn from one bucket.
+    enable_bucket: bool = False
+    min_bucket_reso: int | None = None  # default resolution / 2
+    max_bucket_reso: int | None = None  # default resolution * 2
     train_text_encoder: bool = False  # finetune only; scratch always trains it
     cond_dropout: float = 0.1  # chance of an empty caption, for classifier-free guidance
     prediction: str = "epsilon"  # epsilon | v
@@ -110,6 +122,16 @@ class TrainConfig:
             raise TrainingError("finetune needs --checkpoint (the model to fine-tune)")
         if self.decoder_steps and self.mode != "scratch":
             raise TrainingError("decoder_steps refines a VAE trained by `sd-train scratch` only")
+        if self.fsdp and self.mode != "finetune":
+            raise TrainingError(
+                "fsdp shards the fine-tuning of a checkpoint (sd-train finetune); a scratch model "
+                "is small enough for the default data parallelism (DDP): drop --fsdp"
+            )
+        if self.cache_text_encoder_outputs and (self.mode != "finetune" or self.train_text_encoder):
+            raise TrainingError(
+                "cache_text_encoder_outputs needs a frozen text encoder: finetune without "
+                "--train-text-encoder"
+            )
 
     def _check_ranges(self) -> None:
         check_resolution(self.resolution)
@@ -129,6 +151,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise TrainingError(f"{name} must be a finite number >= 0, got {value}")
+        if self.enable_bucket:
+            check_resolution(self.resolution, 64)
+            low = self.min_bucket_reso or self.resolution // 2
+            high = self.max_bucket_reso or self.resolution * 2
+            if low % 64 or high % 64 or not 64 <= low <= self.resolution <= high:
+                raise TrainingError(
+                    f"bucket sides must be multiples of 64 with min_bucket_reso <= resolution <= "
+                    f"max_bucket_reso, got {low} <= {self.resolution} <= {high}"
+                )
         if not 0 <= self.cond_dropout < 1 or not 0 <= self.ema_decay < 1:
             raise TrainingError("cond_dropout and ema_decay must be in [0, 1)")
 

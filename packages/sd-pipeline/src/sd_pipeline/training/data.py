@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,18 +90,44 @@ def _unreadable() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def load_image(path: Path, resolution: int) -> np.ndarray:
-    """Decode, resize the shorter side to ``resolution`` (keeping the aspect) -> HxWx3 uint8."""
+def bucket_sizes(resolution: int, low: int, high: int, step: int = 64) -> list[tuple[int, int]]:
+    """The (width, height) buckets of aspect-ratio bucketing, as kohya's: every side a multiple
+    of ``step`` in [low, high], each bucket as large as it can be within ``resolution**2``
+    pixels, both orientations, and the square one."""
+    area = resolution * resolution
+    side = math.isqrt(area) // step * step
+    sizes = {(side, side)}
+    for w in range(low, high + 1, step):
+        h = min(high, area // w // step * step)
+        if h >= low:
+            sizes |= {(w, h), (h, w)}
+    return sorted(sizes)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (in log ratio: 2:1 and 1:2 are
+    equally far from square)."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def load_image(
+    path: Path, resolution: int, buckets: list[tuple[int, int]] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode and resize, keeping the aspect, so that the training crop fits -> (HxWx3 uint8,
+    the crop's (width, height)): a ``resolution`` square (the shorter side becomes
+    ``resolution``), or with ``buckets`` the nearest bucket (the image just covers it)."""
     from PIL import Image
 
     with Image.open(path) as im:
         im = im.convert("RGB")
         w, h = im.size
-        scale = resolution / min(w, h)
-        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        crop = nearest_bucket(w, h, buckets) if buckets else (resolution, resolution)
+        scale = max(crop[0] / w, crop[1] / h)
+        size = (max(crop[0], round(w * scale)), max(crop[1], round(h * scale)))
         if size != (w, h):
             im = im.resize(size, Image.Resampling.BICUBIC)
-        return np.asarray(im, dtype=np.uint8).copy()
+        return np.asarray(im, dtype=np.uint8).copy(), crop
 
 
 @dataclass
@@ -108,7 +135,8 @@ class ImageFolder:
     """Captioned images of one square resolution, held in memory.
 
     ``images``: a list of (H, W, 3) uint8 arrays, shorter side ``resolution`` (square for a
-    folder of square pictures); ``captions``: one string each.
+    folder of square pictures); ``captions``: one string each. With aspect-ratio bucketing,
+    ``sizes`` holds each image's training crop (width, height), its bucket.
     """
 
     images: list[np.ndarray]
@@ -116,6 +144,7 @@ class ImageFolder:
     resolution: int
     random_crop: bool = False
     random_flip: bool = False
+    sizes: list[tuple[int, int]] | None = None
 
     @classmethod
     def load(
@@ -126,20 +155,25 @@ class ImageFolder:
         random_crop: bool = False,
         random_flip: bool = False,
         max_bad: float = 0.1,
+        buckets: list[tuple[int, int]] | None = None,
     ) -> ImageFolder:
+        """Read ``folder``; ``buckets`` (from :func:`bucket_sizes`) turns on aspect-ratio
+        bucketing."""
         check_resolution(resolution)
         folder = Path(folder)
         if not folder.is_dir():
             raise DataError(f"{folder}: not a folder of images")
         pairs, bad = _caption_pairs(folder)
-        images, captions = [], []
+        images, captions, sizes = [], [], []
         unreadable = _unreadable()
         for path, text in pairs:
             try:
-                images.append(load_image(path, resolution))
+                image, size = load_image(path, resolution, buckets)
             except unreadable as e:
                 bad.append(f"{path.name}: cannot read the image ({type(e).__name__}: {e})")
                 continue
+            images.append(image)
+            sizes.append(size)
             captions.append(text)
         total = len(images) + len(bad)
         if not images:
@@ -157,30 +191,49 @@ class ImageFolder:
             log.warning(
                 "%s: skipping %d unusable file(s): %s", folder, len(bad), "; ".join(bad[:20])
             )
-        return cls(images, captions, resolution, random_crop, random_flip)
+        return cls(images, captions, resolution, random_crop, random_flip,
+                   sizes if buckets else None)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def size(self, i: int) -> tuple[int, int]:
+        """The (width, height) image ``i`` trains at."""
+        return self.sizes[i] if self.sizes is not None else (self.resolution, self.resolution)
+
+    def same_size(self, indices: list[int]) -> list[list[int]]:
+        """``indices`` grouped by training size (in order of first appearance)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in indices:
+            groups.setdefault(self.size(i), []).append(i)
+        return list(groups.values())
+
+    def buckets(self) -> list[list[int]] | None:
+        """The indices of each bucket under aspect-ratio bucketing, else None."""
+        return None if self.sizes is None else self.same_size(list(range(len(self))))
+
     def batch(
         self, indices: list[int], generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, list[str]]:
-        """Images (B, 3, R, R) in [-1, 1] and their captions.
+        """Images (B, 3, R, R) in [-1, 1] (bucketed: of the images' one bucket size) and their
+        captions.
 
         Random crops and flips (when enabled) are drawn from ``generator``; without one, every
         image is centre-cropped and not flipped.
         """
-        r = self.resolution
+        if len({self.size(i) for i in indices}) > 1:
+            raise DataError(f"images {indices} are of different buckets; batch each bucket alone")
         out = []
         for i in indices:
             a = torch.from_numpy(self.images[i]).permute(2, 0, 1)
             h, w = a.shape[1:]
+            cw, ch = self.size(i)
             if self.random_crop and generator is not None:
-                top = int(torch.randint(h - r + 1, (1,), generator=generator))
-                left = int(torch.randint(w - r + 1, (1,), generator=generator))
+                top = int(torch.randint(h - ch + 1, (1,), generator=generator))
+                left = int(torch.randint(w - cw + 1, (1,), generator=generator))
             else:
-                top, left = (h - r) // 2, (w - r) // 2
-            a = a[:, top : top + r, left : left + r]
+                top, left = (h - ch) // 2, (w - cw) // 2
+            a = a[:, top : top + ch, left : left + cw]
             if (
                 self.random_flip
                 and generator is not None

@@ -46,12 +46,13 @@ def reconstruction(trainer, indices, generators) -> torch.Tensor:
     return rec + c.kl_weight * kl
 
 
-def _draws(trainer, generators, shape):
-    """Per sample: flip, posterior noise, diffusion noise, timestep, caption dropout."""
+def _draws(trainer, generators, shape, flip: bool):
+    """Per sample: flip (unless the image loader drew it already, as the first draw of the
+    same generator), posterior noise, diffusion noise, timestep, caption dropout."""
     c = trainer.config
     flips, post_noise, eps, ts, drop = [], [], [], [], []
     for g in generators:
-        flips.append(bool(c.random_flip and torch.rand((), generator=g) < 0.5))
+        flips.append(bool(flip and c.random_flip and torch.rand((), generator=g) < 0.5))
         post_noise.append(torch.randn(shape, generator=g))
         eps.append(torch.randn(shape, generator=g))
         ts.append(int(torch.randint(trainer.schedule.num_timesteps, (), generator=g)))
@@ -63,12 +64,13 @@ def _latents(trainer, indices, generators):
     """Scaled latents of the samples, drawn from the frozen VAE's posterior."""
     vae = trainer.models["vae"]
     if trainer.latents is not None:
-        shape, post = trainer.latents[False].shape[2:], None
+        shape, post = trainer.latents[False][indices[0]].shape[1:], None
     else:
         with torch.no_grad():
             post = vae.encode(images(trainer, indices, generators))
         shape = post.mean.shape[1:]
-    flips, post_noise, noise, ts, drop = _draws(trainer, generators, shape)
+    # Cached or not, a sample draws the same numbers (without random crops): the same steps.
+    flips, post_noise, noise, ts, drop = _draws(trainer, generators, shape, flip=post is None)
     post_noise = post_noise.to(trainer.device)
     if post is None:
         moments = torch.stack([trainer.latents[f][i] for i, f in zip(indices, flips)])
@@ -87,8 +89,10 @@ def diffusion(trainer, indices, generators) -> torch.Tensor:
     x_t = ab.sqrt() * z + (1 - ab).sqrt() * noise
     target = noise if c.prediction == "epsilon" else ab.sqrt() * noise - (1 - ab).sqrt() * z
     captions = ["" if d else trainer.data.captions[i] for i, d in zip(indices, drop)]
-    ids = trainer.tokenizer(captions).to(trainer.device)
     with autocast(c.mixed_precision, trainer.device):
-        context = trainer.models["text_encoder"](ids)
+        if trainer.contexts is not None:  # the frozen text encoder's outputs, cached
+            context = torch.cat([trainer.contexts[text] for text in captions])
+        else:
+            context = trainer.models["text_encoder"](trainer.tokenizer(captions).to(trainer.device))
         pred = trainer.models["unet"](x_t, t.float(), context)
     return F.mse_loss(pred.float(), target)

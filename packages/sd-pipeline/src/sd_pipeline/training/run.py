@@ -18,7 +18,7 @@ from sd_pipeline import single_file
 from sd_pipeline.files import save_safetensors
 from sd_pipeline.training import distributed, state
 from sd_pipeline.training.config import TrainConfig, TrainingError, shapes_config
-from sd_pipeline.training.data import ImageFolder
+from sd_pipeline.training.data import ImageFolder, bucket_sizes
 from sd_pipeline.training.distributed import Dist
 from sd_pipeline.training.stages import plan
 from sd_pipeline.training.trainer import Trainer
@@ -33,9 +33,8 @@ STAGE_FILE_REMEDY = "delete it and run again with --resume: it is written again 
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Run every stage of ``config``; returns the path of the finished model."""
     config.validate()
-    dist = distributed.init(config.device)
-    if dist.world > 1 and config.device.startswith("cuda"):
-        config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}"
+    dist = distributed.init(config.device, need_group=config.fsdp)
+    config.device = distributed.train_device(config.device, dist)
     torch.manual_seed(config.seed)
     out = Path(config.out)
     if dist.main:
@@ -70,17 +69,24 @@ def prepare_data(config: TrainConfig, dist: Dist) -> ImageFolder:
             write_dataset(tmp, count, seed, shapes_config(spec))
             os.replace(tmp, folder)
         dist.barrier()
+    buckets = None
+    if config.enable_bucket:
+        r = config.resolution
+        buckets = bucket_sizes(r, config.min_bucket_reso or r // 2, config.max_bucket_reso or 2 * r)
     return ImageFolder.load(
-        folder, config.resolution, random_crop=config.random_crop, random_flip=config.random_flip
-    )
+        folder, config.resolution, random_crop=config.random_crop,
+        random_flip=config.random_flip, buckets=buckets,
+    )  # fmt: skip
 
 
 def scaling_factor(vae, data: ImageFolder, count: int = 256) -> float:
     """1 / std of the latents, as the latent-diffusion paper's ``scale_by_std``."""
+    g, zs = torch.Generator().manual_seed(0), []
     with torch.no_grad():
-        images, _ = data.batch(list(range(min(count, len(data)))))
-        z = vae.encode(images.to(vae.device)).sample(torch.Generator().manual_seed(0))
-    return float(1.0 / z.float().std())
+        for group in data.same_size(list(range(min(count, len(data))))):  # one per bucket
+            images, _ = data.batch(group)
+            zs.append(vae.encode(images.to(vae.device)).sample(g).float().flatten())
+    return float(1.0 / torch.cat(zs).std())
 
 
 def finish_vae_stage(path: Path, data: ImageFolder) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from sd_pipeline.files import replacing
+from sd_pipeline.training.losses import autocast
 
 __all__ = ["make_grid", "sample_images", "write_samples"]
 
@@ -31,12 +32,16 @@ def make_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
 
 
 def write_samples(trainer) -> None:
-    """OUT/<stage>/samples/step-NNNNNNN.png (written atomically)."""
+    """OUT/<stage>/samples/step-NNNNNNN.png (written atomically, by rank 0). Under FSDP every
+    rank calls this: each block's weights are gathered from all of them as it runs."""
     from PIL import Image
 
+    images = sample_images(trainer)
+    if not trainer.dist.main:
+        return
     folder = trainer.dir / "samples"
     folder.mkdir(parents=True, exist_ok=True)
-    grid = Image.fromarray(make_grid(sample_images(trainer)))
+    grid = Image.fromarray(make_grid(images))
     with replacing(folder / f"step-{trainer.step:07d}.png") as f:
         grid.save(f, format="PNG")
 
@@ -59,7 +64,7 @@ def sample_images(trainer) -> np.ndarray:
 def _reconstructions(trainer) -> torch.Tensor:
     """Up to 8 training images above their VAE round trips."""
     vae = trainer.models["vae"]
-    images, _ = trainer.data.batch(list(range(min(8, len(trainer.data)))))
+    images, _ = trainer.data.batch(trainer.data.same_size(list(range(len(trainer.data))))[0][:8])
     images = images.to(trainer.device)
     return torch.cat([images, vae.decode(vae.encode(images).mean)])
 
@@ -75,6 +80,14 @@ def _prompts(trainer) -> torch.Tensor:
         dtype=torch.float32, name=f"sd-train {trainer.stage.name} step {trainer.step}",
     )  # fmt: skip
     pipe.keep_freed_memory = False  # leave the training process's allocator as it is
+    # FSDP's mixed-precision policy gathers the weights in half precision: the pipeline's float32
+    # inputs need the training's autocast to meet them.
+    precision = c.mixed_precision if trainer.sharded else "no"
+    with autocast(precision, trainer.device):
+        return _txt2img(pipe, c)
+
+
+def _txt2img(pipe, c) -> torch.Tensor:
     return pipe.txt2img(
         list(c.sample_prompts), steps=c.sample_steps, guidance_scale=c.sample_guidance,
         sampler=SAMPLER, seed=c.seed, output_type="tensor", progress=False,

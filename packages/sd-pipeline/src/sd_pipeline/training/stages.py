@@ -124,8 +124,38 @@ def epoch_order(seed: int, stage: Stage, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=sample_generator(seed, stage, epoch, 65_535))
 
 
-def batch_indices(seed: int, stage: Stage, step: int, global_batch: int, n: int) -> list[int]:
-    """Dataset indices of one optimizer step: the step's slice of the shuffled epochs."""
+def bucket_batches(
+    seed: int, stage: Stage, epoch: int, groups: list[list[int]], size: int
+) -> list[list[int]]:
+    """One epoch's batches under aspect-ratio bucketing: each bucket's images shuffled and cut
+    into batches of ``size`` (a short last batch topped up from the same bucket's start), then
+    the batches shuffled. Every batch holds images of one size; each epoch has as many."""
+    g = sample_generator(seed, stage, epoch, 65_534)
+    batches = []
+    for members in groups:
+        order = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            while len(chunk) < size:
+                chunk += order[: size - len(chunk)]
+            batches.append(chunk)
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def batch_indices(
+    seed: int,
+    stage: Stage,
+    step: int,
+    global_batch: int,
+    n: int,
+    groups: list[list[int]] | None = None,
+) -> list[int]:
+    """Dataset indices of one optimizer step: the step's slice of the shuffled epochs (with
+    ``groups``, the indices of each bucket: the step's batch of :func:`bucket_batches`)."""
+    if groups is not None:
+        per_epoch = sum(-(-len(m) // global_batch) for m in groups)
+        epoch, k = divmod(step, per_epoch)
+        return bucket_batches(seed, stage, epoch, groups, global_batch)[k]
     out, start = [], step * global_batch
     while len(out) < global_batch:
         epoch, offset = divmod(start + len(out), n)

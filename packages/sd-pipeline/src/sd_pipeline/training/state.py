@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -33,12 +34,14 @@ __all__ = ["read_safetensors", "remove_stale_temporaries", "save_state", "write_
 # The temporary files of sd_pipeline.files.replacing (``.<name>.<8 random>.tmp``) and of the
 # sd-train before it (``<name>.<8 random>.tmp``), for the files a run writes. Nothing else in
 # a run's folders is ever removed.
-_OURS = r"(model\.safetensors|state\.safetensors|log\.jsonl|step-\d+\.png)"
+_OURS = r"(model\.safetensors|state\.safetensors|state\.json|log\.jsonl|step-\d+\.png)"
 STALE = re.compile(rf"^\.?{_OURS}\.[a-z0-9_]{{8}}\.tmp$|^log\.tmp$")
 
 
 def remove_stale_temporaries(folder: Path) -> None:
     """Remove what a killed run left half-written in ``folder`` (and its ``samples/``)."""
+    if folder.is_dir():
+        remove_unused_shards(folder)
     for where in (folder, folder / "samples"):
         if not where.is_dir():
             continue
@@ -75,10 +78,15 @@ def is_readable(path: Path) -> bool:
 def check_finite(trainer) -> None:
     """Refuse to write weights that are NaN or infinite (a diverged run keeps its last good
     checkpoint instead)."""
-    tensors = dict(trainer.params)
+    from sd_pipeline.training.trainer import local
+
+    tensors = {k: local(v) for k, v in trainer.params.items()}
     if trainer.ema is not None:
         tensors.update({f"ema.{k}": v for k, v in trainer.ema.shadow.items()})
     bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    # FSDP's ranks check different shards: any rank's bad shard stops all of them together.
+    if trainer.sharded and trainer.dist.mean(float(bool(bad))) > 0 and not bad:
+        bad = ["a shard of another rank"]
     if bad:
         raise TrainingError(
             f"{trainer.stage.name}: the weights are not finite (NaN or inf) at step "
@@ -101,7 +109,11 @@ def pipeline_settings(config) -> dict:
 def write_model(trainer) -> None:
     """OUT/<stage>/model.safetensors: the inference weights (EMA ones where kept)."""
     overrides = {}
-    if trainer.ema is not None:
+    if trainer.sharded:
+        overrides = gathered_weights(trainer)  # collective: every rank takes part
+        if not trainer.dist.main:
+            return
+    elif trainer.ema is not None:
         overrides = {tuple(k.split(".", 1)): v for k, v in trainer.ema.shadow.items()}
     path = trainer.dir / "model.safetensors"
     if not trainer.stage.standalone:
@@ -111,6 +123,124 @@ def write_model(trainer) -> None:
     vae = trainer.models["vae"]  # a standalone VAE file: the same names, without the prefix
     tensors = {k: overrides.get(("vae", k), v) for k, v in vae.state_dict().items()}
     save_safetensors(tensors, path, single_file.metadata({"vae": vae}))
+
+
+def _ema_dtensors(trainer) -> dict:
+    """The EMA's shards as DTensors laid out as their parameters (what DCP saves and loads)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for k, shard in trainer.ema.shadow.items():
+        p = trainer.params[k]
+        out[k] = DTensor.from_local(shard.to(p.device), p.device_mesh, p.placements,
+                                    shape=p.shape, stride=p.stride())  # fmt: skip
+    return out
+
+
+def gathered_weights(trainer) -> dict[tuple[str, str], torch.Tensor]:
+    """FSDP: the whole trained weights (the EMA's where kept) on rank 0's CPU, by part and key;
+    other ranks get an empty dict. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if trainer.ema is not None:
+        full = {}
+        for k, t in _ema_dtensors(trainer).items():
+            t = t.full_tensor().cpu()
+            if trainer.dist.main:
+                full[k] = t
+        return {tuple(k.split(".", 1)): v for k, v in full.items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(trainer.module, options=options)
+    return {tuple(k.removeprefix("parts.").split(".", 1)): v for k, v in full.items()}
+
+
+def _sharded_content(trainer) -> dict:
+    """What a sharded state holds: model and optimizer (sharded), EMA, the RNG state."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optim = get_state_dict(trainer.module, trainer.optimizer)
+    content = {"model": model, "optim": optim, "rng": torch.get_rng_state()}
+    if trainer.ema is not None:
+        content["ema"] = _ema_dtensors(trainer)
+    return content
+
+
+def _meta(trainer) -> dict[str, str]:
+    return {
+        "step": str(trainer.step),
+        "stage": trainer.stage.name,
+        "scaler": json.dumps(trainer.scaler.state_dict()),
+        "config": json.dumps(dataclasses.asdict(trainer.config)),
+        "world": str(trainer.dist.world),
+    }
+
+
+SHARDED = re.compile(r"^state-\d{7}$")
+
+
+def save_sharded_state(trainer) -> None:
+    """FSDP: OUT/<stage>/state-NNNNNNN/ (a torch.distributed.checkpoint, each rank its shards),
+    then OUT/<stage>/state.json naming it, written atomically once every shard is complete; the
+    older folders are removed after that. A run killed while saving keeps the previous one."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = trainer.dir / f"state-{trainer.step:07d}"
+    if trainer.dist.main:
+        shutil.rmtree(folder, ignore_errors=True)  # a partial one of a killed run
+    trainer.dist.barrier()
+    dcp.save(_sharded_content(trainer), checkpoint_id=folder)
+    trainer.dist.barrier()
+    if trainer.dist.main:
+        index = {**_meta(trainer), "folder": folder.name}
+        with replacing(trainer.dir / "state.json", "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=1))
+        remove_unused_shards(trainer.dir)
+
+
+def remove_unused_shards(folder: Path) -> None:
+    """The sharded-state folders that state.json does not name (superseded, or half-written)."""
+    try:
+        keep = json.loads((folder / "state.json").read_text(encoding="utf-8")).get("folder")
+    except (OSError, ValueError, AttributeError):
+        return  # no usable index: leave everything for the user to judge
+    for path in folder.iterdir():
+        if SHARDED.match(path.name) and path.name != keep and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_sharded_state(trainer, path: Path) -> None:
+    """FSDP: continue from the sharded state that ``path`` (state.json) names, on any number of
+    ranks (DCP splits the saved tensors into this run's shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    remedy = "delete it (and its state-* folder) to run this stage again from step 0"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        folder = path.parent / meta["folder"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainingError(f"{path}: unreadable training state index ({e}); {remedy}") from None
+    step = _step(meta, path, remedy)
+    _compare_settings(trainer, meta, path)
+    content = _sharded_content(trainer)
+    try:
+        dcp.load(content, checkpoint_id=folder)
+    except Exception as e:  # DCP wraps every reader's failure in its own exception types
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise TrainingError(
+            f"{folder}: unusable sharded training state ({reason}); it was written for other "
+            f"models, or damaged: resume with the settings it was started with, or {remedy}"
+        ) from None
+    set_state_dict(trainer.module, trainer.optimizer, model_state_dict=content["model"],
+                   optim_state_dict=content["optim"])  # fmt: skip
+    if trainer.ema is not None:
+        for k, t in content["ema"].items():
+            trainer.ema.shadow[k].copy_(t.to_local())
+    scaler = json.loads(meta.get("scaler", "{}"))
+    if scaler:
+        trainer.scaler.load_state_dict(scaler)
+    torch.set_rng_state(content["rng"])
+    trainer.step = step
 
 
 def save_state(trainer) -> None:
@@ -123,13 +253,7 @@ def save_state(trainer) -> None:
     if trainer.ema is not None:
         tensors.update({f"ema.{k}": v.cpu() for k, v in trainer.ema.shadow.items()})
     tensors["rng.torch"] = torch.get_rng_state()
-    meta = {
-        "step": str(trainer.step),
-        "stage": trainer.stage.name,
-        "scaler": json.dumps(trainer.scaler.state_dict()),
-        "config": json.dumps(dataclasses.asdict(trainer.config)),
-        "world": str(trainer.dist.world),
-    }
+    meta = _meta(trainer)
     save_safetensors(tensors, trainer.dir / "state.safetensors", meta)
 
 
@@ -186,8 +310,18 @@ def _compare_settings(trainer, meta: dict, path: Path) -> None:
                 f"was started with ({saved[part]}); resume with the recipe it was started "
                 "with, or start a new run in another --out folder"
             )
+    lr_name, batch_name = trainer.stage.settings
     saved["world"], now["world"] = meta.get("world", trainer.dist.world), trainer.dist.world
-    for k in ("seed", *trainer.stage.settings, "grad_accum", "world"):
+    # The steps are a function of the global batch (per process x accumulation x processes),
+    # not of how it is split: resuming on another number of processes with the same global
+    # batch continues the same run.
+    for values in (saved, now):
+        try:
+            per = values.get(batch_name) or values["batch_size"]
+            values["global_batch"] = int(per) * int(values["grad_accum"]) * int(values["world"])
+        except (KeyError, TypeError, ValueError):
+            values["global_batch"] = None
+    for k in ("seed", lr_name, "global_batch"):
         if k in saved and str(saved[k]) != str(now[k]):
             log.warning(
                 "%s: resuming with %s=%s, but the run was started with %s=%s: the remaining "

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sd_pipeline.training import samples, state
+from sd_pipeline.training import distributed, samples, state
 from sd_pipeline.training.config import TrainConfig, TrainingError
 from sd_pipeline.training.data import DataError, ImageFolder
 from sd_pipeline.training.distributed import Dist
@@ -59,18 +59,45 @@ def enable_block_checkpointing(model: nn.Module) -> None:
             block._checkpointed = True
 
 
-class EMA:
-    """Exponential moving average of parameters (float32), with the usual warm-up."""
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the shard of an FSDP (DTensor) one, else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
-    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+
+class EMA:
+    """Exponential moving average of parameters (float32), with the usual warm-up.
+
+    Kept on ``device`` (the CPU, to leave the accelerator's memory to training), and for FSDP
+    parameters as this rank's shards only.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float, device=None):
         self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in params.items()}
+        self.shadow = {}
+        for k, v in params.items():
+            v = local(v).detach()
+            self.shadow[k] = v.to(device or v.device, torch.float32, copy=True)
 
     @torch.no_grad()
     def update(self, params: dict[str, torch.Tensor], step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         for k, v in params.items():
-            self.shadow[k].lerp_(v.detach().float(), 1 - d)
+            shadow = self.shadow[k]
+            shadow.lerp_(local(v).detach().to(shadow.device, torch.float32), 1 - d)
+
+
+class StageModel(nn.Module):
+    """The parts a stage trains as one module whose forward is the stage's loss: the unit that
+    DDP and FSDP wrap, whatever the mode trains (an adapter would be one more part)."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.parts = nn.ModuleDict({n: trainer.models[n] for n in trainer.stage.trains})
+        object.__setattr__(self, "_trainer", trainer)  # a plain reference, not a submodule
+
+    def forward(self, indices: list[int], generators: list[torch.Generator]) -> torch.Tensor:
+        trainer = self._trainer
+        return trainer.stage.loss(trainer, indices, generators)
 
 
 class Trainer:
@@ -85,6 +112,16 @@ class Trainer:
         self.device = torch.device(config.device)
         self.models = build_models(config, stage)
         self._prepare_models()
+        self.sharded = config.fsdp
+        self.module = StageModel(self)
+        if self.sharded:
+            trained = [self.models[n] for n in stage.trains]
+            distributed.shard(self.module, trained, config.mixed_precision)
+        # What the steps call: DDP around the stage's module under torchrun, FSDP's module as
+        # it is (sharding replaced its parameters in place), or the module alone.
+        self.forward = self.module
+        if dist.world > 1 and not self.sharded:
+            self.forward = distributed.wrap_ddp(self.module, self.device)
         self.params = {
             f"{name}.{k}": p
             for name in stage.trains
@@ -92,14 +129,18 @@ class Trainer:
             if p.requires_grad
         }
         self.optimizer = torch.optim.AdamW(
-            list(self.params.values()), lr=stage.lr, weight_decay=config.weight_decay
-        )
+            list(self.params.values()), lr=stage.lr, weight_decay=config.weight_decay,
+            fused=True if config.fused_adam else None,
+        )  # fmt: skip
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=config.mixed_precision == "fp16"
         )
-        self.ema = EMA(self.params, config.ema_decay) if config.ema_decay > 0 else None
+        self.ema = None
+        if config.ema_decay > 0:
+            self.ema = EMA(self.params, config.ema_decay, "cpu" if config.ema_on_cpu else None)
         self.step = 0
         self.latents = None
+        self.contexts = None
         if stage.on_latents:
             self._setup_diffusion()
 
@@ -126,22 +167,45 @@ class Trainer:
         f = self.models["vae"].config.downscale
         if c.resolution % f:
             raise DataError(f"resolution {c.resolution} is not a multiple of the VAE's {f}")
-        if not c.random_crop:
+        if c.cache_latents and not c.random_crop:
             self.latents = self._cache_latents()
+        elif c.cache_latents:
+            log.info("latents are encoded every step: random crops differ from step to step")
+        if c.cache_text_encoder_outputs:
+            self.contexts = self._cache_contexts()
 
     @torch.no_grad()
-    def _cache_latents(self) -> dict[bool, torch.Tensor]:
-        """The frozen VAE's posterior (mean, std) for every image, and its mirror image."""
+    def _cache_latents(self) -> dict[bool, list[torch.Tensor]]:
+        """The frozen VAE's posterior (mean, std) for every image, and its mirror image: one
+        (2, C, h, w) tensor each (images of different buckets have different sizes)."""
         vae, out = self.models["vae"], {}
         for flipped in (False, True) if self.config.random_flip else (False,):
-            moments = []
-            for i in range(0, len(self.data), 64):
-                images, _ = self.data.batch(list(range(i, min(i + 64, len(self.data)))))
-                if flipped:
-                    images = images.flip(-1)
-                post = vae.encode(images.to(self.device))
-                moments.append(torch.stack([post.mean, post.std], 1))
-            out[flipped] = torch.cat(moments)
+            moments: list[torch.Tensor | None] = [None] * len(self.data)
+            for group in self.data.same_size(list(range(len(self.data)))):
+                for i in range(0, len(group), 64):
+                    chunk = group[i : i + 64]
+                    images, _ = self.data.batch(chunk)
+                    if flipped:
+                        images = images.flip(-1)
+                    post = vae.encode(images.to(self.device))
+                    for j, m in zip(chunk, torch.stack([post.mean, post.std], 1)):
+                        moments[j] = m
+            out[flipped] = moments
+        return out
+
+    @torch.no_grad()
+    def _cache_contexts(self) -> dict[str, torch.Tensor]:
+        """The frozen text encoder's output for every distinct caption and the empty one (the
+        caption dropout's), computed as the loss would compute them (same autocast)."""
+        from sd_pipeline.training.losses import autocast
+
+        texts = sorted({"", *self.data.captions})
+        encoder, out = self.models["text_encoder"], {}
+        for i in range(0, len(texts), 64):
+            chunk = texts[i : i + 64]
+            with autocast(self.config.mixed_precision, self.device):
+                hidden = encoder(self.tokenizer(chunk).to(self.device))
+            out.update({t: h[None] for t, h in zip(chunk, hidden)})
         return out
 
     # -- the loop
@@ -150,9 +214,9 @@ class Trainer:
         """Train the stage to its last step (resuming first when asked)."""
         if self.dist.main:
             state.remove_stale_temporaries(self.dir)
-        path = self.dir / "state.safetensors"
+        path = self.state_path
         if self.resume and path.exists():
-            state.load_state(self, path)
+            (state.load_sharded_state if self.sharded else state.load_state)(self, path)
             if self.dist.main:
                 state.truncate_log(self.dir / "log.jsonl", self.step)
             log.info("%s: resumed at step %d from %s", self.stage.name, self.step, path)
@@ -170,7 +234,12 @@ class Trainer:
             return
         if model.exists():
             log.warning("%s: unreadable; writing it again from %s", model, "state.safetensors")
-        self.save(write_state=not (self.dir / "state.safetensors").exists())
+        self.save(write_state=not self.state_path.exists())
+
+    @property
+    def state_path(self) -> Path:
+        """The training state: one file, or (FSDP) the index of a sharded checkpoint folder."""
+        return self.dir / ("state.json" if self.sharded else "state.safetensors")
 
     def _loop(self) -> None:
         c, dist, total = self.config, self.dist, self.stage.steps
@@ -191,7 +260,7 @@ class Trainer:
             if dist.main and (self.step % c.log_every == 0 or self.step == total):
                 self.write_log({"loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                                 "seconds": round(elapsed, 4)})  # fmt: skip
-            if c.sample_every and self.step % c.sample_every == 0 and dist.main:
+            if c.sample_every and self.step % c.sample_every == 0 and (dist.main or self.sharded):
                 samples.write_samples(self)
             if self.step % c.checkpoint_every == 0 or self.step == total:
                 self.save()
@@ -203,18 +272,21 @@ class Trainer:
         c, dist, stage = self.config, self.dist, self.stage
         for group in self.optimizer.param_groups:
             group["lr"] = stage.lr * lr_factor(self.step, c, stage.steps)
-        indices = batch_indices(c.seed, stage, self.step, per_step, len(self.data))
+        groups = self.data.buckets()
+        indices = batch_indices(c.seed, stage, self.step, per_step, len(self.data), groups)
         total = 0.0
         for micro in range(c.grad_accum):
             start = (micro * dist.world + dist.rank) * stage.batch_size
             mine = list(range(start, start + stage.batch_size))
             gens = [sample_generator(c.seed, stage, self.step, j) for j in mine]
-            loss = stage.loss(self, [indices[j] for j in mine], gens) / c.grad_accum
-            self.scaler.scale(loss).backward()
+            # DDP exchanges the gradients (in buckets, during the backward) on the last
+            # micro-step only; FSDP reduce-scatters each one's.
+            with distributed.accumulating(self.forward, last=micro == c.grad_accum - 1):
+                loss = self.forward([indices[j] for j in mine], gens) / c.grad_accum
+                self.scaler.scale(loss).backward()
             total += loss.item()
         total = dist.mean(total)
         self._check_loss(total)
-        dist.all_average_([p.grad for p in self.params.values() if p.grad is not None])
         self.scaler.unscale_(self.optimizer)
         if c.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), c.max_grad_norm)
@@ -252,7 +324,11 @@ class Trainer:
         """model.safetensors (EMA weights if any) and state.safetensors, each atomically, on
         rank 0; never non-finite weights (every rank checks, so all stop together)."""
         state.check_finite(self)
-        if self.dist.main:
+        if self.sharded:  # every rank writes its shards and helps gather the model file
+            state.write_model(self)
+            if write_state:
+                state.save_sharded_state(self)
+        elif self.dist.main:
             state.write_model(self)
             if write_state:
                 state.save_state(self)
@@ -261,7 +337,7 @@ class Trainer:
 
     def check_ranks_agree(self) -> None:
         """Under torchrun: compare a fingerprint of the weights across ranks and log it."""
-        if self.dist.world == 1:
+        if self.dist.world == 1 or self.sharded:  # FSDP's ranks hold different shards
             return
         values = [p.detach().double() for p in self.params.values()]
         fp = torch.tensor([sum(v.sum().item() for v in values),
