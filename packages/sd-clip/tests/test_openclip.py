@@ -363,3 +363,15 @@ def test_parity_vit_h_full_size(tmp_path):
     with torch.no_grad():
         want = final_norm(ref)(out.hidden_states[-2])
         assert max_err(ours(ids), want) <= 1e-4
+
+
+def test_bad_openclip_files_are_named(sdxl):
+    state = {k: v for k, v in sdxl[2].items() if k.startswith("conditioner.embedders.1.model.")}
+    key = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    with pytest.raises(CheckpointError, match="in_proj_weight has 383 rows; expected q, k and v"):
+        CLIPTextModel.from_checkpoint(state | {key: torch.zeros(383, 128)}, which=1)
+    odd = "conditioner.embedders.1.model.transformer.resblocks.x.ln_1.weight"
+    with pytest.raises(CheckpointError, match=r"layer numbers must be integers, found \['x'\]"):
+        CLIPTextModel.from_checkpoint(state | {odd: torch.zeros(128)}, which=1)
+    with pytest.raises(CheckpointError, match="unexpected"):
+        CLIPTextModel.from_checkpoint(state, which=1, config=CLIPTextConfig.tiny())

@@ -142,9 +142,13 @@ def infer_config(
     if PROBE not in tensors:
         raise CheckpointError(f"{source}: no {PROBE!r}; not a CLIP text encoder")
     vocab_size, width = tensors[PROBE].shape
-    layer_ids = {
-        int(k.split(".")[3]) for k in tensors if k.startswith("text_model.encoder.layers.")
-    }
+    numbers = {k.split(".")[3] for k in tensors if k.startswith("text_model.encoder.layers.")}
+    layer_ids = {int(n) for n in numbers if n.isdigit()}
+    if len(layer_ids) != len(numbers):
+        raise CheckpointError(
+            f"{source}: encoder layer numbers must be integers, found "
+            f"{sorted(n for n in numbers if not n.isdigit())[:3]}"
+        )
     if not layer_ids or layer_ids != set(range(len(layer_ids))):
         raise CheckpointError(
             f"{source}: expected encoder layers numbered 0..N-1 under "
