@@ -375,3 +375,18 @@ def test_bad_openclip_files_are_named(sdxl):
         CLIPTextModel.from_checkpoint(state | {odd: torch.zeros(128)}, which=1)
     with pytest.raises(CheckpointError, match="unexpected"):
         CLIPTextModel.from_checkpoint(state, which=1, config=CLIPTextConfig.tiny())
+
+
+def test_find_text_encoder_tells_the_layouts_apart(sdxl):
+    from sd_clip.weights import find_text_encoder
+
+    keys = list(sdxl[2])
+    assert find_text_encoder(keys, 0) == ("conditioner.embedders.0.transformer.", "transformers")
+    assert find_text_encoder(keys, 1) == ("conditioner.embedders.1.model.", "openclip")
+    refiner = [k.replace("embedders.1.", "embedders.0.") for k in keys if ".1.model." in k]
+    assert find_text_encoder(refiner) == ("conditioner.embedders.0.model.", "openclip")
+    assert find_text_encoder(refiner, 0) is None
+    sd2 = ["cond_stage_model.model.token_embedding.weight",
+           "cond_stage_model.model.transformer.resblocks.0.ln_1.weight"]  # fmt: skip
+    assert find_text_encoder(sd2) == ("cond_stage_model.model.", "openclip")
+    assert find_text_encoder(sd2, 1) is None

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -237,9 +237,11 @@ def _read_folder(
     return tensors, config
 
 
-def _find_encoder(keys: list[str], which: int | None) -> tuple[str, str] | None:
-    """(prefix, layout) of the chosen encoder: layout "transformers", "short" (transformers'
-    names without ``text_model.``) or "openclip"; None if there is none."""
+def find_text_encoder(keys: Iterable[str], which: int | None = None) -> tuple[str, str] | None:
+    """Where a file's (``keys``') text encoder ``which`` is: ``(prefix, layout)``, the layout
+    ``"transformers"``, ``"short"`` (transformers' names without ``text_model.``) or
+    ``"openclip"``; None if the file has none. For a loader of whole models, which can tell
+    SDXL base (``which=0`` and ``1`` both found) from the refiner (only ``1``)."""
     keys = set(keys)
     for prefix in WHICH_PREFIXES[which]:
         for probe, layout in ((PROBE, "transformers"), (SHORT_PROBE, "short")):
@@ -259,7 +261,7 @@ def _read_tensors(
     """The text encoder's tensors (only those: safetensors are read lazily) and the config the
     file's metadata holds for it, if any (a bare file's, or an SD single file's)."""
     keys = source.keys()
-    found = _find_encoder(keys, which)
+    found = find_text_encoder(keys, which)
     if found is None:
         raise CheckpointError(_no_encoder_message(source.name, keys, which))
     prefix, layout = found
@@ -338,7 +340,7 @@ def _resblock_entry(layer: str, rest: str, value: torch.Tensor, key: str, source
 
 
 def _no_encoder_message(path: str, keys: list[str], which: int | None) -> str:
-    if which is not None and _find_encoder(keys, None) is not None:
+    if which is not None and find_text_encoder(keys, None) is not None:
         return (
             f"{path}: holds no text encoder for which={which} "
             f"({'SDXL' + chr(39) + 's OpenCLIP bigG' if which == 1 else 'the first'}); "
