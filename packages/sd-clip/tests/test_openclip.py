@@ -390,3 +390,39 @@ def test_find_text_encoder_tells_the_layouts_apart(sdxl):
            "cond_stage_model.model.transformer.resblocks.0.ln_1.weight"]  # fmt: skip
     assert find_text_encoder(sd2) == ("cond_stage_model.model.", "openclip")
     assert find_text_encoder(sd2, 1) is None
+
+
+@pytest.mark.slow
+def test_parity_vit_bigg_full_size():
+    # SDXL's second encoder at full size (695M parameters): the reference's outputs first, then
+    # its weights in OpenCLIP's layout loaded from memory, so that one copy is held at a time.
+    ref = reference(CLIPTextConfig.sdxl_g(), seed=8)
+    ids = prompt_ids(1, pad=0)
+    out = run_ref(ref, ids)
+    want_hidden, want_pooled = out.hidden_states[-2], out.text_embeds
+    state = openclip_layout(ref, "conditioner.embedders.1.model.")
+    del ref, out
+    ours = CLIPTextModel.from_checkpoint(state, which=1)
+    del state
+    assert ours.config == CLIPTextConfig.sdxl_g()
+    with torch.no_grad():
+        hidden, pooled = ours(ids, clip_skip=2, final_norm=False, pooled=True)
+    assert max_err(hidden, want_hidden) <= 1e-4 * want_hidden.abs().max()
+    assert max_err(pooled, want_pooled) <= 1e-4 * want_pooled.abs().max()
+
+
+def test_encode_prompt_sdxl_emphasis_as_automatic1111(sdxl):
+    # AUTOMATIC1111's sd_hijack_clip, per encoder: z = the chunk's penultimate states, times the
+    # token weights, scaled back to the unweighted mean; then the encoders side by side.
+    clip_l, clip_g, state = sdxl
+    ours = [CLIPTextModel.from_checkpoint(state, which=w) for w in (0, 1)]
+    prompt = "a (red:1.4) circle on a [blue] square"
+    context, _ = encode_prompt_sdxl(prompt, ours)
+    parts = []
+    for ref, tok in ((clip_l, CLIPTokenizer()), (clip_g, CLIPTokenizer(pad_id=0))):
+        (chunk,) = tok.chunks(prompt)
+        z = run_ref(ref, torch.tensor([chunk.ids])).hidden_states[-2]
+        weighted = z * torch.tensor(chunk.weights)[None, :, None]
+        parts.append(weighted * (z.mean() / weighted.mean()))
+    assert max_err(context, torch.cat(parts, dim=-1)) <= 1e-5
+    assert max(chunk.weights) > 1.3  # the emphasis is there
