@@ -340,11 +340,12 @@ def _resblock_entry(layer: str, rest: str, value: torch.Tensor, key: str, source
 
 
 def _no_encoder_message(path: str, keys: list[str], which: int | None) -> str:
-    if which is not None and find_text_encoder(keys, None) is not None:
+    others = [w for w in (0, 1) if w != which and find_text_encoder(keys, w) is not None]
+    if which is not None and others:
+        wanted = "SDXL's second, OpenCLIP bigG" if which == 1 else "the first, CLIP-L or SD's"
         return (
-            f"{path}: holds no text encoder for which={which} "
-            f"({'SDXL' + chr(39) + 's OpenCLIP bigG' if which == 1 else 'the first'}); "
-            f"it has one for which=None"
+            f"{path}: holds no text encoder for which={which} ({wanted}); "
+            f"it holds one for which={others[0]}"
         )
     sample = ", ".join(repr(k) for k in keys[:3]) or "none"
     return (
