@@ -264,13 +264,6 @@ def test_no_text_encoder_in_file(tmp_path):
         CLIPTextModel.from_checkpoint(path)
 
 
-def test_openclip_layout_is_named(tmp_path):
-    path = tmp_path / "sd2.safetensors"
-    save_file({"cond_stage_model.model.token_embedding.weight": torch.zeros(4, 8)}, str(path))
-    with pytest.raises(CheckpointError, match=r"OpenCLIP .*SD 2.x.* not supported yet"):
-        CLIPTextModel.from_checkpoint(path)
-
-
 @pytest.mark.parametrize("name", ["notes.ckpt", "notes.safetensors", "notes.txt"])
 def test_not_a_checkpoint(tmp_path, name):
     path = tmp_path / name

@@ -4,7 +4,12 @@ from sd_clip._checkpoint import CheckpointError, load_state_dict
 from sd_clip._version import __version__
 from sd_clip.embeddings import Embedding, load_embedding, load_embeddings, ti_hashes
 from sd_clip.prompt import parse_attention, prompt_schedule, split_and
-from sd_clip.text_model import CLIPTextConfig, CLIPTextModel, pad_to_same_length
+from sd_clip.text_model import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    encode_prompt_sdxl,
+    pad_to_same_length,
+)
 from sd_clip.tokenizer import Chunk, CLIPTokenizer, EmbeddingSlot
 
 __all__ = [
@@ -16,6 +21,7 @@ __all__ = [
     "Embedding",
     "EmbeddingSlot",
     "__version__",
+    "encode_prompt_sdxl",
     "load_embedding",
     "load_embeddings",
     "load_state_dict",

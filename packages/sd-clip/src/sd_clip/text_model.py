@@ -116,6 +116,9 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     position_embedding: Literal["learned", "rotary"] = "learned"
     rope_base: float = 10000.0  # rotary only: the RoFormer frequency base
+    # Width of the pooled output's projection (CLIPTextModelWithProjection's text_projection;
+    # SDXL's second encoder feeds it to the UNet); None: no projection (SD 1.x and 2.x need none)
+    projection_dim: int | None = None
 
     def __post_init__(self):
         if self.width % self.heads:
@@ -134,6 +137,12 @@ class CLIPTextConfig:
         for name in ("vocab_size", "max_positions", "width", "layers", "heads", "mlp_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.projection_dim is not None and (
+            not isinstance(self.projection_dim, int) or self.projection_dim < 1
+        ):
+            raise ValueError(
+                f"projection_dim must be a positive integer or None, got {self.projection_dim!r}"
+            )
 
     @classmethod
     def sd15(cls) -> CLIPTextConfig:
@@ -144,6 +153,19 @@ class CLIPTextConfig:
     def sd2(cls) -> CLIPTextConfig:
         """SD 2.x: OpenCLIP ViT-H/14's text tower, of which SD uses 23 of the 24 layers."""
         return cls(width=1024, layers=23, heads=16, mlp_width=4096, activation="gelu")
+
+    @classmethod
+    def sdxl_l(cls) -> CLIPTextConfig:
+        """SDXL's first text encoder: the same CLIP ViT-L/14 as SD 1.x (diffusers' text_encoder)."""
+        return cls()
+
+    @classmethod
+    def sdxl_g(cls) -> CLIPTextConfig:
+        """SDXL's second text encoder (the refiner's only one): OpenCLIP ViT-bigG/14's text tower,
+        all 32 layers, with the projection of its pooled output (diffusers' text_encoder_2)."""
+        return cls(
+            width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu", projection_dim=1280
+        )
 
     @classmethod
     def tiny(cls) -> CLIPTextConfig:
@@ -186,6 +208,8 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.config = config
         self.text_model = TextTransformer(config)
+        if config.projection_dim is not None:  # transformers' CLIPTextModelWithProjection's name
+            self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -193,7 +217,8 @@ class CLIPTextModel(nn.Module):
         # CLIP's scheme, simplified: small normal weights, zero biases (real use loads a checkpoint).
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=module.in_features**-0.5)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
@@ -211,12 +236,22 @@ class CLIPTextModel(nn.Module):
         clip_skip: int = 1,
         *,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        final_norm: bool = True,
+        pooled: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (B, T, width) for token ids (B, T), T <= max_positions.
 
         ``clip_skip=1`` is the last layer's output; ``clip_skip=2`` the penultimate layer's (as
-        AUTOMATIC1111's "Clip skip: 2" and diffusers' ``clip_skip=1``), and so on. Either way the
-        final LayerNorm is applied, as Stable Diffusion does.
+        AUTOMATIC1111's "Clip skip: 2" and diffusers' ``clip_skip=1``), and so on. With
+        ``final_norm`` (the default) the final LayerNorm is applied to it, as SD 1.x and 2.x do;
+        SDXL conditions on the penultimate layer without it: ``clip_skip=2, final_norm=False``
+        is transformers' ``hidden_states[-2]``.
+
+        ``pooled=True`` returns ``(hidden, pooled)``: pooled (B, projection_dim, or width without
+        a projection) is the end token's state after the last layer and the final LayerNorm,
+        through ``text_projection``: transformers' ``text_embeds`` (``pooler_output`` for a model
+        without projection), SDXL's pooled conditioning. The end token is found as the largest
+        id (where the OpenAI and OpenCLIP vocabularies put it), so ``ids`` must be given.
 
         ``inputs_embeds`` (B, T, width), as in transformers: token embeddings to use in place of
         looking ``ids`` up (textual inversion puts its vectors there); the position embedding
@@ -231,11 +266,34 @@ class CLIPTextModel(nn.Module):
             raise ValueError(
                 f"clip_skip must be an integer from 1 (last layer) to {n}, got {clip_skip!r}"
             )
+        for name, value in (("final_norm", final_norm), ("pooled", pooled)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        if pooled and ids is None:
+            raise ValueError("pooled=True needs ids: the pooled output is at the end token's place")
         tm = self.text_model
         x = tm.embeddings(ids, inputs_embeds)
-        for layer in tm.encoder.layers[: n - clip_skip + 1]:
+        stop = n - clip_skip + 1  # layers that the hidden states go through
+        for layer in tm.encoder.layers[:stop]:
             x = layer(x)
-        return tm.final_layer_norm(x)
+        hidden = tm.final_layer_norm(x) if final_norm else x
+        if not pooled:
+            return hidden
+        last = hidden if final_norm and stop == n else tm.final_layer_norm(self._rest(x, stop))
+        return hidden, self._pool(last, ids)
+
+    def _rest(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        for layer in self.text_model.encoder.layers[start:]:
+            x = layer(x)
+        return x
+
+    def _pool(self, last: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # The first end token: argmax takes the first of equal maxima, so end-token padding is
+        # skipped as OpenCLIP's text.argmax(-1) and transformers' first-eos rule skip it.
+        end = ids.to(last.device).argmax(dim=-1)
+        pooled = last[torch.arange(last.shape[0], device=last.device), end]  # (B, width)
+        projection = getattr(self, "text_projection", None)
+        return pooled if projection is None else projection(pooled)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         c = self.config
@@ -282,7 +340,10 @@ class CLIPTextModel(nn.Module):
         clip_skip: int | None = None,
         normalize: bool = True,
         comma_padding_backtrack: int = 20,
-    ) -> torch.Tensor:
+        *,
+        final_norm: bool = True,
+        pooled: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """A prompt in AUTOMATIC1111's language -> its conditioning (1, 77 * chunks, width).
 
         As AUTOMATIC1111's ``FrozenCLIPEmbedderWithCustomWords``: the prompt is cut into chunks
@@ -299,7 +360,11 @@ class CLIPTextModel(nn.Module):
         (repeats included). Each distinct text goes through the encoder once.
 
         ``tokenizer``: the bundled CLIP tokenizer by default (SD 2.x pads with ``pad_id=0``:
-        pass ``CLIPTokenizer(pad_id=0)``). ``clip_skip``: as in ``forward`` (``None``: 1).
+        pass ``CLIPTokenizer(pad_id=0)``, or ``CLIPTokenizer.from_folder`` of the model's
+        ``tokenizer/``). ``clip_skip`` and ``final_norm``: as in ``forward`` (``None``: 1).
+        ``pooled=True`` returns ``(context, pooled)``, pooled (B, projection_dim) the pooled
+        output of each text's first chunk, unweighted (as AUTOMATIC1111 takes SDXL's); for
+        SDXL's two encoders together see :func:`encode_prompt_sdxl`.
         """
         from sd_clip.tokenizer import CLIPTokenizer
 
@@ -326,7 +391,12 @@ class CLIPTextModel(nn.Module):
             for i in range(count)
             for t in texts
         ]
-        encoded = self._encode_chunks(rows, 1 if clip_skip is None else clip_skip)
+        encoded = self._encode_chunks(
+            rows, 1 if clip_skip is None else clip_skip, final_norm=final_norm, pooled=pooled
+        )
+        if pooled:
+            encoded, pools = encoded
+            pools = pools[torch.tensor([first_row[t] for t in texts], device=pools.device)]
         weights = torch.tensor([row.weights for row in rows], dtype=encoded.dtype)
         index = torch.tensor(index, device=encoded.device)
         z, weights = encoded[index], weights.to(encoded.device)[index]
@@ -339,9 +409,10 @@ class CLIPTextModel(nn.Module):
             weighted = weighted * _safe_ratio(before, after)
         width = z.shape[-1]
         out = weighted.reshape(count, len(texts), -1, width).transpose(0, 1)  # (B, k, 77, C)
-        return out.reshape(len(texts), -1, width)
+        out = out.reshape(len(texts), -1, width)
+        return (out, pools) if pooled else out
 
-    def _encode_chunks(self, rows: list, clip_skip: int) -> torch.Tensor:
+    def _encode_chunks(self, rows: list, clip_skip: int, **options) -> torch.Tensor:
         """Chunks through the encoder in one forward pass, embeddings in their slots."""
         ids = torch.tensor([row.ids for row in rows], dtype=torch.long, device=self.device)
         self._check_ids(ids)
@@ -353,7 +424,7 @@ class CLIPTextModel(nn.Module):
                 for position, embedding in row.embedding_slots:
                     vectors = embedding.vectors_for(width).to(embeds.device, embeds.dtype)
                     embeds[r, position : position + len(vectors)] = vectors
-        return self(ids, clip_skip, inputs_embeds=embeds)
+        return self(ids, clip_skip, inputs_embeds=embeds, **options)
 
     @classmethod
     def from_checkpoint(
@@ -363,6 +434,7 @@ class CLIPTextModel(nn.Module):
         config: CLIPTextConfig | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        which: int | None = None,
     ) -> CLIPTextModel:
         """Load from an SD single file, a transformers/diffusers folder, a bare file, or the
         tensors of such a file already read (``sd_clip.load_state_dict(path)``, or any mapping of
@@ -372,10 +444,15 @@ class CLIPTextModel(nn.Module):
         ``config``, else the file (its safetensors metadata, or ``config.json``), else the tensor
         shapes. ``dtype`` defaults to float32 (every floating tensor, whatever the file stores),
         ``device`` to the CPU. Bad files raise ``CheckpointError``.
+
+        ``which`` picks the encoder of an SDXL file or root: ``0`` the first (CLIP ViT-L,
+        ``conditioner.embedders.0.transformer.``, ``text_encoder/``), ``1`` the second (OpenCLIP
+        ViT-bigG with its projection, ``conditioner.embedders.1.model.``, ``text_encoder_2/``;
+        the refiner's only encoder); ``None`` the first there is (any file's only one).
         """
         from sd_clip.weights import load_text_model
 
-        return load_text_model(path, config=config, dtype=dtype, device=device)
+        return load_text_model(path, config=config, dtype=dtype, device=device, which=which)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the weights (transformers layout) and the config to a ``.safetensors`` file."""
@@ -385,6 +462,66 @@ class CLIPTextModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def encode_prompt_sdxl(
+    text: str | Sequence[str],
+    encoders: Sequence[CLIPTextModel],
+    tokenizers: Sequence[CLIPTokenizer | None] | None = None,
+    embeddings: Mapping[str, Embedding] | Iterable[Embedding] | None = None,
+    clip_skip: int | None = None,
+    normalize: bool = True,
+    comma_padding_backtrack: int = 20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning: ``(context (B, 77 k, sum of widths), pooled (B, projection))``.
+
+    ``encoders``: ``(clip_l, clip_g)`` for SDXL base (diffusers' ``text_encoder`` and
+    ``text_encoder_2``), ``(clip_g,)`` for the refiner. Each encodes the prompt as
+    :meth:`CLIPTextModel.encode_prompt` does (chunks, emphasis, embeddings: an SDXL embedding's
+    ``clip_l`` and ``clip_g`` vectors go to the encoder of their width), taking the penultimate
+    layer without the final LayerNorm, as SDXL was trained and as diffusers'
+    ``StableDiffusionXLPipeline`` and AUTOMATIC1111 do; the contexts are concatenated along the
+    width, and ``pooled`` is the last encoder's pooled output of each text's first chunk.
+
+    ``tokenizers``: one per encoder; by default the bundled vocabulary, padded as SDXL's
+    tokenizers pad: with the end token for CLIP-L, with ``"!"`` (id 0) for the last (OpenCLIP
+    bigG) encoder. ``clip_skip``: as in ``forward`` for every encoder; ``None`` is SDXL's 2.
+    """
+    from sd_clip.tokenizer import CLIPTokenizer
+
+    encoders = list(encoders) if isinstance(encoders, Sequence) else [encoders]
+    if not encoders or not all(isinstance(e, CLIPTextModel) for e in encoders):
+        raise TypeError("encoders must be a non-empty sequence of CLIPTextModel: (clip_l, clip_g)")
+    if encoders[-1].config.projection_dim is None:
+        raise ValueError(
+            "the last encoder must have a text_projection (SDXL's OpenCLIP ViT-bigG, "
+            "CLIPTextConfig.sdxl_g()): its pooled output conditions the UNet"
+        )
+    if tokenizers is None:
+        tokenizers = [None] * len(encoders)
+    if len(tokenizers) != len(encoders):
+        raise ValueError(f"give one tokenizer per encoder: {len(encoders)}, got {len(tokenizers)}")
+    tokenizers = [
+        tok if tok is not None else _default_tokenizer() if i < len(encoders) - 1
+        else CLIPTokenizer(pad_id=0)
+        for i, tok in enumerate(tokenizers)
+    ]  # fmt: skip
+    contexts, pooled = [], None
+    for i, (encoder, tokenizer) in enumerate(zip(encoders, tokenizers)):
+        out = encoder.encode_prompt(
+            text, tokenizer, embeddings, 2 if clip_skip is None else clip_skip, normalize,
+            comma_padding_backtrack, final_norm=False, pooled=i == len(encoders) - 1,
+        )  # fmt: skip
+        if i == len(encoders) - 1:
+            out, pooled = out
+        contexts.append(out)
+    if len({c.shape[1] for c in contexts}) > 1:
+        raise ValueError(
+            "the tokenizers cut the prompt into different numbers of tokens "
+            f"({', '.join(str(c.shape[1]) for c in contexts)}); give tokenizers of one vocabulary"
+        )
+    device = contexts[-1].device
+    return torch.cat([c.to(device) for c in contexts], dim=-1), pooled
 
 
 @lru_cache(maxsize=1)

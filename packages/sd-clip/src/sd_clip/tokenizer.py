@@ -183,6 +183,10 @@ class CLIPTokenizer:
     ) -> CLIPTokenizer:
         """Load the ``vocab.json`` and ``merges.txt`` of a CLIP tokenizer (an SD model's
         ``tokenizer/`` folder). As CLIP and transformers do, only the first 48,894 merges are used.
+
+        ``pad_id=None``: the pad token that ``special_tokens_map.json`` (else
+        ``tokenizer_config.json``) beside ``vocab.json`` names (``"!"`` for SD 2.x and SDXL's
+        second tokenizer), else the end token.
         """
         vocab_json, merges_txt = Path(vocab_json), Path(merges_txt)
         for path, what in ((vocab_json, "vocab.json"), (merges_txt, "merges.txt")):
@@ -211,7 +215,33 @@ class CLIPTokenizer:
                     f"got {line!r}"
                 )
             merges.append((pair[0], pair[1]))
+        if pad_id is None:
+            pad_id = _pad_id_beside(vocab_json.parent, vocab)
         return cls(vocab, merges, max_length=max_length, pad_id=pad_id)
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        *,
+        subfolder: str = "tokenizer",
+        max_length: int = MAX_LENGTH,
+        pad_id: int | None = None,
+    ) -> CLIPTokenizer:
+        """Load a transformers/diffusers tokenizer folder (``vocab.json``, ``merges.txt``, and
+        ``special_tokens_map.json`` or ``tokenizer_config.json`` naming the pad token), or a
+        diffusers model root holding one in ``subfolder`` (SDXL's second: ``"tokenizer_2"``)."""
+        folder = Path(folder)
+        if not (folder / "vocab.json").is_file() and (folder / subfolder / "vocab.json").is_file():
+            folder = folder / subfolder
+        if not (folder / "vocab.json").is_file():
+            raise FileNotFoundError(
+                f"no tokenizer at {folder}: expected vocab.json and merges.txt in it or in its "
+                f"{subfolder}/ subfolder"
+            )
+        return cls.from_files(
+            folder / "vocab.json", folder / "merges.txt", max_length=max_length, pad_id=pad_id
+        )
 
     def save(self, folder: str | Path) -> tuple[Path, Path]:
         """Write ``vocab.json`` and ``merges.txt`` into ``folder`` (created if needed), in the
@@ -531,6 +561,31 @@ class _Chunker:
         self.done.append(Chunk(ids, weights, slots))
         self.ids, self.weights, self.slots = [], [], []
         self.last_comma = -1
+
+
+def _pad_id_beside(folder: Path, vocab: dict[str, int]) -> int | None:
+    """The id of the pad token that a transformers tokenizer folder names, or None (no file says:
+    pad with the end token). transformers writes it as a string or as an AddedToken object."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        token = settings.get("pad_token") if isinstance(settings, dict) else None
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is None:
+            continue
+        if not isinstance(token, str) or token not in vocab:
+            raise ValueError(
+                f"{path}: pad_token {token!r} is not a token of the vocabulary; SD 1.x pads "
+                f"with {END_TOKEN!r}, SD 2.x with '!'"
+            )
+        return vocab[token]
+    return None
 
 
 def _symbols_to_text(symbols: list[str]) -> str:
