@@ -156,8 +156,10 @@ def assert_close(out, ref, lr=BASE["lr"]):
     assert weights.keys() == ref_weights.keys()
     diffs = torch.cat([(weights[k] - ref_weights[k]).abs().flatten() for k in weights])
     worst = max(abs(a / b - 1) for a, b in zip(losses(out), losses(ref_dir)))
-    print(f"{out}: loss rel diff {worst:.2e}, weights |diff| median {diffs.median():.2e} "
-          f"max {diffs.max():.2e}")  # shown with pytest -s: the parity figures
+    print(
+        f"{out}: loss rel diff {worst:.2e}, weights |diff| median {diffs.median():.2e} "
+        f"max {diffs.max():.2e}"
+    )  # shown with pytest -s: the parity figures
     assert diffs.median() < 1e-6 and diffs.max() < lr
     return diffs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -206,21 +207,58 @@ def _json_object(path: Path) -> dict:
     return value
 
 
-def load_parts(path: Path, vae_path: Path | None, dtype: torch.dtype | None) -> dict:
-    """The three parts from a checkpoint (and a separate VAE), on the CPU; component errors
-    come out as CheckpointError. A safetensors file is handed to each part's loader, which
-    reads only its own tensors; a pickle (``.ckpt``) is read once, safely, and its tensors
-    shared by the three."""
+def checkpoint_keys(source) -> list[str]:
+    """The tensor names of a single file (lazily for safetensors) or of a read state dict; []
+    for a diffusers folder."""
+    if isinstance(source, Mapping):
+        return list(source)
+    if source.is_dir():
+        return []
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            return list(f.keys())
+    except Exception:  # the component loaders report what is wrong with the file
+        return []
+
+
+def family_options(keys: list[str]) -> dict:
+    """What the model family implies beyond the weights: SD 2.x's OpenCLIP tokenizer pads with
+    ``!`` (id 0), not the end token. SDXL needs two text encoders and the added conditioning,
+    which this pipeline does not compose yet: refused by name rather than run wrongly."""
+    from sd_clip.weights import find_text_encoder
+
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise CheckpointError(
+            "this is an SDXL checkpoint (conditioner.embedders.*): StableDiffusion composes SD 1.x "
+            "and 2.x models only so far; its parts load with sd-unet and sd-clip "
+            "(CLIPTextModel.from_checkpoint(path, which=0 or 1))"
+        )
+    found = find_text_encoder(keys) if keys else None
+    if found is not None and found[1] == "openclip":
+        return {"tokenizer": CLIPTokenizer(pad_id=0)}
+    return {}
+
+
+def load_parts(path: Path, vae_path: Path | None, dtype: torch.dtype | None):
+    """The three parts from a checkpoint (and a separate VAE), on the CPU, and the file's
+    tensor names; component errors come out as CheckpointError. A safetensors file is handed
+    to each part's loader, which reads only its own tensors; a pickle (``.ckpt``) is read
+    once, safely, and its tensors shared by the three."""
     load = {"device": "cpu", "dtype": dtype or torch.float32}
     try:
         source = path
         if path.is_file() and path.suffix != ".safetensors":
             source = sd_unet.load_state_dict(path)
+        keys = checkpoint_keys(source)
+        family = family_options(keys)
         vae_source = source if vae_path is None else vae_path
-        return dict(
+        parts = dict(
             unet=UNet.from_checkpoint(source, **load),
             text_encoder=CLIPTextModel.from_checkpoint(source, **load),
             vae=AutoencoderKL.from_checkpoint(vae_source, **load),
         )
     except COMPONENT_ERRORS as e:
         raise CheckpointError(str(e)) from e
+    return parts, family

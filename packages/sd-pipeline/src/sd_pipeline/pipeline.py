@@ -165,10 +165,10 @@ class StableDiffusion(Tasks, Adapters, Placement):
         """
         path = loading.existing(path, "checkpoint")
         vae = None if vae is None else loading.existing(vae, "VAE")
-        parts = loading.load_parts(path, vae, resolve_dtype(dtype))
+        parts, family = loading.load_parts(path, vae, resolve_dtype(dtype))
         options.setdefault("name", path.stem if path.is_file() else path.name)
         options.setdefault("source", path)
-        options = {**loading.settings_options(path, parts["vae"]), **options}
+        options = {**family, **loading.settings_options(path, parts["vae"]), **options}
         return cls.from_components(**parts, device=device, dtype=dtype, **options)
 
     @classmethod
