@@ -27,7 +27,8 @@ PACKAGES = {
     "sd-clip": ("clip", ()),
     "sd-unet": ("unet", ()),
     "sd-samplers": ("samplers", ()),
-    "sd-pipeline": ("pipeline", ("sd-vae", "sd-clip", "sd-unet", "sd-samplers")),
+    "sd-controlnet": ("controlnet", ()),
+    "sd-pipeline": ("pipeline", ("sd-vae", "sd-clip", "sd-unet", "sd-samplers", "sd-controlnet")),
 }
 # Test-only references that must be installed without their dependencies: k-diffusion 0.1.1
 # requires torchvision, scikit-image, wandb, ...; its sampling and external modules need none.
