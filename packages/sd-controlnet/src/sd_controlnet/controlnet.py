@@ -230,6 +230,9 @@ class ControlNetConfig:
     global_average_pooling: bool = False
 
     def __post_init__(self):
+        # the levels with attention as a set, written in one order so that equal configs compare
+        # equal whichever order a file gave them in
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(self.attention_resolutions)))
         if (self.num_heads == -1) == (self.num_head_channels == -1):
             raise ValueError(
                 "set exactly one of num_heads (SD 1.x: 8) and num_head_channels (SD 2.x: 64), "

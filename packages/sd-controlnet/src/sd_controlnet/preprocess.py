@@ -91,7 +91,6 @@ def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 20
     dx = np.take_along_axis(dx, channel, 2)[:, :, 0]
     dy = np.take_along_axis(dy, channel, 2)[:, :, 0]
     candidate = (mag > low) & _local_maxima(mag, dx, dy)
-    candidate[[0, -1], :] = candidate[:, [0, -1]] = False  # OpenCV's map leaves the border out
     strong = candidate & (mag > high)
     edges = _hysteresis(strong, candidate & ~strong)
     return _image(edges.astype(np.uint8) * 255)
