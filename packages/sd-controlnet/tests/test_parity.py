@@ -150,3 +150,18 @@ def test_full_size_sd15_matches_diffusers():
     theirs = diffusers_controlnet(config, state)
     torch.set_num_threads(2)
     _compare(model, theirs, config, batch=1, size=64)
+
+
+@pytest.mark.parametrize("config", [ControlNetConfig.tiny(), SDXL_TINY], ids=["sd1", "sdxl"])
+def test_diffusers_single_file_matches_diffusers(tmp_path, config):
+    """A lone diffusers-named .safetensors (as SDXL ControlNets are often published): its
+    config inferred from diffusers' names."""
+    model = random_controlnet(config, seed=4)
+    state = {"control_model." + k: v for k, v in model.state_dict().items()}
+    theirs = diffusers_controlnet(config, state)
+    theirs.save_pretrained(tmp_path / "folder")
+    single = tmp_path / "diffusers_xl_canny.safetensors"
+    (tmp_path / "folder" / "diffusion_pytorch_model.safetensors").rename(single)
+    loaded = ControlNet.from_checkpoint(single)
+    assert loaded.config == config
+    _compare(loaded, theirs, config)

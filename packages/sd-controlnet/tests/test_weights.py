@@ -125,3 +125,13 @@ def test_one_hint_for_the_batch_and_shared_latents(tiny):
     for a, b in zip([*down, mid], [*want_down, want_mid]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
     assert [d.shape[1] for d in down] == tiny.config.skip_channels()
+
+
+def test_shuffle_yaml_beside_the_file_sets_global_pooling(tmp_path, tiny):
+    path = _save(tiny.state_dict(), tmp_path / "control_v11e_sd15_shuffle.safetensors")
+    assert not ControlNet.from_checkpoint(path).config.global_average_pooling
+    (tmp_path / "control_v11e_sd15_shuffle.yaml").write_text(
+        "model:\n  params:\n    control_stage_config:\n      params:\n"
+        "        global_average_pooling: True\n"
+    )
+    assert ControlNet.from_checkpoint(path).config.global_average_pooling

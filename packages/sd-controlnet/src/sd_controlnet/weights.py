@@ -11,8 +11,10 @@ from tensor shapes (``infer_config``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +39,7 @@ from sd_controlnet.controlnet import ControlNet, ControlNetConfig
 PREFIX = "control_model."  # the ControlNet inside a published ControlNet file
 UNET_PREFIX = "model.diffusion_model."  # the UNet inside an SD checkpoint (for base_unet=)
 PROBE = "input_hint_block.0.weight"  # a key every ControlNet has
+DIFFUSERS_PROBE = "controlnet_cond_embedding.conv_in.weight"  # the same in diffusers' names
 DIFFERENCE_KEY = "difference"  # marks a diff_control_* file
 CONFIG_METADATA = "sd_controlnet.config"  # where save() records the config
 
@@ -60,7 +63,10 @@ def from_checkpoint(
         state, found_config, source = _read_diffusers(path)
     else:
         state, found_config, source = _read_file(path, base_unet)
-    config = config or found_config or infer_config(state, source)
+    if config is None:
+        config = found_config or infer_config(state, source)
+        if not path.is_dir() and _yaml_says_pooling(path):
+            config = dataclasses.replace(config, global_average_pooling=True)
     with torch.device("meta"):
         model = ControlNet(config)
     check_state_dict(model.state_dict(), state, source)
@@ -79,12 +85,12 @@ def _read_file(path: Path, base_unet) -> tuple[dict, ControlNetConfig | None, st
             f"{path}: a T2I-Adapter file, not a ControlNet; T2I-Adapters are not supported"
         )
     prefix = pick_prefix(keys, (PREFIX, ""), PROBE)
+    if prefix is None and DIFFUSERS_PROBE in keys:
+        # a single file in diffusers' names, as many SDXL ControlNets are published
+        theirs = load_tensors(path)
+        config = config_from_diffusers(_diffusers_config_from_keys(theirs, path), path)
+        return _to_ours(theirs, config, path), config, str(path)
     if prefix is None:
-        if "controlnet_cond_embedding.conv_in.weight" in keys:
-            raise CheckpointError(
-                f"{path}: ControlNet weights in diffusers' names: load the folder holding it "
-                "and its config.json instead of the file"
-            )
         raise CheckpointError(
             f"{path}: no ControlNet in this file: expected '{PREFIX}{PROBE}' or '{PROBE}' (a "
             f"ControlNet's hint encoder); found {len(keys)} keys, such as {keys[:3]}"
@@ -98,6 +104,16 @@ def _read_file(path: Path, base_unet) -> tuple[dict, ControlNetConfig | None, st
             "diff_control_* file of differences; load it without base_unet"
         )
     return tensors, _config_from_metadata(path), str(path)
+
+
+def _yaml_says_pooling(path: Path) -> bool:
+    """Whether the model's yaml beside it (``control_v11e_sd15_shuffle.yaml``, as the extension
+    keeps them) sets ``global_average_pooling: True``: the one option the weights do not show."""
+    yaml = path.with_suffix(".yaml")
+    if not yaml.is_file():
+        return False
+    text = yaml.read_text(errors="replace")
+    return re.search(r"^\s*global_average_pooling:\s*true\s*$", text, re.I | re.M) is not None
 
 
 def _add_base(tensors: dict, base_unet, path: Path) -> dict:
@@ -157,15 +173,59 @@ def _read_diffusers(path: Path) -> tuple[dict, ControlNetConfig, str]:
         )
     config = config_from_diffusers(read_json(folder / "config.json"), folder)
     weights = diffusers_weight_file(folder)
-    theirs = load_tensors(weights)
+    return _to_ours(load_tensors(weights), config, weights), config, str(weights)
+
+
+def _to_ours(theirs: dict, config: ControlNetConfig, source) -> dict:
     to_ours = {v: k for k, v in diffusers_key_map(config).items()}
     unknown = [k for k in theirs if k not in to_ours]
     if unknown:
         raise CheckpointError(
-            f"{weights}: {len(unknown)} keys that a ControlNet of this config.json does not "
-            f"have (first: {unknown[0]!r})"
+            f"{source}: {len(unknown)} keys that a ControlNet of this config does not have "
+            f"(first: {unknown[0]!r})"
         )
-    return {to_ours[k]: v for k, v in theirs.items()}, config, str(weights)
+    return {to_ours[k]: v for k, v in theirs.items()}
+
+
+def _diffusers_config_from_keys(state: Mapping[str, torch.Tensor], source) -> dict:
+    """The config.json that a ControlNetModel with these tensors (diffusers' names) has, as far
+    as shapes tell: heads as ``infer_config`` assumes them."""
+
+    def count(prefix: str) -> int:
+        n = 0
+        while any(k.startswith(f"{prefix}{n}.") for k in state):
+            n += 1
+        return n
+
+    levels = count("down_blocks.")
+    channels = [state[f"down_blocks.{i}.resnets.0.conv2.weight"].shape[0] for i in range(levels)]
+    attention = [f"down_blocks.{i}.attentions.0.norm.weight" in state for i in range(levels)]
+    depth = [count(f"down_blocks.{i}.attentions.0.transformer_blocks.") for i in range(levels)]
+    mid_depth = count("mid_block.attentions.0.transformer_blocks.")
+    context_dim = state["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    linear = state["mid_block.attentions.0.proj_in.weight"].ndim == 2
+    width = 8 if not linear and context_dim != 1024 else None  # SD 1.x: 8 heads; else 64 wide
+    hint = [state["controlnet_cond_embedding.conv_in.weight"].shape[0]]
+    hint += [state[f"controlnet_cond_embedding.blocks.{i}.weight"].shape[0]
+             for i in range(1, count("controlnet_cond_embedding.blocks."), 2)]  # fmt: skip
+    d = {
+        "in_channels": state["conv_in.weight"].shape[1],
+        "conditioning_channels": state["controlnet_cond_embedding.conv_in.weight"].shape[1],
+        "block_out_channels": channels,
+        "layers_per_block": count("down_blocks.0.resnets."),
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "cross_attention_dim": context_dim,
+        "attention_head_dim": [width or ch // 64 for ch in channels],
+        "use_linear_projection": linear,
+        "transformer_layers_per_block": [max(n, 1) for n in depth[:-1]] + [mid_depth],
+        "conditioning_embedding_out_channels": hint,
+    }
+    if "add_embedding.linear_1.weight" in state:
+        d["addition_embed_type"] = "text_time"
+        d["projection_class_embeddings_input_dim"] = state["add_embedding.linear_1.weight"].shape[1]
+    if not levels:
+        raise CheckpointError(f"{source}: no down_blocks: not a diffusers ControlNet")
+    return d
 
 
 def _config_from_metadata(path: Path) -> ControlNetConfig | None:
@@ -360,13 +420,15 @@ def config_from_diffusers(d: dict, source: Path | str = "config.json") -> Contro
     depth = d.get("transformer_layers_per_block", 1)
     depth = [depth] * len(channels) if isinstance(depth, int) else list(depth)
     head_counts = {h for h, a in zip(heads, attn) if a} | {heads[-1]}
-    if len(head_counts) == 1:
+    widths = {ch // h for ch, h, a in zip(channels, heads, attn) if a} | {channels[-1] // heads[-1]}
+    # Both fit where every attention level is as wide: SD 2.x and SDXL (linear projections)
+    # count in head widths, SD 1.x in heads.
+    if len(widths) == 1 and (len(head_counts) > 1 or d.get("use_linear_projection", False)):
+        num_heads, num_head_channels = -1, widths.pop()
+    elif len(head_counts) == 1:
         num_heads, num_head_channels = head_counts.pop(), -1
     else:
-        widths = {ch // h for ch, h, a in zip(channels, heads, attn) if a}
-        if len(widths) != 1:
-            raise CheckpointError(f"{source}: heads {heads} fit neither a fixed count nor width")
-        num_heads, num_head_channels = -1, widths.pop()
+        raise CheckpointError(f"{source}: heads {heads} fit neither a fixed count nor width")
     adm = None
     if d.get("addition_embed_type") == "text_time":
         adm = d["projection_class_embeddings_input_dim"]
