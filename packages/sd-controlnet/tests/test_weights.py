@@ -135,3 +135,14 @@ def test_shuffle_yaml_beside_the_file_sets_global_pooling(tmp_path, tiny):
         "        global_average_pooling: True\n"
     )
     assert ControlNet.from_checkpoint(path).config.global_average_pooling
+
+
+def test_half_precision_difference_file_loads_in_its_precision(tmp_path, tiny):
+    base = {k: torch.randn(v.shape) for k, v in tiny.state_dict().items() if k.startswith("input")}
+    state = {"control_model." + k: (v - base[k] if k in base else v).half()
+             for k, v in tiny.state_dict().items()} | {"difference": torch.tensor([])}  # fmt: skip
+    loaded = ControlNet.from_checkpoint(_save(state, tmp_path / "d.safetensors"), base_unet=base)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float16}
+    want = tiny.state_dict()["input_blocks.1.0.in_layers.2.weight"]
+    got = loaded.state_dict()["input_blocks.1.0.in_layers.2.weight"].float()
+    assert torch.allclose(got, want, atol=1e-2)

@@ -136,7 +136,8 @@ def _add_base(tensors: dict, base_unet, path: Path) -> dict:
                     f"{path}: {name!r} is {tuple(tensor.shape)}, the base UNet's is "
                     f"{tuple(base[name].shape)}: the difference is to another base model"
                 )
-            tensor = tensor.float() + base[name].to("cpu", torch.float32)
+            total = tensor.float() + base[name].to("cpu", torch.float32)
+            tensor = total.to(tensor.dtype)  # the file's precision, as the other tensors
             added += 1
         out[name] = tensor
     if not added:
