@@ -202,3 +202,22 @@ def test_bad_units_are_clear_errors(models):
     unit = ControlUnit(cn, control_image(), preprocessor="canny",
                        preprocessor_params={"low_threshold": 50})  # fmt: skip
     assert prepare_controls([unit], SIZE, SIZE)[0].hint.unique().tolist() in ([0.0, 1.0], [0.0])
+
+
+def test_padded_latents_get_a_padded_hint(models):
+    """GuidedModel pads latents whose sides the UNet's downsamplings do not divide (40 pixels:
+    5 latents, padded to 8); the hint is padded the same way (its edge replicated)."""
+    from sd_pipeline.guidance import pad_to
+
+    unet, _, cns, _ = models
+    (control,) = prepare_controls([ControlUnit(cns[0], control_image())], 40, 40, unet=unet)
+    g = torch.Generator().manual_seed(8)
+    x = pad_to(torch.randn(1, 4, 5, 5, generator=g), 4)
+    context = torch.randn(2, 7, unet.config.context_dim, generator=g)
+    with torch.no_grad():
+        out = ControlledUNet(unet, [control], steps=1)(x, torch.tensor([10.0]), context)
+        padded = torch.nn.functional.pad(control.hint, (0, 24, 0, 24), mode="replicate")
+        want = ControlledUNet(unet, [dataclasses.replace(control, hint=padded)], steps=1)(
+            x, torch.tensor([10.0]), context
+        )
+    assert out.shape == (2, 4, 8, 8) and torch.equal(out, want)
