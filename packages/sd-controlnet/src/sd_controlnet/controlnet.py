@@ -46,7 +46,7 @@ def _repeat_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 class SiLU(nn.Module):
-    """SiLU in place: it only ever follows a GroupNorm or a conv, whose output nothing else reads."""
+    """SiLU in place: it only ever follows a GroupNorm, whose output nothing else reads."""
 
     def forward(self, x):
         return F.silu(x, inplace=True)
