@@ -166,3 +166,13 @@ def test_diffusers_single_file_matches_diffusers(tmp_path, config):
     loaded = ControlNet.from_checkpoint(single)
     assert loaded.config == config
     _compare(loaded, theirs, config)
+
+
+def test_winograd_convolutions_match_diffusers(monkeypatch, tiny):
+    """The 3x3 convolutions through Winograd's algorithm (used from 2048 output pixels, so not
+    at the tiny sizes above): still diffusers' residuals."""
+    from sd_controlnet.controlnet import Conv3x3
+
+    monkeypatch.setattr(Conv3x3, "winograd_min_pixels", 1)
+    state = {"control_model." + k: v for k, v in tiny.state_dict().items()}
+    _compare(tiny, diffusers_controlnet(tiny.config, state), tiny.config, guide=2)

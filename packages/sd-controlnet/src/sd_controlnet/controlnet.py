@@ -15,7 +15,9 @@ block for block, since the ControlNet starts as a copy of the UNet's weights.
 
 Shared latents, as sd-unet: ``context`` may have k times the latents' batch (classifier-free
 guidance, [unconditional; conditional]); then the latents and the hint stand for k copies, and
-the residuals have k·B rows.
+the residuals have k·B rows. What the context cannot reach yet (the hint encoder, the input
+convolution, the first ResBlock) runs once per image; the batch grows at the first
+cross-attention.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sd_controlnet import _winograd as winograd
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0):
@@ -52,6 +56,34 @@ class SiLU(nn.Module):
         return F.silu(x, inplace=True)
 
 
+class Conv3x3(nn.Conv2d):
+    """The ResBlocks' 3x3, stride-1 convolutions (an ``nn.Conv2d``, same parameters), as
+    sd-unet's: in float32 on the CPU without autograd, over at least ``winograd_min_pixels``
+    output pixels (batch x height x width), Winograd's F(4x4, 3x3) (``_winograd``, a checked
+    copy of sd-unet's): 4 times fewer multiply-adds, equal to float32 rounding (1e-5 of the
+    largest value). It pays at SD's two largest levels; ``None`` turns it off."""
+
+    winograd_min_pixels: int | None = 2048
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 3, padding=1)
+        self.workspace: winograd.Workspace | None = None  # the ControlNet gives its convs one
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        if (
+            self.winograd_min_pixels is not None
+            and n * h * w >= self.winograd_min_pixels
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        ):
+            return winograd.conv3x3(x, self.weight, self.bias, self.workspace)
+        return super().forward(x)
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, plus the projected time embedding, then GroupNorm-SiLU-conv, plus x."""
 
@@ -60,14 +92,14 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             nn.GroupNorm(groups, channels, eps=1e-5),
             SiLU(),
-            nn.Conv2d(channels, out_channels, 3, padding=1),
+            Conv3x3(channels, out_channels),
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(groups, out_channels, eps=1e-5),
             SiLU(),
             nn.Dropout(0.0),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv3x3(out_channels, out_channels),
         )
         if channels == out_channels:
             self.skip_connection = nn.Identity()
@@ -105,6 +137,7 @@ class CrossAttention(nn.Module):
     def forward(self, x, context=None):
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q = _repeat_rows(q, k.shape[0])  # one query per image, k contexts: the batch grows here
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # (B, nh, T, hs)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, T, C)
@@ -147,7 +180,8 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x, context):
         x = self.attn1(self.norm1(x)).add_(x)
-        x = self.attn2(self.norm2(x), context).add_(x)
+        h = self.attn2(self.norm2(x), context)
+        x = h.add_(_repeat_rows(x, h.shape[0]))
         return self.ff(self.norm3(x)).add_(x)
 
 
@@ -188,7 +222,7 @@ class SpatialTransformer(nn.Module):
         h = h.transpose(1, 2).unflatten(2, (H, W))  # (B, C, H, W)
         if not self.linear:
             h = self.proj_out(h)
-        return h.add_(x)
+        return h.add_(_repeat_rows(x, h.shape[0]))
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -196,8 +230,8 @@ class TimestepEmbedSequential(nn.Sequential):
 
     def forward(self, x, emb, context):
         for layer in self:
-            if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+            if isinstance(layer, ResBlock):  # (where a transformer here grew the batch)
+                x = layer(x, _repeat_rows(emb, x.shape[0]))
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             else:
@@ -368,6 +402,11 @@ class ControlNet(nn.Module):
             ResBlock(ch, ted, ch, c.norm_groups),
         )
         self.middle_block_out = _zero_conv(ch)
+        # One scratch space for all the Winograd convolutions: they run one after the other.
+        self.workspace = winograd.Workspace()
+        for module in self.modules():
+            if isinstance(module, Conv3x3):
+                module.workspace = self.workspace
 
     def forward(
         self,
@@ -386,20 +425,21 @@ class ControlNet(nn.Module):
         rows = context.shape[0]
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
-        emb = _repeat_rows(emb, rows)
-        if y is not None:
-            emb = emb + self.label_emb(y.to(emb.dtype))
+        if y is not None:  # SDXL: each context row has an embedding of its own from here
+            emb = _repeat_rows(emb, rows) + self.label_emb(y.to(emb.dtype))
+            x = _repeat_rows(x, rows)
         guided_hint = self.input_hint_block(hint.to(x.dtype), None, None)  # once per image
 
         h = self.input_blocks[0](x, emb, context)
-        h = _repeat_rows(h + _repeat_rows(guided_hint, h.shape[0]), rows)
+        h += _repeat_rows(guided_hint, h.shape[0])
         down = [self.zero_convs[0](h, emb, context)]
         for block, zero_conv in zip(self.input_blocks[1:], self.zero_convs[1:]):
             h = block(h, emb, context)
+            emb = _repeat_rows(emb, h.shape[0])  # once, where the batch grows (shared latents)
             down.append(zero_conv(h, emb, context))
         h = self.middle_block(h, emb, context)
         mid = self.middle_block_out(h, emb, context)
-        return down, mid
+        return [_repeat_rows(d, rows) for d in down], _repeat_rows(mid, rows)
 
     def _check_inputs(self, x, context, hint, y) -> None:
         c = self.config
@@ -424,6 +464,10 @@ class ControlNet(nn.Module):
             raise ValueError(
                 f"the control image is {hint.shape[-1]}x{hint.shape[-2]} pixels; latents of "
                 f"{w}x{h} need {size[1]}x{size[0]} (resize it first: resize_control_image)"
+            )
+        if y is not None and y.shape[0] != context.shape[0]:
+            raise ValueError(
+                f"y needs one row per context row ({context.shape[0]}), got {y.shape[0]}"
             )
         if (y is None) != (c.adm_in_channels is None):
             need = f"y of width {c.adm_in_channels} (SDXL)" if y is None else "no y (SD 1.x/2.x)"
