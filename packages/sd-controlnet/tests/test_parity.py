@@ -176,3 +176,17 @@ def test_winograd_convolutions_match_diffusers(monkeypatch, tiny):
     monkeypatch.setattr(Conv3x3, "winograd_min_pixels", 1)
     state = {"control_model." + k: v for k, v in tiny.state_dict().items()}
     _compare(tiny, diffusers_controlnet(tiny.config, state), tiny.config, guide=2)
+
+
+def test_bgr_diffusers_folder_takes_rgb_hints(tmp_path, tiny):
+    config = tiny.config
+    state = {"control_model." + k: v for k, v in tiny.state_dict().items()}
+    theirs = diffusers_controlnet(config, state)
+    theirs.register_to_config(controlnet_conditioning_channel_order="bgr")
+    theirs.save_pretrained(tmp_path / "controlnet")
+    loaded = ControlNet.from_checkpoint(tmp_path / "controlnet")
+    x, t, context, hint = inputs(config)
+    with torch.no_grad():
+        _, mid = loaded(x, t, context, hint)
+        _, their_mid = theirs(x, t, context, hint, return_dict=False)  # flips it to BGR itself
+    assert _rel(mid, their_mid) < REL_TOL

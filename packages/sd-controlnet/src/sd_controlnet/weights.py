@@ -172,9 +172,15 @@ def _read_diffusers(path: Path) -> tuple[dict, ControlNetConfig, str]:
             f"{path}: a folder, but not a diffusers ControlNet: expected config.json and "
             "diffusion_pytorch_model.safetensors in it or in its controlnet/ subfolder"
         )
-    config = config_from_diffusers(read_json(folder / "config.json"), folder)
+    d = read_json(folder / "config.json")
+    config = config_from_diffusers(d, folder)
     weights = diffusers_weight_file(folder)
-    return _to_ours(load_tensors(weights), config, weights), config, str(weights)
+    state = _to_ours(load_tensors(weights), config, weights)
+    if d.get("controlnet_conditioning_channel_order", "rgb") == "bgr":
+        # diffusers reverses the image's channels for these; reversing the first conv's input
+        # channels instead lets the hint stay RGB, as for every other ControlNet
+        state["input_hint_block.0.weight"] = state["input_hint_block.0.weight"].flip(1)
+    return state, config, str(weights)
 
 
 def _to_ours(theirs: dict, config: ControlNetConfig, source) -> dict:
