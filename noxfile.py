@@ -27,9 +27,16 @@ PACKAGES = {
     "sd-clip": ("clip", ()),
     "sd-unet": ("unet", ()),
     "sd-samplers": ("samplers", ()),
+    "sd-controlnet": ("controlnet", ()),
     "sd-lora": ("lora", ()),
-    "sd-pipeline": ("pipeline", ("sd-vae", "sd-clip", "sd-unet", "sd-samplers", "sd-lora")),
-    "sd-server": ("server", ("sd-pipeline", "sd-vae", "sd-clip", "sd-unet", "sd-samplers", "sd-lora")),
+    "sd-pipeline": (
+        "pipeline",
+        ("sd-vae", "sd-clip", "sd-unet", "sd-samplers", "sd-lora", "sd-controlnet"),
+    ),
+    "sd-server": (
+        "server",
+        ("sd-pipeline", "sd-vae", "sd-clip", "sd-unet", "sd-samplers", "sd-lora", "sd-controlnet"),
+    ),
 }
 # Test-only references that must be installed without their dependencies: k-diffusion 0.1.1
 # requires torchvision, scikit-image, wandb, ...; its sampling and external modules need none.

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPONENTS = ("sd_vae", "sd_clip", "sd_unet", "sd_samplers", "sd_lora")
+COMPONENTS = ("sd_vae", "sd_clip", "sd_unet", "sd_samplers", "sd_lora", "sd_controlnet")
 ALL = (*COMPONENTS, "sd_pipeline", "sd_server")
 MARKER = "# Copied from "
 

@@ -52,6 +52,18 @@ def _grow(t: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([t] * (batch // t.shape[0]))
 
 
+def _plus(t: torch.Tensor, residual: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """``t + residual``, each with its rows repeated to the other's (B or k·B: shared latents)."""
+    if residual.shape[1:] != t.shape[1:] or residual.shape[0] not in (t.shape[0], rows, 1):
+        raise ValueError(
+            f"{name} is {tuple(residual.shape)}; the UNet's tensor there is "
+            f"{(rows, *t.shape[1:])} (a ControlNet for another base model, or a control image "
+            "of another size?)"
+        )
+    n = max(t.shape[0], residual.shape[0])
+    return _grow(t, n) + _grow(residual.to(t.dtype), n)
+
+
 def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=eps)
 
@@ -393,9 +405,22 @@ class UNet(nn.Module):
             if isinstance(module, Conv3x3):
                 module.workspace = self.workspace
 
-    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps,
+        context: torch.Tensor,
+        *,
+        down_residuals: list[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x (B, in_channels, h, w), timesteps (B,) or a number, context (B, S, context_dim),
-        or (k·B, S, context_dim) for latents shared by k rows (module docstring) -> (k·B, ...)."""
+        or (k·B, S, context_dim) for latents shared by k rows (module docstring) -> (k·B, ...).
+
+        ``down_residuals`` (one per input block, shaped like its output, with B or k·B rows)
+        are added to the skip connections and ``mid_residual`` to the middle block's output:
+        a ControlNet's guidance (diffusers' ``down_block_additional_residuals`` and
+        ``mid_block_additional_residual``)."""
         B = x.shape[0]
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
         if t.shape[0] not in (1, B):
@@ -419,11 +444,29 @@ class UNet(nn.Module):
             emb = _grow(emb, h.shape[0])  # once, where the batch grows (shared latents)
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
+        if down_residuals is not None or mid_residual is not None:
+            skips, h = self._add_residuals(skips, h, down_residuals, mid_residual, context)
         emb = _grow(emb, h.shape[0])
         for block in self.output_blocks:
             h = torch.cat([h, _grow(skips.pop(), h.shape[0])], dim=1)
             h = self._run(block, h, emb, context)
         return _grow(self.out(h), context.shape[0])  # grown already, unless no attention
+
+    def _add_residuals(self, skips, h, down, mid, context):
+        """The skips and the middle block's output plus a ControlNet's residuals (new tensors:
+        the blocks' outputs are left as they are)."""
+        rows = context.shape[0]
+        if down is not None:
+            if len(down) != len(skips):
+                raise ValueError(
+                    f"down_residuals has {len(down)} tensors; this UNet has {len(skips)} skip "
+                    "connections (a ControlNet for another base model?)"
+                )
+            skips = [_plus(s, r, rows, f"down_residuals[{i}]") for i, (s, r) in
+                     enumerate(zip(skips, down))]  # fmt: skip
+        if mid is not None:
+            h = _plus(h, mid, rows, "mid_residual")
+        return skips, h
 
     def _run(self, block, h, emb, context):
         if self.gradient_checkpointing and torch.is_grad_enabled():
