@@ -221,3 +221,27 @@ def test_padded_latents_get_a_padded_hint(models):
             x, torch.tensor([10.0]), context
         )
     assert out.shape == (2, 4, 8, 8) and torch.equal(out, want)
+
+
+def test_the_pipeline_runs_controlnet_units(tiny_checkpoint):
+    """StableDiffusion.txt2img(controlnets=[...]): the units change the picture, a unit of
+    weight 0 or outside its start/end window leaves it as without, and the PNG metadata
+    carries the extension's ControlNet fields."""
+    from sd_pipeline import GenerationParameters, StableDiffusion
+    from sd_pipeline.controlnet import ControlUnit
+
+    pipe = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu", native_size=SIZE)
+    net = random_controlnet(7)
+    kw = dict(seed=1, steps=3, sampler="euler", progress=False, output_type="latent")
+    plain = pipe.txt2img("x", **kw)
+    unit = ControlUnit(net, control_image(), weight=1.0)
+    controlled = pipe.txt2img("x", controlnets=[unit], **kw)
+    assert not torch.allclose(controlled, plain)
+    zero = ControlUnit(net, control_image(), weight=0.0)
+    torch.testing.assert_close(pipe.txt2img("x", controlnets=[zero], **kw), plain)
+    late = ControlUnit(net, control_image(), start=1.0, end=1.0)  # acts at no step of 3 but i=3
+    assert _rel(pipe.txt2img("x", controlnets=[late], **kw), plain) < _rel(controlled, plain)
+    picture = pipe.txt2img("x", controlnets=[unit], seed=1, steps=2, progress=False)[0]
+    params = GenerationParameters.from_text(picture.info["parameters"])
+    assert params.extra["ControlNet 0"].startswith("Module: none, Model: ")
+    assert "Control Mode: Balanced" in params.extra["ControlNet 0"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from sd_pipeline.request import HIRES_UPSCALER_LABELS, GenerationRequest
 from sd_samplers import sampler_label
 
-__all__ = ["denoising_strength", "extra_fields", "variation_fields"]
+__all__ = ["control_fields", "denoising_strength", "extra_fields", "variation_fields"]
 
 
 def denoising_strength(request: GenerationRequest) -> float | None:
@@ -41,3 +41,24 @@ def variation_fields(request: GenerationRequest, subseed: int | None) -> dict[st
         return {}
     return {"Variation seed": str(subseed),
             "Variation seed strength": f"{request.subseed_strength:g}"}  # fmt: skip
+
+
+CONTROL_MODE_LABELS = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                       "control": "ControlNet is more important"}  # fmt: skip
+RESIZE_MODE_LABELS = {"just_resize": "Just Resize", "crop_and_resize": "Crop and Resize",
+                      "resize_and_fill": "Resize and Fill"}  # fmt: skip
+
+
+def control_fields(request: GenerationRequest) -> dict[str, str]:
+    """``ControlNet i`` fields as AUTOMATIC1111's ControlNet extension writes them."""
+    fields = {}
+    for i, unit in enumerate(request.controls):
+        name = getattr(unit.model, "name", None) or type(unit.model).__name__
+        parts = [
+            f"Module: {unit.preprocessor}", f"Model: {name}", f"Weight: {unit.weight:g}",
+            f"Resize Mode: {RESIZE_MODE_LABELS[unit.resize_mode]}",
+            f"Guidance Start: {unit.start:g}", f"Guidance End: {unit.end:g}",
+            f"Control Mode: {CONTROL_MODE_LABELS[unit.mode]}",
+        ]  # fmt: skip
+        fields[f"ControlNet {i}"] = ", ".join(parts)
+    return fields

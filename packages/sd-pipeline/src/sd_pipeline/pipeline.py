@@ -25,6 +25,7 @@ from sd_pipeline import allocator, infotext, loading, single_file
 from sd_pipeline import lora as lora_glue
 from sd_pipeline.adapters import Adapters, without_lora_tags
 from sd_pipeline.conditioning import Conditioning, encode_conditioning
+from sd_pipeline.controlnet import ControlledUNet, prepare_controls
 from sd_pipeline.guidance import GuidedModel, Inpainting, NonFiniteError, StopSampling
 from sd_pipeline.hires import hires_request
 from sd_pipeline.images import (
@@ -44,6 +45,7 @@ from sd_samplers import (
     GaussianNoise,
     NoiseSchedule,
     sample,
+    steps_for_strength,
 )
 from sd_unet import UNet
 from sd_vae import AutoencoderKL
@@ -70,6 +72,7 @@ class Start:
     mask: torch.Tensor | None = None  # (1, 1, H, W) in [0, 1], 1 = repaint
     init_latents: torch.Tensor | None = None
     inpainting: Inpainting | None = None
+    controls: list = dataclasses.field(default_factory=list)  # prepared ControlNet units
 
 
 class StableDiffusion(Tasks, Adapters, Placement):
@@ -317,6 +320,10 @@ class StableDiffusion(Tasks, Adapters, Placement):
             noise = torch.stack([self._image_noise(request, i, seed, g, shape)
                                  for i, (seed, g) in enumerate(zip(seeds, generators))])  # fmt: skip
         start = Start(noise=noise.to(self.device), generators=generators)
+        if request.controls:
+            start.controls = prepare_controls(request.controls, request.width, request.height,
+                                              unet=self.unet, device=self.device,
+                                              dtype=self.dtype)  # fmt: skip
         if request.init_latents is not None:
             start.init_latents = request.init_latents.to(self.device, torch.float32)
             return start
@@ -408,8 +415,14 @@ class StableDiffusion(Tasks, Adapters, Placement):
     def _sample_rows(self, request, conditioning, start: Start, rows: slice, options, callback,
                      progress) -> torch.Tensor:  # fmt: skip
         spec = SAMPLERS[request.sampler]
+        unet = self.unet if self._compiled_unet is None else self._compiled_unet
+        if start.controls:  # the step a unit acts at counts the steps that run
+            run = request.steps
+            if start.init_latents is not None:
+                run = steps_for_strength(request.steps, request.strength)
+            unet = ControlledUNet(unet, start.controls, run)
         model = GuidedModel(
-            self.unet if self._compiled_unet is None else self._compiled_unet,
+            unet,
             conditioning,
             rows,
             scale=request.guidance_scale * spec.cfg_scale_multiplier,
@@ -428,6 +441,8 @@ class StableDiffusion(Tasks, Adapters, Placement):
 
         def on_step(d: dict) -> None:
             model.step = d["i"] + 1  # the prompt schedules' step counter
+            if start.controls:
+                unet.callback(d)
             latest["denoised"] = d["denoised"]
             if callback is not None:
                 callback(d)
@@ -489,7 +504,8 @@ class StableDiffusion(Tasks, Adapters, Placement):
 
     def parameters(self, request: GenerationRequest) -> list[GenerationParameters]:
         """What made each image of a resolved request, as the PNG metadata records it."""
-        extra = {**infotext.extra_fields(request), **self._ti_hashes(request)}
+        extra = {**infotext.extra_fields(request), **self._ti_hashes(request),
+                 **infotext.control_fields(request)}  # fmt: skip
         loras = dict(self._loras + self._prompt_loras)
         if loras:
             extra["Lora hashes"] = lora_glue.lora_hashes(loras.items())

@@ -163,6 +163,8 @@ class GenerationRequest:
     rng: str = "cpu"  # cpu | gpu | nv
     n_iter: int = 1  # batches, one after the other; seeds continue from batch to batch
     hires: HiresFix | None = None
+    # ControlNet units (sd_pipeline.controlnet.ControlUnit), their residuals summed
+    controls: tuple = field(default=(), compare=False, repr=False)
 
     # derived facts
 
@@ -284,6 +286,11 @@ class GenerationRequest:
         if self.rng not in ("cpu", "gpu", "nv"):
             raise RequestError("rng", f"is {self.rng!r}; choose from: cpu, gpu, nv")
         _integer("n_iter", self.n_iter, low=1, high=LIMITS.iterations if self.limits else None)
+        if self.controls:
+            from sd_pipeline.controlnet import ControlUnit
+
+            if not all(isinstance(u, ControlUnit) for u in self.controls):
+                raise RequestError("controls", "must be sd_pipeline.controlnet.ControlUnit's")
         if self.hires is not None:
             if not isinstance(self.hires, HiresFix):
                 raise RequestError("hires", f"must be a HiresFix, got {self.hires!r}")

@@ -29,7 +29,9 @@ class Tasks:
     single runs; ``subseed``/``subseed_strength`` mix in a variation seed,
     ``seed_resize_from=(w, h)`` keeps a seed's composition at another size, ``rng`` picks the
     random numbers' source (``"cpu"``, ``"gpu"``, ``"nv"``: see ``sd_pipeline.noise``).
-    ``n_iter`` batches run one after the other, their seeds following on. ``latents``: the
+    ``n_iter`` batches run one after the other, their seeds following on. ``controlnets``: a
+    list of ``sd_pipeline.controlnet.ControlUnit`` (a ControlNet, its control image, weight,
+    start/end, control and resize mode, preprocessor), their residuals summed. ``latents``: the
     standard-normal starting noise (B, 4, h, w), overriding the seed. ``callback`` gets
     sd-samplers' per-step dict (``x``, ``i``, ``sigma``, ``denoised``); it may raise
     ``sd_pipeline.StopSampling`` to stop early and get what there is. ``clip_skip=2``
@@ -60,6 +62,7 @@ class Tasks:
         subseed_strength: float = 0.0,
         seed_resize_from: tuple[int, int] | None = None,
         rng: str = "cpu",
+        controlnets: Sequence | None = None,
         hires: HiresFix | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[dict], None] | None = None,
@@ -87,6 +90,7 @@ class Tasks:
             subseed_strength=subseed_strength,
             seed_resize_from=seed_resize_from,
             rng=rng,
+            controls=tuple(controlnets or ()),
             hires=hires,
             clip_skip=clip_skip,
             output_type=output_type,
@@ -115,6 +119,7 @@ class Tasks:
         subseed_strength: float = 0.0,
         seed_resize_from: tuple[int, int] | None = None,
         rng: str = "cpu",
+        controlnets: Sequence | None = None,
         init_latents: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[dict], None] | None = None,
@@ -147,6 +152,7 @@ class Tasks:
             subseed_strength=subseed_strength,
             seed_resize_from=seed_resize_from,
             rng=rng,
+            controls=tuple(controlnets or ()),
             strength=strength,
             clip_skip=clip_skip,
             output_type=output_type,
@@ -180,6 +186,7 @@ class Tasks:
         subseed_strength: float = 0.0,
         seed_resize_from: tuple[int, int] | None = None,
         rng: str = "cpu",
+        controlnets: Sequence | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
@@ -216,6 +223,7 @@ class Tasks:
             subseed_strength=subseed_strength,
             seed_resize_from=seed_resize_from,
             rng=rng,
+            controls=tuple(controlnets or ()),
             strength=strength,
             mask_blur=mask_blur,
             keep_unmasked=keep_unmasked,
