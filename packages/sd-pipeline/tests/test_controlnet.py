@@ -245,3 +245,24 @@ def test_the_pipeline_runs_controlnet_units(tiny_checkpoint):
     params = GenerationParameters.from_text(picture.info["parameters"])
     assert params.extra["ControlNet 0"].startswith("Module: none, Model: ")
     assert "Control Mode: Balanced" in params.extra["ControlNet 0"]
+
+
+def test_sd_generate_controlnet_flags(tiny_checkpoint, tmp_path, capsys):
+    from sd_pipeline.cli import main
+    from sd_pipeline.metadata import read_parameters
+
+    net_file = tmp_path / "control_tiny.safetensors"
+    random_controlnet(7).save(net_file)
+    image = tmp_path / "control.png"
+    control_image().save(image)
+    common = ["x", "--checkpoint", str(tiny_checkpoint), "--steps", "2", "--no-progress",
+              "--width", str(SIZE), "--height", str(SIZE), "--seed", "1"]  # fmt: skip
+    out = tmp_path / "a.png"
+    code = main([*common, "-o", str(out), "--controlnet", str(net_file), "--control-image",
+                 str(image), "--control-weight", "0.8", "--preprocessor", "canny"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    field = read_parameters(out).extra["ControlNet 0"]
+    assert "Module: canny" in field and "Model: control_tiny" in field and "Weight: 0.8" in field
+    code = main([*common, "-o", str(tmp_path / "b.png"), "--controlnet", str(net_file)])
+    err = capsys.readouterr().err
+    assert code == 2 and "one --control-image per --controlnet" in err
