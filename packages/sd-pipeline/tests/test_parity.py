@@ -327,3 +327,46 @@ def test_inpaint_blending_matches_diffusers(pipes, sampler):
         output_type="latent",
     )
     _compare(pipe, ours, theirs, ref, f"inpaint-blend {sampler}")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_controlnet_txt2img_matches_diffusers(tmp_path, sampler):
+    """Our txt2img with a ControlNet unit against diffusers' StableDiffusionControlNetPipeline
+    with the same components, ControlNet, control image and starting latents: final latents."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from safetensors.torch import save_file
+    from test_controlnet import SIZE as CN_SIZE
+    from test_controlnet import control_image, diffusers_controlnet, random_controlnet
+
+    from sd_pipeline.controlnet import ControlUnit
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(checkpoint_state(4, 0), str(path))
+    pipe = StableDiffusion.from_checkpoint(path, device="cpu", native_size=CN_SIZE)
+    base, text, _ = _reference("txt2img", sampler, 4)
+    net = random_controlnet(7)
+    ref = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=text, tokenizer=None, unet=base.unet,
+        controlnet=diffusers_controlnet(net), scheduler=_scheduler(sampler),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    image = control_image()
+    noise = torch.randn(
+        1, 4, CN_SIZE // 8, CN_SIZE // 8, generator=torch.Generator().manual_seed(7)
+    )
+    cond, uncond = _embeds(pipe, text, "a red circle", "blurry")
+    with torch.no_grad():
+        theirs = ref(
+            prompt_embeds=cond, negative_prompt_embeds=uncond, image=image,
+            num_inference_steps=4, guidance_scale=GUIDANCE, latents=noise.clone(),
+            height=CN_SIZE, width=CN_SIZE, output_type="latent", controlnet_conditioning_scale=0.8,
+        ).images  # fmt: skip
+    ours = pipe.txt2img("a red circle", "blurry", steps=4, sampler=sampler, guidance_scale=GUIDANCE,
+                        latents=noise, progress=False, output_type="latent",
+                        controlnets=[ControlUnit(net, image, weight=0.8)])  # fmt: skip
+    plain = pipe.txt2img("a red circle", "blurry", steps=4, sampler=sampler,
+                         guidance_scale=GUIDANCE, latents=noise, progress=False,
+                         output_type="latent")  # fmt: skip
+    assert (plain - theirs).abs().max() > 10 * (ours - theirs).abs().max()  # the unit matters
+    _compare(pipe, ours, theirs, ref, f"controlnet txt2img {sampler}")
