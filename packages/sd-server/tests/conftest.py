@@ -86,6 +86,26 @@ def stop_server(server: RunningServer) -> None:
         server.process.wait()
 
 
+def _write_controlnet(path: Path, pipe) -> None:
+    """A random ControlNet that fits the tiny model (zero convolutions random too)."""
+    import dataclasses
+
+    from sd_controlnet import ControlNet, ControlNetConfig
+
+    unet = pipe.unet.config
+    config = dataclasses.replace(ControlNetConfig.tiny(), context_dim=unet.context_dim,
+                                 num_heads=unet.num_heads)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    model = ControlNet(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(
+                torch.randn(p.shape, generator=g)
+                * (0.3 / p[0].numel() ** 0.5 if p.ndim > 1 else 0.02)
+            )
+    model.save(path)
+
+
 def _write_lora(path: Path, pipe) -> None:
     """A kohya LoRA on the model's own (CompVis) attention names, as AUTOMATIC1111-era files."""
     from safetensors.torch import save_file
@@ -110,10 +130,12 @@ def models(tmp_path_factory) -> dict[str, Path]:
     (root / "models").mkdir()
     (root / "loras").mkdir()
     (root / "embeddings").mkdir()
+    (root / "controlnet").mkdir()
     tiny = random_tiny(seed=0)
     main = tiny.save(root / "tiny.safetensors")
     other = random_tiny(seed=1).save(root / "models" / "other.safetensors")
     _write_lora(root / "loras" / "style.safetensors", tiny)
+    _write_controlnet(root / "controlnet" / "control_tiny.safetensors", tiny)
     width = tiny.text_encoder.config.width
     vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(2))
     torch.save({"string_to_param": {"*": vectors}, "name": "badhands"},
@@ -131,6 +153,7 @@ def server(models, tmp_path_factory):
         "--models-dir", str(root / "models"),
         "--lora-dir", str(root / "loras"),
         "--embeddings", str(root / "embeddings"),
+        "--controlnet-dir", str(root / "controlnet"),
         "--max-body-mb", "4",
     )  # fmt: skip
     yield running

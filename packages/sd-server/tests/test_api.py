@@ -320,3 +320,25 @@ def test_loras_and_embeddings_apply(server):
     info = json.loads(styled["info"])
     assert "Lora hashes" in info["infotexts"][0] and not info.get("warnings")
     assert listed["loaded"]["badhands"]["vectors"] == 2
+
+
+def test_controlnet_units_as_webuiapi_sends_them(server):
+    """alwayson_scripts.controlnet.args (webuiapi.ControlNetUnit) runs the unit; the model list
+    and module list are the extension's."""
+    from PIL import Image as _Image
+
+    api = globals()["api"](server)
+    assert api.controlnet_model_list() == ["control_tiny"]
+    assert "canny" in api.controlnet_module_list()
+    image = _Image.new("RGB", (32, 32), "white")
+    image.paste((0, 0, 0), (8, 8, 24, 24))
+    base = dict(prompt="x", steps=2, seed=4, **SMALL)
+    plain = api.txt2img(**base)
+    unit = webuiapi.ControlNetUnit(image=image, module="canny", model="control_tiny [0123abcd]",
+                                   weight=1.0)  # fmt: skip
+    controlled = api.txt2img(**base, controlnet_units=[unit])
+    assert controlled.image.tobytes() != plain.image.tobytes()
+    assert "ControlNet 0" in controlled.info["infotexts"][0]
+    missing = webuiapi.ControlNetUnit(image=image, model="nope")
+    with pytest.raises(Exception, match="nope"):
+        api.txt2img(**base, controlnet_units=[missing])

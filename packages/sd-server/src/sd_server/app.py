@@ -33,6 +33,7 @@ from sd_pipeline.previews import latent_preview
 from sd_samplers import SAMPLERS, sampler_label
 from sd_server import generation
 from sd_server.api_models import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
+from sd_server.controlnet import PREPROCESSOR_NAMES, ControlNets
 from sd_server.images import BadInput, decode_image, encode_png
 from sd_server.models import Catalog, Checkpoint
 from sd_server.worker import Job, QueueFull, Worker
@@ -64,6 +65,7 @@ class ServerConfig:
     max_body_bytes: int = 64 * 2**20
     outdir: Path = Path("outputs")
     pipe: StableDiffusion | None = None
+    controlnet_dir: Path | None = None
 
 
 class Server:
@@ -83,6 +85,7 @@ class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.catalog = config.catalog
+        self.controlnets = ControlNets(config.controlnet_dir)
         self.checkpoint: Checkpoint = self.catalog.initial
         pipe = config.pipe or self.checkpoint.load(config.device, config.dtype)
         self.equip(pipe)
@@ -151,7 +154,7 @@ class Server:
 
     async def generate(self, body, task: str, request: Request) -> JSONResponse:
         gen = await run_in_threadpool(
-            generation.build, body, task, self.worker.pipe, self.clip_skip
+            generation.build, body, task, self.worker.pipe, self.clip_skip, self.controlnets
         )
         if gen.warnings:
             log.warning("%s: %s", task, "; ".join(gen.warnings))
@@ -529,6 +532,14 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     async def loras():
         return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
                 for p in server.catalog.loras()]  # fmt: skip
+
+    @app.get("/controlnet/model_list")
+    async def controlnet_models():
+        return {"model_list": server.controlnets.names()}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_modules():
+        return {"module_list": PREPROCESSOR_NAMES}
 
     @app.get(f"{api}/embeddings")
     async def embeddings():

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", type=Path, help="the model to start with (SD 1.x file/folder)")
     p.add_argument("--models-dir", type=Path, help="a folder of checkpoints to switch between")
+    p.add_argument(
+        "--controlnet-dir",
+        type=Path,
+        help="a folder of ControlNet files (the ControlNet extension's API)",
+    )
     p.add_argument("--lora-dir", type=Path, help="a folder of LoRA files (listed at /loras)")
     p.add_argument("--embeddings", type=Path, help="a folder of embeddings (listed at /embeddings)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--queue-size must be at least 0, got {args.queue_size}")
         if not args.max_body_mb > 0:
             raise ValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
-        for flag in ("models_dir", "lora_dir", "embeddings"):
+        for flag in ("models_dir", "lora_dir", "embeddings", "controlnet_dir"):
             folder = getattr(args, flag)
             if folder is not None and not folder.is_dir():
                 raise ValueError(f"--{flag.replace('_', '-')} {folder}: no such folder")
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         catalog = Catalog(args.checkpoint, args.models_dir, args.lora_dir, args.embeddings)
         config = ServerConfig(
             catalog=catalog,
+            controlnet_dir=args.controlnet_dir,
             device=args.device,
             dtype=args.dtype,
             api_auth=auth,

@@ -75,10 +75,15 @@ class Result:
     started: float = field(default_factory=time.time)
 
 
-def build(body, task: str, pipe, clip_skip: int | None) -> Generation:
+def build(body, task: str, pipe, clip_skip: int | None, controlnets=None) -> Generation:
     """Check a txt2img or img2img body against the current model; raises BadInput."""
     noop = IMG2IMG_NOOP if task == "img2img" else TXT2IMG_NOOP
-    warnings = ignored_fields(body.model_extra or {}, noop)
+    extra = dict(body.model_extra or {})
+    scripts = extra.get("alwayson_scripts")
+    if isinstance(scripts, dict) and controlnets is not None:  # the ControlNet extension's
+        extra["alwayson_scripts"] = {k: v for k, v in scripts.items()
+                                     if k.lower() != "controlnet"}  # fmt: skip
+    warnings = ignored_fields(extra, noop)
     prompt = _prompt(body.prompt, "prompt", warnings, pipe.lora_dir)
     negative = _prompt(body.negative_prompt, "negative_prompt", warnings, None)
     clip_skip = _overrides(body.override_settings, clip_skip, warnings)
@@ -94,6 +99,8 @@ def build(body, task: str, pipe, clip_skip: int | None) -> Generation:
         batch_size=body.batch_size,
         clip_skip=clip_skip,
     )
+    if controlnets is not None:
+        fields["controls"] = controlnets.units(scripts, pipe, warnings)
     if task == "img2img":
         fields.update(_images(body, warnings))
     _check_count("n_iter", body.n_iter, body.batch_size)
