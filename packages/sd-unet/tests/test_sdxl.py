@@ -323,11 +323,15 @@ def test_unsupported_diffusers_sdxl_configs_are_refused(field, value, message):
 
 @pytest.mark.slow
 def test_full_size_sdxl_base_matches_diffusers():
-    """SDXL base at full size (2.6 B parameters, 10 GB a side in float32): diffusers' model with
-    random weights, ours loaded from them in the SGM layout; one side's output is kept, then that
-    side freed before the other is built, so that about 21 GB is the peak."""
+    """SDXL base at full size (2.6 B parameters, 10.3 GB in float32): diffusers' model with
+    random weights and its output first, then ours loaded from the same tensors in the SGM
+    layout (diffusers' model dropped: the two share the weights, only our channels_last copies of
+    the convolutions are new), so that the peak is about 13 GB, not both sides' 21."""
     import gc
 
+    available = _available_memory_gb()
+    if available < 16:
+        pytest.skip(f"{available:.1f} GB of memory available; the full-size SDXL test needs 16")
     config = UNetConfig.sdxl()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 32, 32, generator=g)
@@ -355,3 +359,12 @@ def test_full_size_sdxl_base_matches_diffusers():
     err = relative_error(out, ref)
     print(f"full-size SDXL base: max abs {(out - ref).abs().max():.3g}, relative {err:.3g}")
     assert err < 1e-4
+
+
+def _available_memory_gb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return 0.0
