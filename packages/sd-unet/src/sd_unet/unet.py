@@ -4,7 +4,8 @@ Module and parameter names are those of the original CompVis/LDM code, so a chec
 ``model.diffusion_model.*`` tensors load with a prefix strip (see ``weights.py``).
 
     eps = unet(latents, timesteps, context)   # (B, 4, h, w), (B,) or a number, (B, 77, 768)
-    eps = sdxl_unet(latents, timesteps, context, y=sdxl_conditioning(pooled, (1024, 1024)))
+    y = sdxl_conditioning(pooled, (1024, 1024), (0, 0), (1024, 1024))  # sizes, crop, target
+    eps = sdxl_unet(latents, timesteps, context, y=y)   # context (B, 77, 2048)
 
 SDXL (SGM's ``openaimodel.UNetModel``) is the same UNet with a transformer depth per level, no
 attention at the first level, and ``label_emb``: the "added conditioning" ``y`` (the pooled text
@@ -387,7 +388,9 @@ class UNetConfig:
         attention = [2**level in self.attention_resolutions for level in range(levels)]
         for d in per_level:
             if not _is_int(d) or not 0 <= d <= 1024:
-                raise ValueError(f"transformer_depth {depth!r}: each must be a number from 0")
+                raise ValueError(
+                    f"transformer_depth {depth!r}: each must be a whole number, 0 to 1024"
+                )
         used = [d for d, a in zip(per_level, attention) if a]
         if 0 in used:
             raise ValueError(
