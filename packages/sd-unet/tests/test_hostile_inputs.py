@@ -39,7 +39,12 @@ UNINFERABLE = dataclasses.replace(UNetConfig.tiny(), num_heads=4)
 BAD_METADATA = [('{"num_heads": "8"}', "num_heads"), ('{"channel_mult": 4}', "channel_mult"),
                 ('{"heads": 8}', "heads"), ("[1, 2]", "not a JSON object"),
                 ("{", "unreadable"),
-                ('{"num_heads": 8, "num_head_channels": 64}', "exactly one")]  # fmt: skip
+                ('{"num_heads": 8, "num_head_channels": 64}', "exactly one"),
+                ('{"transformer_depth": "2"}', "transformer_depth"),
+                ('{"transformer_depth": [1, 2, 3, 4, 5]}', "one per level"),
+                ('{"transformer_depth": {"a": 1}}', "transformer_depth"),
+                ('{"transformer_depth_middle": [1]}', "transformer_depth_middle"),
+                ('{"adm_in_channels": "2816"}', "adm_in_channels")]  # fmt: skip
 BAD_CONFIG_JSON = [
     ("layers_per_block", [1], "expected an integer"),
     ("in_channels", "4", "expected an integer"),

@@ -2,7 +2,7 @@
 
 from sd_unet._checkpoint import CheckpointError, load_state_dict
 from sd_unet._version import __version__
-from sd_unet.unet import UNet, UNetConfig, compile_frozen
+from sd_unet.unet import UNet, UNetConfig, compile_frozen, sdxl_conditioning
 
 __all__ = [
     "CheckpointError",
@@ -11,4 +11,5 @@ __all__ = [
     "__version__",
     "compile_frozen",
     "load_state_dict",
+    "sdxl_conditioning",
 ]

@@ -4,6 +4,13 @@ Module and parameter names are those of the original CompVis/LDM code, so a chec
 ``model.diffusion_model.*`` tensors load with a prefix strip (see ``weights.py``).
 
     eps = unet(latents, timesteps, context)   # (B, 4, h, w), (B,) or a number, (B, 77, 768)
+    y = sdxl_conditioning(pooled, (1024, 1024), (0, 0), (1024, 1024))  # sizes, crop, target
+    eps = sdxl_unet(latents, timesteps, context, y=y)   # context (B, 77, 2048)
+
+SDXL (SGM's ``openaimodel.UNetModel``) is the same UNet with a transformer depth per level, no
+attention at the first level, and ``label_emb``: the "added conditioning" ``y`` (the pooled text
+embedding and Fourier features of the image sizes and crop, see ``sdxl_conditioning``) mapped
+to the time embedding's width and added to it.
 
 Speed notes (CPU): every activation-sized op that can work in place does (SiLU, residual adds,
 the time embedding add, GEGLU's product), and the model runs in ``channels_last`` when its
@@ -46,8 +53,10 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 def _grow(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """``t`` with its rows repeated to ``batch`` rows, ``[t; t; ...]`` (see "Shared latents")."""
-    if t.shape[0] == batch:
+    """``t`` with its rows repeated to ``batch`` rows, ``[t; t; ...]`` (see "Shared latents");
+    ``t`` itself where it has that many rows already (or more: SDXL's time embedding has one
+    row per context row, so it is ahead of the latents until the first ResBlock)."""
+    if t.shape[0] >= batch:
         return t
     return torch.cat([t] * (batch // t.shape[0]))
 
@@ -62,6 +71,55 @@ def _plus(t: torch.Tensor, residual: torch.Tensor, rows: int, name: str) -> torc
         )
     n = max(t.shape[0], residual.shape[0])
     return _grow(t, n) + _grow(residual.to(t.dtype), n)
+
+
+def sdxl_conditioning(
+    pooled: torch.Tensor,
+    original_size,
+    crop_top_left=(0, 0),
+    target_size=None,
+    *,
+    aesthetic_score=None,
+    embed_dim: int = 256,
+) -> torch.Tensor:
+    """SDXL's added conditioning ``y`` (B, pooled width + n * embed_dim): the pooled text
+    embedding, then each number's sinusoidal embedding (as the timesteps', cos then sin) in the
+    order (original h, w, crop top, left, target h, w) for the base model or (original h, w,
+    crop top, left, aesthetic score) for the refiner: SGM's ``ConcatTimestepEmbedderND``s, and
+    diffusers' ``time_ids`` order.
+
+    ``original_size``, ``crop_top_left`` and ``target_size`` are (h, w) pairs of numbers or
+    (B, 2) tensors; ``aesthetic_score`` a number or a (B,) tensor (6.0 in SGM's and diffusers'
+    refiner defaults; 2.5 for the negative prompt). Give exactly one of ``target_size`` (base)
+    and ``aesthetic_score`` (refiner).
+    """
+    if (target_size is None) == (aesthetic_score is None):
+        raise ValueError(
+            "give target_size (the SDXL base model) or aesthetic_score (the refiner), not "
+            f"{'both' if target_size is not None else 'neither'}"
+        )
+    if pooled.dim() != 2:
+        raise ValueError(f"pooled must be (B, width), got shape {tuple(pooled.shape)}")
+    B, device = pooled.shape[0], pooled.device
+
+    def column(value, width, name):
+        v = torch.as_tensor(value, dtype=torch.float32, device=device)
+        if v.dim() <= 1:  # one row for all (a pair; a score), or a score per row
+            v = v.reshape(-1, 1) if width == 1 else v[None]
+        if v.dim() != 2 or v.shape[0] not in (1, B) or v.shape[1] != width:
+            raise ValueError(
+                f"{name} must be {width} number(s) or a (B={B}, {width}) tensor, got "
+                f"{tuple(torch.as_tensor(value).shape)}"
+            )
+        return v.expand(B, width)
+
+    last = (target_size, 2, "target_size") if aesthetic_score is None else (
+        aesthetic_score, 1, "aesthetic_score")  # fmt: skip
+    numbers = torch.cat(
+        [column(original_size, 2, "original_size"), column(crop_top_left, 2, "crop_top_left"),
+         column(*last)], dim=1)  # fmt: skip
+    fourier = timestep_embedding(numbers.flatten(), embed_dim).reshape(B, -1)
+    return torch.cat([pooled.float(), fourier], dim=1)
 
 
 def group_norm(groups: int, channels: int, eps: float) -> nn.GroupNorm:
@@ -274,8 +332,9 @@ class TimestepEmbedSequential(nn.Sequential):
 
     def forward(self, x, emb, context):
         for layer in self:
-            if isinstance(layer, ResBlock):  # (_grow: where a transformer here grew the batch)
-                x = layer(x, _grow(emb, x.shape[0]))
+            if isinstance(layer, ResBlock):  # (_grow: where a transformer or y grew the batch)
+                rows = max(x.shape[0], emb.shape[0])
+                x = layer(_grow(x, rows), _grow(emb, rows))
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             else:
@@ -295,10 +354,18 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors with attention
     num_heads: int = 8  # SD 1.x: a fixed number of heads per level ...
     num_head_channels: int = -1  # ... SD 2.x: a fixed head width (64), so heads vary per level
-    transformer_depth: int = 1
+    # Transformer blocks per SpatialTransformer: one number for every level with attention, or
+    # one per level (SDXL: (0, 2, 10)); None is 1. Stored as a number where the levels with
+    # attention agree, else one per level with 0 where a level has none (so configs compare).
+    transformer_depth: int | tuple[int, ...] | None = None
+    transformer_depth_middle: int | None = None  # None: the deepest level's (SGM's default)
     context_dim: int = 768  # CLIP ViT-L/14 text width; 1024 for SD 2.x's OpenCLIP ViT-H/14
     use_linear_in_transformer: bool = False  # SD 2.x: linear proj_in/proj_out, not 1x1 convs
     norm_groups: int = 32
+    # SDXL's added conditioning (label_emb): 2816 = 1280 (pooled OpenCLIP bigG text embedding)
+    # + 6 x 256 (sizes and crop) for the base model, 2560 = 1280 + 5 x 256 (sizes, crop and
+    # aesthetic score) for the refiner; 0 for SD 1.x/2.x, which have none.
+    adm_in_channels: int = 0
 
     def __post_init__(self):
         if (self.num_heads == -1) == (self.num_head_channels == -1):
@@ -314,6 +381,44 @@ class UNetConfig:
                     f"model_channels * channel_mult = {channels} is not a multiple of "
                     f"norm_groups={self.norm_groups}"
                 )
+        if not _is_int(self.adm_in_channels) or self.adm_in_channels < 0:
+            raise ValueError(f"adm_in_channels must be 0 or more, got {self.adm_in_channels!r}")
+        # (4, 2, 1) in the CompVis yaml, (1, 2, 4) from the weights: one order, so they compare
+        object.__setattr__(self, "attention_resolutions", tuple(sorted(self.attention_resolutions)))
+        self._normalize_depths()
+
+    def _normalize_depths(self):
+        """Check the depths, and store them in the one form that makes equal configs compare
+        equal (a file's config, a preset's, one inferred from the weights)."""
+        depth, levels = self.transformer_depth, len(self.channel_mult)
+        depth = 1 if depth is None else depth
+        per_level = [depth] * levels if _is_int(depth) else depth
+        if not isinstance(per_level, list | tuple) or len(per_level) != levels:
+            raise ValueError(
+                f"transformer_depth must be a number or one per level ({levels}), got {depth!r}"
+            )
+        attention = [2**level in self.attention_resolutions for level in range(levels)]
+        for d in per_level:
+            if not _is_int(d) or not 0 <= d <= 1024:
+                raise ValueError(
+                    f"transformer_depth {depth!r}: each must be a whole number, 0 to 1024"
+                )
+        used = [d for d, a in zip(per_level, attention) if a]
+        if 0 in used:
+            raise ValueError(
+                f"transformer_depth {depth!r} is 0 at a level with attention "
+                f"(attention_resolutions={self.attention_resolutions})"
+            )
+        middle = self.transformer_depth_middle
+        middle = (used[-1] if used else per_level[-1]) if middle is None else middle
+        if not _is_int(middle) or not 1 <= middle <= 1024:
+            raise ValueError(f"transformer_depth_middle must be 1 or more, got {middle!r}")
+        if len(set(used)) <= 1:
+            depth = used[0] if used else 1
+        else:
+            depth = tuple(d if a else 0 for d, a in zip(per_level, attention))
+        object.__setattr__(self, "transformer_depth", depth)
+        object.__setattr__(self, "transformer_depth_middle", middle)
 
     @classmethod
     def sd15(cls) -> UNetConfig:
@@ -327,6 +432,41 @@ class UNetConfig:
                    use_linear_in_transformer=True)  # fmt: skip
 
     @classmethod
+    def sdxl(cls) -> UNetConfig:
+        """SDXL base (SGM's ``sd_xl_base.yaml``): three levels, attention on the last two with
+        2 and 10 transformer blocks, 2048-wide context (CLIP-L and OpenCLIP bigG side by side),
+        the added conditioning of 2816 numbers."""
+        return cls(channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_heads=-1,
+                   num_head_channels=64, transformer_depth=(0, 2, 10), context_dim=2048,
+                   use_linear_in_transformer=True, adm_in_channels=2816)  # fmt: skip
+
+    @classmethod
+    def sdxl_refiner(cls) -> UNetConfig:
+        """The SDXL refiner (``sd_xl_refiner.yaml``): 384 channels, four levels, attention on the
+        middle two (4 blocks each), OpenCLIP bigG's 1280-wide context, 2560 added numbers."""
+        return cls(model_channels=384, attention_resolutions=(2, 4), num_heads=-1,
+                   num_head_channels=64, transformer_depth=4, context_dim=1280,
+                   use_linear_in_transformer=True, adm_in_channels=2560)  # fmt: skip
+
+    @classmethod
+    def tiny_sdxl(cls) -> UNetConfig:
+        """A small UNet of SDXL's shape, for tests: no attention at the first level, depths 1 and
+        2 after it, 64-wide heads (two per level), a 32-wide pooled embedding + 6 x 256 size numbers."""
+        return cls(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+                   attention_resolutions=(2, 4), num_heads=-1, num_head_channels=64,
+                   transformer_depth=(0, 1, 2), context_dim=48, use_linear_in_transformer=True,
+                   adm_in_channels=32 + 6 * 256)  # fmt: skip
+
+    @classmethod
+    def tiny_sdxl_refiner(cls) -> UNetConfig:
+        """A small UNet of the refiner's shape: four levels, attention on the middle two, a
+        32-wide pooled embedding + 5 x 256 numbers (sizes, crop, aesthetic score)."""
+        return cls(model_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                   attention_resolutions=(2, 4), num_heads=-1, num_head_channels=64,
+                   transformer_depth=2, context_dim=32, use_linear_in_transformer=True,
+                   adm_in_channels=32 + 5 * 256)  # fmt: skip
+
+    @classmethod
     def tiny(cls) -> UNetConfig:
         """A small UNet of the same shape, for tests: three levels, attention on the first two."""
         return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
@@ -336,11 +476,33 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
 
+    def depth(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at ``level`` (0 where it has none)."""
+        if 2**level not in self.attention_resolutions:
+            return 0
+        d = self.transformer_depth
+        return d if _is_int(d) else d[level]
+
+    @property
+    def family(self) -> str:
+        """Which model this is shaped like, for a caller choosing text encoders and conditioning:
+        "sdxl-refiner" (added conditioning = its context's width + 5 x 256: the refiner's pooled
+        embedding is its context's width), "sdxl" (other added conditioning), "sd2" (1024-wide
+        context) or "sd1"."""
+        if self.adm_in_channels:
+            refiner = self.adm_in_channels == self.context_dim + 5 * 256
+            return "sdxl-refiner" if refiner else "sdxl"
+        return "sd2" if self.context_dim == 1024 else "sd1"
+
     def heads(self, channels: int) -> tuple[int, int]:
         """(number of heads, head width) of a transformer over ``channels`` channels."""
         if self.num_head_channels != -1:
             return channels // self.num_head_channels, self.num_head_channels
         return self.num_heads, channels // self.num_heads
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class UNet(nn.Module):
@@ -352,11 +514,15 @@ class UNet(nn.Module):
         self.gradient_checkpointing = False
         mc, ted = c.model_channels, c.time_embed_dim
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        if c.adm_in_channels:  # SGM's num_classes="sequential": a Sequential in a Sequential
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+            )
 
-        def transformer(ch):
+        def transformer(ch, depth):
             heads, head_dim = c.heads(ch)
-            return SpatialTransformer(ch, heads, head_dim, c.transformer_depth, c.context_dim,
-                                      c.norm_groups, c.use_linear_in_transformer)  # fmt: skip
+            return SpatialTransformer(ch, heads, head_dim, depth, c.context_dim, c.norm_groups,
+                                      c.use_linear_in_transformer)  # fmt: skip
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))]
@@ -368,7 +534,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, ted, mc * mult, c.norm_groups)]
                 ch = mc * mult
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, c.depth(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -378,7 +544,7 @@ class UNet(nn.Module):
 
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, ted, ch, c.norm_groups),
-            transformer(ch),
+            transformer(ch, c.transformer_depth_middle),
             ResBlock(ch, ted, ch, c.norm_groups),
         )
 
@@ -388,7 +554,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), ted, mc * mult, c.norm_groups)]
                 ch = mc * mult
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, c.depth(level)))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -410,6 +576,7 @@ class UNet(nn.Module):
         x: torch.Tensor,
         timesteps,
         context: torch.Tensor,
+        y: torch.Tensor | None = None,
         *,
         down_residuals: list[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
@@ -417,6 +584,8 @@ class UNet(nn.Module):
         """x (B, in_channels, h, w), timesteps (B,) or a number, context (B, S, context_dim),
         or (k·B, S, context_dim) for latents shared by k rows (module docstring) -> (k·B, ...).
 
+        ``y``: SDXL's added conditioning (B or k·B, adm_in_channels), ``sdxl_conditioning``'s
+        result; required by an SDXL UNet (``config.adm_in_channels``), refused by the others.
         ``down_residuals`` (one per input block, shaped like its output, with B or k·B rows)
         are added to the skip connections and ``mid_residual`` to the middle block's output:
         a ControlNet's guidance (diffusers' ``down_block_additional_residuals`` and
@@ -434,6 +603,8 @@ class UNet(nn.Module):
             )
         t = t.expand(B)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        if self.config.adm_in_channels or y is not None:
+            emb = self._add_label(emb, y, B, context.shape[0])
         if self._channels_last():
             x = x.contiguous(memory_format=torch.channels_last)
 
@@ -467,6 +638,23 @@ class UNet(nn.Module):
         if mid is not None:
             h = _plus(h, mid, rows, "mid_residual")
         return skips, h
+
+    def _add_label(self, emb, y, B, rows):
+        """The time embedding plus the embedded added conditioning: (B or rows, ted)."""
+        adm = self.config.adm_in_channels
+        if not adm:
+            raise ValueError(
+                "y (added conditioning) given, but this UNet has none (adm_in_channels=0: an "
+                "SD 1.x/2.x UNet); call it without y"
+            )
+        if y is None or y.dim() != 2 or y.shape[0] not in (B, rows) or y.shape[1] != adm:
+            got = "none" if y is None else f"shape {tuple(y.shape)}"
+            raise ValueError(
+                f"this SDXL UNet needs y, the added conditioning, of shape ({B} or {rows}, "
+                f"{adm}) (sd_unet.sdxl_conditioning builds it); got {got}"
+            )
+        label = self.label_emb(y.to(emb.dtype))
+        return label.add_(_grow(emb, label.shape[0]))
 
     def _run(self, block, h, emb, context):
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -40,6 +40,8 @@ SD_PREFIX = "model.diffusion_model."  # the UNet inside a CompVis/SD single-file
 EMA_PREFIX = "model_ema."  # full (non-pruned) checkpoints: EMA weights, names without dots
 PROBE = "input_blocks.0.0.weight"  # a key every UNet has
 CONFIG_METADATA = "sd_unet.config"  # where save() records the config in a .safetensors file
+SDXL_SIZE_EMBED_DIM = 256  # each size/crop/score number's embedding (SGM's outdim, diffusers'
+# addition_time_embed_dim); sdxl_conditioning's default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +150,9 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
     """The UNetConfig whose parameters have these shapes (CompVis names).
 
     Shapes do not tell the number of heads: SD 1.x-style weights (768-wide context, 1x1 conv
-    projections) get 8 heads per level, SD 2.x-style ones 64-channel heads.
+    projections) get 8 heads per level, SD 2.x- and SDXL-style ones (linear projections, or a
+    1024-wide context) 64-channel heads. The transformer depth is counted per level (SDXL:
+    0, 2, 10) and in the middle block; ``label_emb`` gives SDXL's added conditioning width.
     """
 
     def shape(key: str) -> tuple[int, ...]:
@@ -170,7 +174,7 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
     downsamples = [b for b in range(blocks) if f"input_blocks.{b}.0.op.weight" in state]
     num_res_blocks = (downsamples[0] if downsamples else blocks) - 1
     levels = len(downsamples) + 1
-    channel_mult, attention = [], []
+    channel_mult, attention, depths = [], [], []
     for level in range(levels):
         first = 1 + level * (num_res_blocks + 1)
         out_ch = shape(f"input_blocks.{first}.0.out_layers.3.weight")[0]
@@ -180,15 +184,29 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
                 f"channels, not a multiple of model_channels={model_channels}"
             )
         channel_mult.append(out_ch // model_channels)
-        if f"input_blocks.{first}.1.norm.weight" in state:
+        transformer = f"input_blocks.{first}.1"
+        depths.append(_count_blocks(state, transformer))
+        if f"{transformer}.norm.weight" in state:
             attention.append(2**level)
+            if not depths[-1]:
+                raise CheckpointError(
+                    f"{source}: {transformer!r} has a norm but no transformer_blocks.0: not a "
+                    "UNet layout this package knows"
+                )
     proj_in = shape("middle_block.1.proj_in.weight")
     context_dim = shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    depth = 0
-    while f"middle_block.1.transformer_blocks.{depth}.norm1.weight" in state:
-        depth += 1
     linear = len(proj_in) == 2
     sd2_style = linear or context_dim == 1024
+    adm_in_channels = 0
+    if "label_emb.0.0.weight" in state:
+        label = shape("label_emb.0.0.weight")
+        time_embed = shape("time_embed.0.weight")[0]
+        if len(label) != 2 or label[0] != time_embed:
+            raise CheckpointError(
+                f"{source}: 'label_emb.0.0.weight' has shape {label}; expected a linear layer "
+                f"({time_embed}, adm_in_channels) to the time embedding's width"
+            )
+        adm_in_channels = label[1]
     return UNetConfig(
         in_channels=in_channels,
         out_channels=shape("out.2.weight")[0],
@@ -198,10 +216,19 @@ def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
         attention_resolutions=tuple(attention),
         num_heads=-1 if sd2_style else 8,
         num_head_channels=64 if sd2_style else -1,
-        transformer_depth=depth,
+        transformer_depth=tuple(depths),
+        transformer_depth_middle=_count_blocks(state, "middle_block.1"),
         context_dim=context_dim,
         use_linear_in_transformer=linear,
+        adm_in_channels=adm_in_channels,
     )
+
+
+def _count_blocks(state: dict, transformer: str) -> int:
+    depth = 0
+    while f"{transformer}.transformer_blocks.{depth}.norm1.weight" in state:
+        depth += 1
+    return depth
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +253,8 @@ _RESNET = {
 _TOP = {
     "time_embed.0": "time_embedding.linear_1",
     "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1",  # SDXL: addition_embed_type="text_time"
+    "label_emb.0.2": "add_embedding.linear_2",
     "input_blocks.0.0": "conv_in",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
@@ -283,6 +312,25 @@ def diffusers_config(config: UNetConfig) -> dict:
     levels = range(len(c.channel_mult))
     channels = [c.model_channels * m for m in c.channel_mult]
     attn = [2**level in c.attention_resolutions for level in levels]
+    depth = c.transformer_depth
+    if not isinstance(depth, int) or depth != c.transformer_depth_middle:
+        # diffusers gives its middle block the last level's depth: put it there where the last
+        # level has no attention (its value is unused), and 1 at other levels without any
+        depth = [c.depth(level) or 1 for level in levels]
+        if not attn[-1]:
+            depth[-1] = c.transformer_depth_middle
+        elif depth[-1] != c.transformer_depth_middle:
+            raise ValueError(
+                f"diffusers cannot hold a middle depth ({c.transformer_depth_middle}) other than "
+                f"the last level's ({depth[-1]})"
+            )
+    extra = {}
+    if c.adm_in_channels:
+        extra = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": SDXL_SIZE_EMBED_DIM,
+            "projection_class_embeddings_input_dim": c.adm_in_channels,
+        }
     return {
         "_class_name": "UNet2DConditionModel",
         "in_channels": c.in_channels,
@@ -295,10 +343,11 @@ def diffusers_config(config: UNetConfig) -> dict:
         "cross_attention_dim": c.context_dim,
         "attention_head_dim": [c.heads(ch)[0] for ch in channels],  # diffusers: head *count*
         "use_linear_projection": c.use_linear_in_transformer,
-        "transformer_layers_per_block": c.transformer_depth,
+        "transformer_layers_per_block": depth,
         "norm_num_groups": c.norm_groups,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
+        **extra,
     }
 
 
@@ -310,8 +359,17 @@ def config_from_diffusers(d: dict, source: Path | str = "config.json") -> UNetCo
     """
     source = str(source)
     for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim"):
-        if d.get(key):
-            raise CheckpointError(f"{source}: {key}={d[key]!r} is not a Stable Diffusion 1/2 UNet")
+        if d.get(key) and not (key == "addition_embed_type" and d[key] == "text_time"):
+            raise CheckpointError(
+                f"{source}: {key}={d[key]!r} is not a Stable Diffusion 1/2 or SDXL UNet"
+            )
+    for key, expected in (("flip_sin_to_cos", True), ("freq_shift", 0)):
+        if key in d and d[key] != expected:
+            raise CheckpointError(f"{source}: {key}={d[key]!r} unsupported (expected {expected})")
+    if d.get("reverse_transformer_layers_per_block") is not None:
+        raise CheckpointError(
+            f"{source}: reverse_transformer_layers_per_block (an asymmetric UNet) is unsupported"
+        )
 
     def value(name, default, **kwargs):
         return config_value(d, name, default, source, **kwargs)
@@ -334,15 +392,27 @@ def config_from_diffusers(d: dict, source: Path | str = "config.json") -> UNetCo
     if len(heads) != len(channels):
         raise CheckpointError(f"{source}: attention_head_dim {heads}: expected one per level")
     depth = int_or_list("transformer_layers_per_block", 1)
-    if not isinstance(depth, int):
-        if len(set(depth)) != 1:
-            raise CheckpointError(f"{source}: per-level transformer depths {depth} unsupported")
-        depth = depth[0]
+    if not isinstance(depth, int) and len(depth) != len(channels):
+        raise CheckpointError(
+            f"{source}: transformer_layers_per_block {list(depth)}: expected one per level"
+        )
+    middle = depth if isinstance(depth, int) else depth[-1]  # diffusers' mid block takes the last
+    adm_in_channels = 0
+    if d.get("addition_embed_type") == "text_time":
+        size_dim = value("addition_time_embed_dim", 0)
+        if size_dim != SDXL_SIZE_EMBED_DIM:
+            raise CheckpointError(
+                f"{source}: addition_time_embed_dim={size_dim}; SDXL's is {SDXL_SIZE_EMBED_DIM}"
+            )
+        adm_in_channels = value("projection_class_embeddings_input_dim", 0, low=1)
     head_counts = {h for ch, h, kind in zip(channels, heads, down) if "CrossAttn" in kind}
-    if len(head_counts) <= 1:
+    widths = {ch // h for ch, h, kind in zip(channels, heads, down) if "CrossAttn" in kind}
+    # Where both fit (every level with attention as wide), SD 2.x/SDXL-style ones (linear
+    # projections or a 1024-wide context) get a head width, as infer_config gives them
+    sd2_style = d.get("use_linear_projection") is True or d.get("cross_attention_dim") == 1024
+    if len(head_counts) <= 1 and not (sd2_style and len(widths) == 1):
         num_heads, num_head_channels = (head_counts.pop() if head_counts else 8), -1
     else:
-        widths = {ch // h for ch, h, kind in zip(channels, heads, down) if "CrossAttn" in kind}
         if len(widths) != 1:
             raise CheckpointError(f"{source}: heads {heads} fit neither a fixed count nor width")
         num_heads, num_head_channels = -1, widths.pop()
@@ -359,9 +429,11 @@ def config_from_diffusers(d: dict, source: Path | str = "config.json") -> UNetCo
             num_heads=num_heads,
             num_head_channels=num_head_channels,
             transformer_depth=depth,
+            transformer_depth_middle=middle,
             context_dim=value("cross_attention_dim", 768),
             use_linear_in_transformer=value("use_linear_projection", False),
             norm_groups=value("norm_num_groups", 32),
+            adm_in_channels=adm_in_channels,
         )
     except (ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{source}: unsupported UNet config ({e})") from e

@@ -450,12 +450,19 @@ class AutoencoderKLConfig:
     # Latents are multiplied by this before diffusion. 0.18215 is the value CompVis set for the
     # SD 1.x autoencoder (kl-f8), chosen so that the scaled latents have about unit variance
     # (`scale_factor` in v1-inference.yaml); SD 2.x reuses the same autoencoder and value.
+    # SDXL's autoencoder has the same shapes, other weights and 0.13025 (`scale_factor` in SGM's
+    # sd_xl_base.yaml): the weights cannot tell which, so it comes from the caller or a config.
     scaling_factor: float = 0.18215
 
     @classmethod
     def sd15(cls) -> AutoencoderKLConfig:
         """The Stable Diffusion 1.x / 2.x autoencoder (kl-f8, 83.7M parameters)."""
         return cls()
+
+    @classmethod
+    def sdxl(cls) -> AutoencoderKLConfig:
+        """SDXL's autoencoder (base and refiner): the SD shapes, latents scaled by 0.13025."""
+        return cls(scaling_factor=0.13025)
 
     @classmethod
     def tiny(cls) -> AutoencoderKLConfig:
@@ -468,6 +475,8 @@ class AutoencoderKLConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        if not (math.isfinite(self.scaling_factor) and self.scaling_factor > 0):
+            raise ValueError(f"scaling_factor must be a positive number, got {self.scaling_factor}")
         widths = [self.base_channels * m for m in self.channel_mult]
         if any(w % self.norm_groups for w in widths):
             raise ValueError(
@@ -481,7 +490,8 @@ class AutoencoderKL(nn.Module):
     diffusion model).
 
     ``force_float32``: decode in float32 even when the weights are half precision. Without it, a
-    half-precision decode that gives non-finite values is retried in float32.
+    half-precision decode (or encode) that gives non-finite values is retried in float32: SDXL's
+    autoencoder overflows float16 at its usual sizes (diffusers marks it ``force_upcast``).
     """
 
     def __init__(self, config: AutoencoderKLConfig | None = None, *, force_float32: bool = False):
@@ -501,6 +511,8 @@ class AutoencoderKL(nn.Module):
         config: AutoencoderKLConfig | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        scaling_factor: float | None = None,
+        force_float32: bool = False,
     ) -> AutoencoderKL:
         """Load from an SD single file (``.safetensors``, ``.ckpt``, ``.pt``, ``.bin``), a
         standalone VAE file, a diffusers folder (the VAE's, or the model root holding ``vae/``),
@@ -509,10 +521,18 @@ class AutoencoderKL(nn.Module):
 
         The config comes from ``config``, else the file (its safetensors metadata, or a
         diffusers ``config.json``), else the tensor shapes. ``dtype`` defaults to float32 (every
-        floating tensor, whatever the file stores). Bad files raise ``CheckpointError``."""
+        floating tensor, whatever the file stores). Bad files raise ``CheckpointError``.
+
+        ``scaling_factor`` replaces the config's (an SDXL single file: 0.13025, which its
+        tensors cannot tell from SD's 0.18215). ``force_float32``: as the constructor's (not
+        needed for SDXL: an overflowing half-precision decode is retried in float32 anyway; a
+        diffusers ``config.json``'s ``force_upcast`` is not read, as recent diffusers writes
+        it true for every autoencoder)."""
         from sd_vae.weights import load_autoencoder
 
-        return load_autoencoder(path, config=config, dtype=dtype, device=device)
+        return load_autoencoder(path, config=config, dtype=dtype, device=device,
+                                scaling_factor=scaling_factor,
+                                force_float32=force_float32)  # fmt: skip
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a standalone ``.safetensors`` VAE file in the original (CompVis) layout."""
@@ -544,7 +564,7 @@ class AutoencoderKL(nn.Module):
         """
         self._check_images(images)
         images = images.to(self.dtype)
-        moments = partial(self._moments, banded=self._banded(banded))
+        moments = partial(self._safe_moments, banded=self._banded(banded))
         if tile_size is None or max(images.shape[-2:]) <= tile_size:
             return DiagonalGaussianDistribution(moments(images))
         f = self.config.downscale
@@ -591,6 +611,16 @@ class AutoencoderKL(nn.Module):
         latents = latents.contiguous(memory_format=_run_layout(self.decoder.conv_in.weight))
         decoder = self.decoder.forward_banded if banded else self.decoder
         return decoder(self.post_quant_conv(latents)).contiguous()
+
+    def _safe_moments(self, images: torch.Tensor, banded: bool = False) -> torch.Tensor:
+        """Encode in the weights' precision; in float32 where half precision overflowed."""
+        moments = self._moments(images, banded)
+        if self.dtype not in (torch.float16, torch.bfloat16) or torch.isfinite(moments).all():
+            return moments
+        logger.warning("half-precision encode gave non-finite values; retrying in float32")
+        with self._float32(self.encoder, self.quant_conv):
+            moments = self._moments(images.float(), banded)
+        return moments.to(self.dtype)
 
     def _safe_decode(self, latents: torch.Tensor, banded: bool = False) -> torch.Tensor:
         """Decode in the weights' precision; in float32 when forced, or when half precision

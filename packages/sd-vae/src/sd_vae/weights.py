@@ -13,7 +13,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import cache
 from pathlib import Path
 
@@ -224,6 +224,8 @@ def load_autoencoder(
     config: AutoencoderKLConfig | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
+    scaling_factor: float | None = None,
+    force_float32: bool = False,
 ) -> AutoencoderKL:
     """An AutoencoderKL from an SD single file, a standalone VAE file, a diffusers folder, or
     the tensors of either file already read (``load_state_dict``)."""
@@ -238,8 +240,10 @@ def load_autoencoder(
     # A .safetensors file's tensors stay memory-mapped (copied only where the dtype or device
     # changes): a decode pages in the decoder's weights, never the encoder's
     config = config or found_config or config_from_shapes(state, name)
+    if scaling_factor is not None:
+        config = replace(config, scaling_factor=float(scaling_factor))
     with torch.device("meta"):
-        model = AutoencoderKL(config)
+        model = AutoencoderKL(config, force_float32=force_float32)
     expected = model.state_dict()
     common = [k for k in expected if k in state]  # shapes first: the more telling error
     check_state_dict({k: expected[k] for k in common}, {k: state[k] for k in common}, name)
