@@ -424,3 +424,12 @@ def test_save_writes_a_single_file_that_loads_back(tiny_pipe, tmp_path):
     half = tiny_pipe.save(tmp_path / "half.safetensors", dtype="float16")
     with safetensors.safe_open(str(half), "pt") as f:
         assert f.get_tensor(keys[0]).dtype == torch.float16
+
+
+def test_loaded_parts_are_frozen_for_inference(tiny_pipe):
+    """from_checkpoint freezes what it loads (the constructor leaves given parts alone), so
+    calling a step outside run() builds no autograd graph."""
+    for part in (tiny_pipe.vae, tiny_pipe.text_encoder, tiny_pipe.unet):
+        assert not any(p.requires_grad for p in part.parameters()) and not part.training
+    latents = torch.zeros(1, 4, 4, 4)
+    assert tiny_pipe.decode(latents).grad_fn is None

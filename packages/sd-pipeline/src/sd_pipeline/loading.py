@@ -261,4 +261,6 @@ def load_parts(path: Path, vae_path: Path | None, dtype: torch.dtype | None):
         )
     except COMPONENT_ERRORS as e:
         raise CheckpointError(str(e)) from e
+    for part in parts.values():  # loaded for inference: frozen, as the loaders leave them in eval
+        part.requires_grad_(False)
     return parts, family
