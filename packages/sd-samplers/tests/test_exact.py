@@ -13,7 +13,7 @@ import pytest
 import torch
 from _refs import GaussianMixture
 
-import sd_samplers.k_samplers as ks
+import sd_samplers as ks  # the public sampler functions
 from sd_samplers import SAMPLERS, SCHEDULERS, NoiseSchedule, sample
 
 SCHEDULE = NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)

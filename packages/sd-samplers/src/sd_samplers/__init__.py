@@ -6,12 +6,9 @@ from sd_samplers.denoiser import Denoiser, LCMDenoiser, lcm_schedule
 from sd_samplers.k_samplers import (
     get_ancestral_step,
     sample_ddim,
-    sample_ddim_cfg_pp,
     sample_ddpm,
     sample_dpm_2,
     sample_dpm_2_ancestral,
-    sample_dpm_adaptive,
-    sample_dpm_fast,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
     sample_dpmpp_2s_ancestral,
@@ -19,15 +16,20 @@ from sd_samplers.k_samplers import (
     sample_dpmpp_sde,
     sample_euler,
     sample_euler_ancestral,
-    sample_euler_ancestral_cfg_pp,
-    sample_euler_cfg_pp,
     sample_heun,
-    sample_ipndm,
-    sample_lcm,
     sample_lms,
     sample_plms,
-    sample_restart,
     sample_unipc,
+)
+from sd_samplers.newer_samplers import (
+    sample_ddim_cfg_pp,
+    sample_dpm_adaptive,
+    sample_dpm_fast,
+    sample_euler_ancestral_cfg_pp,
+    sample_euler_cfg_pp,
+    sample_ipndm,
+    sample_lcm,
+    sample_restart,
 )
 from sd_samplers.noise import BrownianTreeNoise, GaussianNoise
 from sd_samplers.sampling import (

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sd_samplers import k_samplers as ks
+from sd_samplers import newer_samplers as nk
 from sd_samplers.denoiser import Denoiser, LCMDenoiser, lcm_schedule
 from sd_samplers.schedule import NoiseSchedule
 from sd_samplers.schedulers import SCHEDULERS, Scheduler, scheduler_from_label
@@ -189,22 +190,22 @@ _BASE = {
     "unipc": Sampler(ks.sample_unipc, label="UniPC"),
     # AUTOMATIC1111 passes its "Eta for ancestral samplers" (1.0) to every function taking eta,
     # so its DPM fast and DPM adaptive are ancestral; k-diffusion's own default is eta=0.
-    "dpm_fast": Sampler(ks.sample_dpm_fast, options={"eta": 1.0}, label="DPM fast",
+    "dpm_fast": Sampler(nk.sample_dpm_fast, options={"eta": 1.0}, label="DPM fast",
                         noise="gaussian", own_steps=True, stops_at_sigma_min=True),
-    "dpm_adaptive": Sampler(ks.sample_dpm_adaptive, options={"eta": 1.0}, label="DPM adaptive",
+    "dpm_adaptive": Sampler(nk.sample_dpm_adaptive, options={"eta": 1.0}, label="DPM adaptive",
                             noise="gaussian", own_steps=True, stops_at_sigma_min=True,
                             adaptive=True),
-    "restart": Sampler(ks.sample_restart, ladder="karras", second_order=True, label="Restart",
+    "restart": Sampler(nk.sample_restart, ladder="karras", second_order=True, label="Restart",
                        noise="gaussian", noise_options=("restart_list",), noise_min_steps=20,
                        own_steps=True),
-    "lcm": Sampler(ks.sample_lcm, label="LCM", noise="gaussian", denoiser="lcm"),
-    "euler_cfg_pp": Sampler(ks.sample_euler_cfg_pp, label="Euler CFG++", needs_uncond=True),
-    "euler_a_cfg_pp": Sampler(ks.sample_euler_ancestral_cfg_pp, label="Euler a CFG++",
+    "lcm": Sampler(nk.sample_lcm, label="LCM", noise="gaussian", denoiser="lcm"),
+    "euler_cfg_pp": Sampler(nk.sample_euler_cfg_pp, label="Euler CFG++", needs_uncond=True),
+    "euler_a_cfg_pp": Sampler(nk.sample_euler_ancestral_cfg_pp, label="Euler a CFG++",
                               noise="gaussian", needs_uncond=True),
-    "ddim_cfg_pp": Sampler(ks.sample_ddim_cfg_pp, ladder="compvis", label="DDIM CFG++",
+    "ddim_cfg_pp": Sampler(nk.sample_ddim_cfg_pp, ladder="compvis", label="DDIM CFG++",
                            noise_options=("eta",), needs_uncond=True,
                            cfg_scale_multiplier=1 / 12.5),
-    "ipndm": Sampler(ks.sample_ipndm, label="iPNDM"),
+    "ipndm": Sampler(nk.sample_ipndm, label="iPNDM"),
 }  # fmt: skip
 # the ladder variants AUTOMATIC1111 lists
 _VARIANTS = {
