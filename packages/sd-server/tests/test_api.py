@@ -336,9 +336,11 @@ def test_controlnet_units_as_webuiapi_sends_them(server):
     plain = api.txt2img(**base)
     unit = webuiapi.ControlNetUnit(image=image, module="canny", model="control_tiny [0123abcd]",
                                    weight=1.0)  # fmt: skip
-    controlled = api.txt2img(**base, controlnet_units=[unit])
+    # a fresh alwayson_scripts each call: webuiapi fills its shared default dict in place, so
+    # the unit would ride along with every later request of this process
+    controlled = api.txt2img(**base, controlnet_units=[unit], alwayson_scripts={})
     assert controlled.image.tobytes() != plain.image.tobytes()
     assert "ControlNet 0" in controlled.info["infotexts"][0]
     missing = webuiapi.ControlNetUnit(image=image, model="nope")
     with pytest.raises(Exception, match="nope"):
-        api.txt2img(**base, controlnet_units=[missing])
+        api.txt2img(**base, controlnet_units=[missing], alwayson_scripts={})
