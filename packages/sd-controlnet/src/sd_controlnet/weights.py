@@ -79,7 +79,8 @@ def from_checkpoint(
 
 
 def _read_file(path: Path, base_unet) -> tuple[dict, ControlNetConfig | None, str]:
-    keys = Tensors(path).keys()
+    source = Tensors(path)  # a pickle is read here, once; a safetensors file lazily
+    keys = source.keys()
     if any(k.startswith(("adapter.", "body.")) for k in keys):
         raise CheckpointError(
             f"{path}: a T2I-Adapter file, not a ControlNet; T2I-Adapters are not supported"
@@ -87,7 +88,7 @@ def _read_file(path: Path, base_unet) -> tuple[dict, ControlNetConfig | None, st
     prefix = pick_prefix(keys, (PREFIX, ""), PROBE)
     if prefix is None and DIFFUSERS_PROBE in keys:
         # a single file in diffusers' names, as many SDXL ControlNets are published
-        theirs = load_tensors(path)
+        theirs = source.read()
         config = config_from_diffusers(_diffusers_config_from_keys(theirs, path), path)
         return _to_ours(theirs, config, path), config, str(path)
     if prefix is None:
@@ -95,7 +96,7 @@ def _read_file(path: Path, base_unet) -> tuple[dict, ControlNetConfig | None, st
             f"{path}: no ControlNet in this file: expected '{PREFIX}{PROBE}' or '{PROBE}' (a "
             f"ControlNet's hint encoder); found {len(keys)} keys, such as {keys[:3]}"
         )
-    tensors = load_tensors(path, prefix)
+    tensors = source.read(prefix)
     if DIFFERENCE_KEY in keys:
         tensors = _add_base(tensors, base_unet, path)
     elif base_unet is not None:
@@ -154,11 +155,11 @@ def _base_state(base_unet) -> Mapping[str, torch.Tensor]:
     if isinstance(base_unet, Mapping):
         return base_unet
     if isinstance(base_unet, (str, os.PathLike)):
-        keys = Tensors(base_unet).keys()
-        prefix = pick_prefix(keys, (UNET_PREFIX, ""), "input_blocks.0.0.weight")
+        source = Tensors(base_unet)
+        prefix = pick_prefix(source.keys(), (UNET_PREFIX, ""), "input_blocks.0.0.weight")
         if prefix is None:
             raise CheckpointError(f"{base_unet}: no UNet in this file (base_unet=)")
-        return load_tensors(base_unet, prefix)
+        return source.read(prefix)
     raise TypeError(
         f"base_unet must be a UNet module, a state dict or a checkpoint path, not "
         f"{type(base_unet).__name__}"

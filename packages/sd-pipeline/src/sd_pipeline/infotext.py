@@ -4,10 +4,17 @@ them."""
 
 from __future__ import annotations
 
+from sd_pipeline.metadata import GenerationParameters
 from sd_pipeline.request import HIRES_UPSCALER_LABELS, GenerationRequest
 from sd_samplers import sampler_label
 
-__all__ = ["control_fields", "denoising_strength", "extra_fields", "variation_fields"]
+__all__ = [
+    "control_fields",
+    "denoising_strength",
+    "extra_fields",
+    "image_parameters",
+    "variation_fields",
+]
 
 
 def denoising_strength(request: GenerationRequest) -> float | None:
@@ -62,3 +69,31 @@ def control_fields(request: GenerationRequest) -> dict[str, str]:
         ]  # fmt: skip
         fields[f"ControlNet {i}"] = ", ".join(parts)
     return fields
+
+
+def image_parameters(
+    request: GenerationRequest, extra: dict[str, str], model_hash: str | None, model: str | None
+) -> list[GenerationParameters]:
+    """Each image's parameters, as its PNG records them: the request's settings, the
+    pipeline's ``extra`` fields, and the image's own seeds."""
+    return [
+        GenerationParameters(
+            prompt=prompt,
+            negative_prompt=negative,
+            steps=request.steps,
+            sampler=request.sampler,
+            scheduler=request.scheduler,
+            cfg_scale=float(request.guidance_scale),
+            seed=seed,
+            width=request.width,
+            height=request.height,
+            model_hash=model_hash,
+            model=model,
+            denoising_strength=denoising_strength(request),
+            clip_skip=request.clip_skip,
+            extra={**extra, **variation_fields(request, subseed)},
+        )
+        for (prompt, negative), seed, subseed in zip(
+            request.image_prompts, request.seeds, request.subseeds
+        )
+    ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["RNG_SOURCES", "image_noise", "philox_randn", "randn", "slerp"]
+__all__ = ["RNG_SOURCES", "image_noise", "philox_randn", "randn", "request_noise", "slerp"]
 
 RNG_SOURCES = ("cpu", "gpu", "nv")
 
@@ -130,3 +130,23 @@ def image_noise(
     ty, tx, sy, sx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
     out[:, ty : ty + h, tx : tx + w] = noise[:, sy : sy + h, sx : sx + w]
     return out
+
+
+def request_noise(request, i: int, seed: int, generator, shape, scale: int, device):
+    """Image i of a request's starting noise (C, H, W): its seed's, with the request's seed
+    extras and RNG source. ``generator`` (image i's, which then gives the sampler its noise)
+    draws one noise of the image's shape first, whatever the recipe, as AUTOMATIC1111's
+    per-image generators do; ``scale`` is pixels per latent."""
+    plain = torch.randn(shape, generator=generator)
+    if (request.rng, request.subseed_strength, request.seed_resize_from) == ("cpu", 0, None):
+        return plain
+    resize = request.seed_resize_from
+    return image_noise(
+        seed,
+        shape,
+        subseed=request.subseeds[i],
+        subseed_strength=request.subseed_strength,
+        resize_from=None if resize is None else (resize[1] // scale, resize[0] // scale),
+        source=request.rng,
+        device=device,
+    )

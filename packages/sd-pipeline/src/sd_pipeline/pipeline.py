@@ -35,7 +35,7 @@ from sd_pipeline.images import (
 )
 from sd_pipeline.loading import GENERATION_DEFAULTS, bundled_checkpoint, resolve_dtype
 from sd_pipeline.metadata import GenerationParameters, file_sha256, model_hash
-from sd_pipeline.noise import image_noise
+from sd_pipeline.noise import request_noise
 from sd_pipeline.placement import Placement
 from sd_pipeline.request import GenerationRequest, RequestError, random_seed
 from sd_pipeline.tasks import Tasks
@@ -317,7 +317,7 @@ class StableDiffusion(Tasks, Adapters, Placement):
         if latents is not None:
             noise = torch.as_tensor(latents).float().cpu()
         else:
-            noise = torch.stack([self._image_noise(request, i, seed, g, shape)
+            noise = torch.stack([request_noise(request, i, seed, g, shape, self.scale, self.device)
                                  for i, (seed, g) in enumerate(zip(seeds, generators))])  # fmt: skip
         start = Start(noise=noise.to(self.device), generators=generators)
         if request.controls:
@@ -338,26 +338,6 @@ class StableDiffusion(Tasks, Adapters, Placement):
         if request.mask is not None:
             self._prepare_mask(request, start, size)
         return start
-
-    def _image_noise(self, request, i: int, seed: int, generator, shape) -> torch.Tensor:
-        """Image i's starting noise. The generator that then gives the sampler its noise has
-        drawn one noise of the image's shape first, whatever the noise's recipe, as
-        AUTOMATIC1111's per-image generators have."""
-        plain = torch.randn(shape, generator=generator)
-        if (request.rng, request.subseed_strength, request.seed_resize_from) == ("cpu", 0, None):
-            return plain
-        resize = request.seed_resize_from
-        return image_noise(
-            seed,
-            shape,
-            subseed=request.subseeds[i],
-            subseed_strength=request.subseed_strength,
-            resize_from=None
-            if resize is None
-            else (resize[1] // self.scale, resize[0] // self.scale),
-            source=request.rng,
-            device=self.device,
-        )
 
     def _prepare_mask(self, request: GenerationRequest, start: Start, size) -> None:
         mask = request.mask
@@ -509,27 +489,7 @@ class StableDiffusion(Tasks, Adapters, Placement):
         loras = dict(self._loras + self._prompt_loras)
         if loras:
             extra["Lora hashes"] = lora_glue.lora_hashes(loras.items())
-        return [
-            GenerationParameters(
-                prompt=prompt,
-                negative_prompt=negative,
-                steps=request.steps,
-                sampler=request.sampler,
-                scheduler=request.scheduler,
-                cfg_scale=float(request.guidance_scale),
-                seed=seed,
-                width=request.width,
-                height=request.height,
-                model_hash=self.model_hash,
-                model=self.name,
-                denoising_strength=infotext.denoising_strength(request),
-                clip_skip=request.clip_skip,
-                extra={**extra, **infotext.variation_fields(request, subseed)},
-            )
-            for (prompt, negative), seed, subseed in zip(
-                request.image_prompts, request.seeds, request.subseeds
-            )
-        ]
+        return infotext.image_parameters(request, extra, self.model_hash, self.name)
 
     # properties and helpers of the steps
 
