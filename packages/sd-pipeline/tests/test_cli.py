@@ -248,7 +248,8 @@ def test_batch_count_grid_and_previews(run, tmp_path):
     seeds = sorted(read_parameters(p).seed for p in written[:4])
     assert seeds == [1, 2, 3, 4]
     assert Image.open(written[-1]).size == (32, 32)
-    assert Image.open(preview).size == (2, 2)  # latent resolution of the first image
+    # the tiny model's VAE is not SD's, so no cheap table fits it: the preview is its decode
+    assert Image.open(preview).size == (16, 16)
 
 
 def test_bad_feature_flags(run, tmp_path):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
 from sd_pipeline import StopSampling
-from sd_pipeline.previews import cheap_preview, latent_preview
+from sd_pipeline.previews import cheap_preview, latent_preview, latent_space
 
 # AUTOMATIC1111's cheap_approximation table for SD 1.x latents, typed from its source.
 A1111_SD1 = [
@@ -29,6 +32,33 @@ def test_cheap_preview_is_the_linear_map():
     assert latent_preview(latents)[0].size == (5, 6)  # latent resolution by default
     with pytest.raises(ValueError, match="unknown latent space 'sd3'"):
         cheap_preview(latents, "sd3")
+
+
+def test_the_cheap_table_is_chosen_by_the_vae_it_was_fitted_to():
+    from types import SimpleNamespace
+
+    from sd_vae import AutoencoderKLConfig
+
+    def space(config):
+        return latent_space(SimpleNamespace(config=config))
+
+    assert space(AutoencoderKLConfig.sd15()) == "sd1"
+    assert space(AutoencoderKLConfig.sdxl()) == "sdxl"
+    assert space(AutoencoderKLConfig.tiny()) is None  # another latent space: no table
+    assert space(dataclasses.replace(AutoencoderKLConfig.sd15(), scaling_factor=0.5)) is None
+
+
+def test_previews_without_a_table_are_the_vaes_own_decode(tiny_pipe):
+    """On a model whose VAE no cheap table fits, the preview of the last step is the image."""
+    from sd_pipeline.previews import preview_callback
+
+    got = []
+    callback = preview_callback(lambda d, pictures: got.append(pictures[0]), vae=tiny_pipe.vae)
+    image = tiny_pipe.txt2img("x", seed=0, steps=3, sampler="euler", callback=callback,
+                              progress=False)[0]  # fmt: skip
+    assert len(got) == 3 and got[-1].size == image.size
+    difference = np.abs(np.asarray(got[-1], float) - np.asarray(image, float))
+    assert difference.max() <= 1  # the same decode, up to rounding to 8 bits
 
 
 def test_a_callback_can_stop_the_run_and_get_what_there_is(tiny_pipe):

@@ -7,6 +7,12 @@ preview, so a callback can show every step; the picture is at latent resolution 
 image's side) and only roughly right in colour. Given TAESD's decoder weights
 (``sd_vae.TinyDecoder.from_checkpoint("taesd_decoder.pth")``), previews are full-size and close
 to the real decode, at a small fraction of the VAE's cost.
+
+The table only fits the VAE it was fitted to: on another latent space (the bundled model's own
+small VAE, say) its colours are wrong, even inverted. :func:`latent_space` tells from a VAE's
+shape and scaling factor which table applies, if any; where none does, previews decode with the
+model's own VAE (AUTOMATIC1111's "Full" preview), which is exact and, for such small VAEs,
+cheap.
 """
 
 from __future__ import annotations
@@ -18,7 +24,13 @@ from PIL import Image
 
 from sd_pipeline.images import tensor_to_pil
 
-__all__ = ["CHEAP_COEFFICIENTS", "cheap_preview", "latent_preview", "preview_callback"]
+__all__ = [
+    "CHEAP_COEFFICIENTS",
+    "cheap_preview",
+    "latent_preview",
+    "latent_space",
+    "preview_callback",
+]
 
 # (latent channel, RGB) for scaled latents (as the sampler sees them), giving [-1, 1] pixels.
 CHEAP_COEFFICIENTS = {
@@ -37,6 +49,22 @@ CHEAP_COEFFICIENTS = {
 }
 
 
+# The SD autoencoder's shape (SD 1.x, 2.x and SDXL share it) and each family's latent scale.
+_SD_VAE_SHAPE = {"base_channels": 128, "channel_mult": (1, 2, 4, 4), "num_res_blocks": 2}
+_SPACE_BY_SCALE = {0.18215: "sd1", 0.13025: "sdxl"}
+
+
+def latent_space(vae: torch.nn.Module) -> str | None:
+    """The :data:`CHEAP_COEFFICIENTS` table for ``vae``'s latents: ``"sd1"`` or ``"sdxl"`` for
+    an autoencoder of SD's shape and scale, else None (no table fits; decode to preview)."""
+    config = getattr(vae, "config", None)
+    if config is None or getattr(config, "latent_channels", None) != 4:
+        return None
+    if any(getattr(config, k, None) != v for k, v in _SD_VAE_SHAPE.items()):
+        return None
+    return _SPACE_BY_SCALE.get(round(float(getattr(config, "scaling_factor", 0.0)), 5))
+
+
 def cheap_preview(latents: torch.Tensor, space: str = "sd1") -> torch.Tensor:
     """Approximate images (B, 3, h, w) in [-1, 1] from scaled latents (B, 4, h, w)."""
     if space not in CHEAP_COEFFICIENTS:
@@ -53,16 +81,23 @@ def latent_preview(
     space: str = "sd1",
     size: tuple[int, int] | None = None,
     decoder: torch.nn.Module | None = None,
+    vae: torch.nn.Module | None = None,
 ) -> list[Image.Image]:
-    """Previews as PIL images: :func:`cheap_preview`, or with ``decoder`` (a TAESD
-    ``sd_vae.TinyDecoder``) the tiny autoencoder's pictures at full size; resized to ``size``
-    (width, height) when given."""
-    if decoder is None:
+    """Previews as PIL images: :func:`cheap_preview`; with ``decoder`` (a TAESD
+    ``sd_vae.TinyDecoder``) the tiny autoencoder's pictures at full size; with ``vae`` (an
+    ``sd_vae.AutoencoderKL``, whose ``decode`` takes unscaled latents) the real decode.
+    Resized to ``size`` (width, height) when given."""
+    if decoder is None and vae is None:
         pictures = tensor_to_pil(cheap_preview(latents, space))
     else:
-        weight = next(decoder.parameters())
+        weight = next((decoder or vae).parameters())
+        latents = latents.to(weight.device, weight.dtype)
         with torch.inference_mode():
-            pictures = tensor_to_pil(decoder(latents.to(weight.device, weight.dtype)).float())
+            if decoder is not None:
+                images = decoder(latents)
+            else:
+                images = vae.decode(latents / vae.config.scaling_factor)
+        pictures = tensor_to_pil(images.float().clamp(-1.0, 1.0))
     if size is not None:
         pictures = [p.resize(size, Image.Resampling.BILINEAR) for p in pictures]
     return pictures
@@ -73,15 +108,17 @@ def preview_callback(
     every: int = 1,
     decoder: torch.nn.Module | None = None,
     space: str = "sd1",
+    vae: torch.nn.Module | None = None,
 ) -> Callable[[dict], None]:
     """A step callback for ``StableDiffusion.run``/``txt2img`` that calls
     ``on_preview(d, pictures)`` every ``every`` steps with previews of the current estimates
-    (``d`` is sd-samplers' step dict); it may raise ``StopSampling`` as any callback may."""
+    (``d`` is sd-samplers' step dict), made as :func:`latent_preview` makes them; it may raise
+    ``StopSampling`` as any callback may."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive integer, got {every!r}")
 
     def callback(d: dict) -> None:
         if d["i"] % every == 0:
-            on_preview(d, latent_preview(d["denoised"], space, decoder=decoder))
+            on_preview(d, latent_preview(d["denoised"], space, decoder=decoder, vae=vae))
 
     return callback
