@@ -96,6 +96,8 @@ def bench(session: nox.Session) -> None:
     """Side-by-side timings against diffusers (not tests): `nox -s bench -- --help`."""
     session.install("-c", CONSTRAINTS, *(str(ROOT / "packages" / p) for p in PACKAGES))
     session.install("-c", CONSTRAINTS, "diffusers", "transformers>=5")
+    if "--sdcpp" in session.posargs:  # builds stable-diffusion.cpp from source (CMake)
+        session.install("-c", CONSTRAINTS, "stable-diffusion-cpp-python")
     session.run("python", "benchmarks/run.py", *session.posargs)
 
 

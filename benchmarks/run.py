@@ -45,12 +45,19 @@ class Benchmark:
     flops: callable | None = None  # (args) -> FLOPs of one call: GFLOP/s and share of the peak
     images: int = 0  # images made per call: images/s too
     compiled: callable | None = None  # the "ours-compiled" side (torch.compile), with --compile
+    sdcpp: dict[str, callable] = field(default_factory=dict)  # stable-diffusion.cpp, with --sdcpp
 
-    def side_names(self, compile: bool = False) -> list[str]:
-        return [*self.sides, *(["ours-compiled"] if compile and self.compiled else [])]
+    def side_names(self, compile: bool = False, sdcpp: bool = False) -> list[str]:
+        return [
+            *self.sides,
+            *(["ours-compiled"] if compile and self.compiled else []),
+            *(self.sdcpp if sdcpp else []),
+        ]
 
     def side(self, name: str) -> callable:
-        return self.compiled if name == "ours-compiled" else self.sides[name]
+        if name == "ours-compiled":
+            return self.compiled
+        return self.sdcpp[name] if name in self.sdcpp else self.sides[name]
 
 
 REGISTRY: dict[str, Benchmark] = {}
@@ -507,6 +514,32 @@ def _txt2img_diffusers(args: dict):
     return run
 
 
+def _txt2img_sdcpp(weight_type: str):
+    """stable-diffusion.cpp (through stable-diffusion-cpp-python, built from source: optional,
+    `pip install stable-diffusion-cpp-python`) on the same single file, its weights kept as
+    they are (f32) or quantized on load (q8_0). Its Euler sampler: each step is the same two
+    UNet calls as DDIM's, so the sampler does not weigh on the comparison."""
+
+    def side(args: dict):
+        try:
+            from stable_diffusion_cpp import StableDiffusion
+        except ImportError as e:
+            raise SystemExit("--sdcpp needs: pip install stable-diffusion-cpp-python") from e
+        if _device(args) != "cpu" or args.get("dtype", "float32") != "float32":
+            raise SystemExit("--sdcpp runs on the CPU in float32 weights (f32 or q8_0) only")
+        side_px = args["image"]
+        model = StableDiffusion(model_path=args["weights"], wtype=weight_type,
+                                n_threads=args["threads"], verbose=False)  # fmt: skip
+
+        def run():
+            return model.generate_image(PROMPT, width=side_px, height=side_px, sample_steps=20,
+                                        cfg_scale=7.5, sample_method="euler", seed=0)  # fmt: skip
+
+        return run
+
+    return side
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading: a full-size single file into StableDiffusion.from_checkpoint, against reading the
 # same file with safetensors alone (the floor: goal ratio <= 1.2)
@@ -594,6 +627,7 @@ register(
         sides={"ours": _txt2img_ours, "diffusers": _txt2img_diffusers},
         images=1,
         compiled=_txt2img_ours_compiled,
+        sdcpp={"sdcpp-f32": _txt2img_sdcpp("f32"), "sdcpp-q8_0": _txt2img_sdcpp("q8_0")},
     )
 )
 register(
@@ -840,10 +874,13 @@ def _table(summaries: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        for side, label in (("ours", ""), ("ours-compiled", " (torch.compile)")):
+        # ours against the baseline, and against stable-diffusion.cpp where it was timed
+        pairs = [("ours", s["baseline"], ""), ("ours-compiled", s["baseline"], " (torch.compile)")]
+        pairs += [("ours", side, "") for side in s["sides"] if side.startswith("sdcpp")]
+        for side, reference, label in pairs:
             if side not in s["sides"]:
                 continue
-            o, b = s["sides"][side], s["sides"][s["baseline"]]
+            o, b = s["sides"][side], s["sides"][reference]
             inputs = s.get("inputs", {})  # results from before --size: full size
             size = s.get("size", "full") + (
                 f", {inputs['image']} px" if inputs.get("image") else ""
@@ -852,8 +889,8 @@ def _table(summaries: list[dict]) -> str:
                 size += f", {_setting(s)}"
             lines.append(
                 f"| {s['benchmark']}{label} | {size} | {o['median_s']:.3f} s ({o['min_s']:.3f}-"
-                f"{o['max_s']:.3f}) | {s['baseline']} | {b['median_s']:.3f} s ({b['min_s']:.3f}-"
-                f"{b['max_s']:.3f}) | {o['ratio']:.3f} | {o['peak_rss_gb']:.2f} GB | "
+                f"{o['max_s']:.3f}) | {reference} | {b['median_s']:.3f} s ({b['min_s']:.3f}-"
+                f"{b['max_s']:.3f}) | {o['median_s'] / b['median_s']:.3f} | {o['peak_rss_gb']:.2f} GB | "
                 f"{b['peak_rss_gb']:.2f} GB | {o['peak_rss_gb'] / b['peak_rss_gb']:.2f} | {_notes(o, b)} |"
             )
     return "\n".join(lines) + "\n"
@@ -902,6 +939,9 @@ def main(argv=None) -> None:
                    help="weights and inputs (default float32; float16, bfloat16 on a GPU)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="also time our side through torch.compile (unet, txt2img): 'ours-compiled'")  # fmt: skip
+    p.add_argument("--sdcpp", action="store_true",
+                   help="also time stable-diffusion.cpp on txt2img, f32 and q8_0 (needs "
+                        "`pip install stable-diffusion-cpp-python`; full size only)")  # fmt: skip
     p.add_argument("--workdir", type=Path, help="where shared inputs (weights) are cached")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--markdown", action="store_true",
@@ -949,8 +989,8 @@ def main(argv=None) -> None:
     opts.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         bench = REGISTRY[name]
-        args = {**bench.prepare(workdir, opts), **setting}
-        runs = {side: [] for side in bench.side_names(opts.compile)}
+        args = {**bench.prepare(workdir, opts), **setting, "threads": opts.threads}
+        runs = {side: [] for side in bench.side_names(opts.compile, opts.sdcpp)}
         peaks = []  # the matmul's GFLOP/s, once a round, beside a FLOP-counted benchmark
         for i in range(opts.rounds):
             if bench.flops and name != "matmul":
