@@ -237,3 +237,15 @@ def test_single_file_equals_the_diffusers_folder(sd2, tmp_path):
     from_folder = _ours(folder, "euler", 4)
     assert (from_file - from_folder).abs().max() <= 1e-6 * from_folder.abs().max()
     assert _images_rel(folder, ref, from_folder, _theirs(ref, 4), "folder v euler") < REL_TOL
+
+
+def test_rescale_guidance_equals_diffusers_rescale_noise_cfg():
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    from sd_pipeline.guidance import rescale_guidance
+
+    g = torch.Generator().manual_seed(0)
+    guided, positive = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    for phi in (0.0, 0.7, 1.0):
+        expected = rescale_noise_cfg(guided * 3, positive, guidance_rescale=phi)
+        torch.testing.assert_close(rescale_guidance(guided * 3, positive, phi), expected)

@@ -42,6 +42,7 @@ __all__ = [
     "infer_model_kind",
     "kind_options",
     "probe_v_prediction",
+    "v_prediction_score",
 ]
 
 logger = logging.getLogger(__name__)
@@ -111,10 +112,15 @@ def infer_model_kind(unet: UNet, keys: Iterable[str] = ()) -> ModelKind | None:
     return ModelKind(family, inpainting, prediction)
 
 
-@torch.inference_mode()
 def probe_v_prediction(unet: UNet) -> bool:
-    """AUTOMATIC1111's test for a v-prediction SD 2.x UNet (see the module docstring): one
-    UNet call on an 8x8 latent, in the UNet's own dtype and device."""
+    """AUTOMATIC1111's test for a v-prediction SD 2.x UNet (see the module docstring)."""
+    return v_prediction_score(unet) < PROBE_THRESHOLD
+
+
+@torch.inference_mode()
+def v_prediction_score(unet: UNet) -> float:
+    """mean(UNet(x, 999, context) - x) for x and context all 0.5: about 0 for an epsilon model,
+    below -1 for a v model. One UNet call on an 8x8 latent, in the UNet's dtype and device."""
     weight = next(unet.parameters())
     like = dict(dtype=weight.dtype, device=weight.device)
     side, channels = PROBE_LATENT_SIDE, unet.config.in_channels
@@ -122,7 +128,7 @@ def probe_v_prediction(unet: UNet) -> bool:
     context = torch.full((1, PROBE_TOKENS, unet.config.context_dim), PROBE_VALUE, **like)
     t = torch.tensor([PROBE_TIMESTEP], device=weight.device)
     out = unet(x, t, context).float()
-    return (out - PROBE_VALUE).mean().item() < PROBE_THRESHOLD
+    return (out - PROBE_VALUE).mean().item()
 
 
 def kind_options(unet: UNet, keys: Iterable[str], known: dict) -> dict:
