@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import write_checkpoint
-from test_sd2_parity import sd2_configs, sd2_state, write_sd2
 from test_parity import diffusers_unet
+from test_sd2_parity import sd2_configs, sd2_state, write_sd2
 
 from sd_pipeline import CheckpointError, StableDiffusion, model_kind
 
@@ -95,13 +95,13 @@ def test_sd2_inpainting_is_epsilon_512(tmp_path, no_probe):
 
 def test_depth_and_unclip_are_refused_by_name(tmp_path):
     depth = write_sd2(tmp_path / "depth.safetensors", in_channels=5)
-    with pytest.raises(CheckpointError, match="SD 2.x depth-to-image model .*not supported"):
+    with pytest.raises(CheckpointError, match=r"SD 2\.x depth-to-image model .*not supported"):
         _load(depth)
     unclip = write_sd2(tmp_path / "unclip.safetensors", **{
         "embedder.model.visual.conv1.weight": torch.zeros(8, 3, 14, 14),
         "noise_augmentor.betas": torch.zeros(1000),
     })  # fmt: skip
-    with pytest.raises(CheckpointError, match="SD 2.x unCLIP model .*not supported"):
+    with pytest.raises(CheckpointError, match=r"SD 2\.x unCLIP model .*not supported"):
         _load(unclip)
 
 
