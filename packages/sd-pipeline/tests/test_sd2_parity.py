@@ -224,12 +224,7 @@ def test_single_file_equals_the_diffusers_folder(sd2, tmp_path):
     single file, and the folder's image equals diffusers' own."""
     pipe, parts, _ = sd2
     ref = _reference(parts, _scheduler("euler"))
-    ref.save_pretrained(tmp_path / "sd2-v")
-    # as the SD 2.x repositories hold it (transformers 5 writes tokenizer.json alone, which
-    # sd-clip does not read yet): vocab.json, merges.txt and the pad token's "!"
-    tokenizer = tmp_path / "sd2-v" / "tokenizer"
-    CLIPTokenizer().save(tokenizer)
-    (tokenizer / "special_tokens_map.json").write_text('{"pad_token": "!"}')
+    ref.save_pretrained(tmp_path / "sd2-v")  # (its tokenizer: transformers 5's tokenizer.json)
     folder = StableDiffusion.from_checkpoint(tmp_path / "sd2-v", device="cpu")
     assert folder.prediction == "v" and folder.tokenizer.pad_id == 0
     assert folder.native_size == SIZE  # the unet config's sample_size
