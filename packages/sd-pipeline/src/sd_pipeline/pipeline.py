@@ -11,7 +11,6 @@ encode prompt, prepare latents, denoise, decode, postprocess.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -456,8 +455,9 @@ class StableDiffusion(Tasks, Adapters, Placement):
 
     def sampling_schedule(self, request: GenerationRequest) -> NoiseSchedule:
         """The schedule a request samples on: the model's, or (``zero_terminal_snr``) that
-        rescaled to zero terminal SNR (``NoiseSchedule.zero_terminal_snr``), made once."""
-        return _zero_snr(self.schedule) if request.zero_terminal_snr else self.schedule
+        rescaled to zero terminal SNR (``NoiseSchedule.zero_terminal_snr``: a 1000-entry
+        table, cheap to make per call)."""
+        return self.schedule.zero_terminal_snr() if request.zero_terminal_snr else self.schedule
 
     def _row_noise(self, kind: str, start: Start, schedule: NoiseSchedule) -> Callable:
         """noise(sigma, sigma_next) for a batch: row i drawn from image i's generator."""
@@ -581,11 +581,6 @@ def random_tiny(
     return StableDiffusion.from_components(
         **parts, native_size=64, device=device, dtype=dtype, name="random-tiny"
     )
-
-
-@functools.lru_cache(maxsize=4)  # (a NoiseSchedule hashes by identity)
-def _zero_snr(schedule: NoiseSchedule) -> NoiseSchedule:
-    return schedule.zero_terminal_snr()
 
 
 def _default_device() -> torch.device:
