@@ -64,3 +64,18 @@ def test_prediction_flag_overrides_the_files(run, tmp_path):  # noqa: F811
     code, _, err = run("a cat", "-o", str(v), *SIZE, "--prediction", "v")
     assert code == 0, err
     assert np.abs(_pixels(eps) - _pixels(v)).max() > 0
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(guidance_rescale=float("nan")), "guidance_rescale must be a finite number"),
+        (dict(guidance_rescale=-0.1), r"guidance_rescale must be in \[0, 1\]"),
+        (dict(zero_terminal_snr="yes"), "zero_terminal_snr must be True or False"),
+    ],
+)
+def test_request_checks_the_new_fields(fields, message):
+    from sd_pipeline.request import GenerationRequest, RequestError
+
+    with pytest.raises(RequestError, match=message):
+        GenerationRequest(**fields).check()

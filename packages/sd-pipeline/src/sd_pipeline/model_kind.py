@@ -22,7 +22,10 @@ parameterisation, so the prediction is decided by the first rule that applies:
 The native size is 768 for SD 2.x v-prediction models (SD 2.x-768-v), 512 for every other
 (SD 1.x, SD 2.x base, SD 2.x inpainting), unless the files record one. SD 2.x depth-to-image
 (5 input channels and a MiDaS model) and unCLIP (an image embedder and ``label_emb``) need
-inputs this pipeline does not make: they are refused by name.
+inputs this pipeline does not make: they are refused by name. Tensor names are read from a
+``.safetensors`` header; for a pickle (``.ckpt``) only the UNet's config speaks, so its
+``v_pred`` marker goes unseen and an unCLIP model is known by its ``label_emb`` beside the
+1024-wide context.
 """
 
 from __future__ import annotations
