@@ -39,8 +39,14 @@ def tiny_components(in_channels: int = 4, seed: int = 0):
     zero-initialised output layers would make every prediction 0), and the VAE posterior's
     log-variance pinned to -30 so that sampling it equals its mean (diffusers samples it)."""
     vae_config, text_config, unet_config = tiny_configs(in_channels)
-    g = torch.Generator().manual_seed(seed)
     parts = AutoencoderKL(vae_config), CLIPTextModel(text_config), UNet(unet_config)
+    return randomize(parts, seed)
+
+
+def randomize(parts, seed: int = 0):
+    """``parts`` (VAE, text encoder, UNet) given random weights in place, as
+    :func:`tiny_components` describes; returns them."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for part in parts:
             for name, p in part.named_parameters():
@@ -50,7 +56,7 @@ def tiny_components(in_channels: int = 4, seed: int = 0):
                 elif name.endswith("bias"):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         vae = parts[0]
-        c = vae_config.latent_channels
+        c = vae.config.latent_channels
         vae.quant_conv.weight[c:] = 0
         vae.quant_conv.bias[c:] = -30.0
     return parts

@@ -39,26 +39,46 @@ REL_TOL = 1e-3
 
 def _diffusers_parts(state: dict, in_channels: int):
     vae_c, text_c, unet_c = tiny_configs(in_channels)
+    return (
+        diffusers_vae(state, vae_c),
+        _transformers_text(state, text_c),
+        diffusers_unet(state, unet_c),
+    )
+
+
+def diffusers_unet(state: dict, unet_c):
+    """diffusers' UNet2DConditionModel from a single file's UNet tensors, by diffusers'
+    converter: SD 1.x's fixed head count, or SD 2.x's 64-wide heads and linear projections."""
     levels = len(unet_c.channel_mult)
     down = [
         "CrossAttnDownBlock2D" if 2**i in unet_c.attention_resolutions else "DownBlock2D"
         for i in range(levels)
     ]
     up = [b.replace("Down", "Up") for b in reversed(down)]
+    heads = unet_c.num_heads  # diffusers' attention_head_dim: the head count(s)
+    if heads == -1:
+        heads = tuple(unet_c.model_channels * m // unet_c.num_head_channels
+                      for m in unet_c.channel_mult)  # fmt: skip
     unet_config = dict(
         sample_size=SIZE // 8,
-        in_channels=in_channels,
+        in_channels=unet_c.in_channels,
         out_channels=4,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         block_out_channels=tuple(unet_c.model_channels * m for m in unet_c.channel_mult),
         layers_per_block=unet_c.num_res_blocks,
         cross_attention_dim=unet_c.context_dim,
-        attention_head_dim=unet_c.num_heads,  # diffusers' name for the SD 1.x head count
+        attention_head_dim=heads,
+        use_linear_projection=unet_c.use_linear_in_transformer,
         norm_num_groups=unet_c.norm_groups,
     )
     unet = diffusers.UNet2DConditionModel(**unet_config)
     unet.load_state_dict(convert_ldm_unet_checkpoint(state, unet_config), strict=True)
+    return unet.eval()
+
+
+def diffusers_vae(state: dict, vae_c):
+    """diffusers' AutoencoderKL from a single file's VAE tensors, by diffusers' converter."""
     vae_config = dict(
         in_channels=3,
         out_channels=3,
@@ -73,6 +93,10 @@ def _diffusers_parts(state: dict, in_channels: int):
     )
     vae = diffusers.AutoencoderKL(**vae_config)
     vae.load_state_dict(convert_ldm_vae_checkpoint(state, vae_config), strict=True)
+    return vae.eval()
+
+
+def _transformers_text(state: dict, text_c):
     text = transformers.CLIPTextModel(
         transformers.CLIPTextConfig(
             vocab_size=text_c.vocab_size,
@@ -91,7 +115,7 @@ def _diffusers_parts(state: dict, in_channels: int):
         strict=False,
     )
     assert not unexpected and all("position_ids" in k for k in missing)
-    return vae.eval(), text.eval(), unet.eval()
+    return text.eval()
 
 
 def _hf_key(key: str, model) -> str:

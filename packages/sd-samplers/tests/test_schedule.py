@@ -75,3 +75,31 @@ def test_ladders():
 def test_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_zero_terminal_snr_betas_equal_diffusers():
+    """rescale_zero_terminal_snr against diffusers' own (Lin et al. 2023, Algorithm 1), and the
+    schedule the samplers use against a diffusers scheduler built with rescale_betas_zero_snr:
+    equal but for the last alpha-bar, AUTOMATIC1111's 4.897e-08 where diffusers has 0."""
+    schedulers = pytest.importorskip("diffusers.schedulers.scheduling_ddim")
+    from sd_samplers import ZERO_SNR_LAST_ALPHA_BAR, rescale_zero_terminal_snr
+
+    base = NoiseSchedule.scaled_linear()
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    ours = rescale_zero_terminal_snr(betas)
+    theirs = schedulers.rescale_zero_terminal_snr(betas.clone())
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-15)
+    assert ours[-1].item() == pytest.approx(1.0) and ours[0].item() == pytest.approx(0.00085)
+    ddim = schedulers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                    beta_end=0.012, rescale_betas_zero_snr=True)  # fmt: skip
+    assert ddim.alphas_cumprod[-1] == 0
+    zsnr = base.zero_terminal_snr()
+    torch.testing.assert_close(
+        zsnr.alphas_cumprod[:-1], ddim.alphas_cumprod[:-1].float(), rtol=2e-5, atol=1e-10
+    )  # fmt: skip (float32 there, float64 here)
+    assert zsnr.alphas_cumprod[-1].item() == pytest.approx(ZERO_SNR_LAST_ALPHA_BAR)
+    assert zsnr.alphas_cumprod[0] == base.alphas_cumprod[0]
+    assert zsnr.sigma_max == pytest.approx((1 / ZERO_SNR_LAST_ALPHA_BAR - 1) ** 0.5, rel=1e-4)
+    # betas give the schedule back (as diffusers' trained_betas take them)
+    again = NoiseSchedule(zsnr.betas)
+    torch.testing.assert_close(again.alphas_cumprod, zsnr.alphas_cumprod, rtol=1e-5, atol=0)

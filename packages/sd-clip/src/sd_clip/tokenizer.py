@@ -230,18 +230,27 @@ class CLIPTokenizer:
     ) -> CLIPTokenizer:
         """Load a transformers/diffusers tokenizer folder (``vocab.json``, ``merges.txt``, and
         ``special_tokens_map.json`` or ``tokenizer_config.json`` naming the pad token), or a
-        diffusers model root holding one in ``subfolder`` (SDXL's second: ``"tokenizer_2"``)."""
+        diffusers model root holding one in ``subfolder`` (SDXL's second: ``"tokenizer_2"``);
+        transformers' ``tokenizer.json`` where there is no ``vocab.json`` (transformers 5
+        saves it alone)."""
         folder = Path(folder)
-        if not (folder / "vocab.json").is_file() and (folder / subfolder / "vocab.json").is_file():
+        if not _has_tokenizer_files(folder) and _has_tokenizer_files(folder / subfolder):
             folder = folder / subfolder
-        if not (folder / "vocab.json").is_file():
-            raise FileNotFoundError(
-                f"no tokenizer at {folder}: expected vocab.json and merges.txt in it or in its "
-                f"{subfolder}/ subfolder"
+        if (folder / "vocab.json").is_file():
+            return cls.from_files(
+                folder / "vocab.json", folder / "merges.txt", max_length=max_length, pad_id=pad_id
             )
-        return cls.from_files(
-            folder / "vocab.json", folder / "merges.txt", max_length=max_length, pad_id=pad_id
-        )
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"no tokenizer at {folder}: expected vocab.json and merges.txt (or "
+                f"tokenizer.json) in it or in its {subfolder}/ subfolder"
+            )
+        from sd_clip.tokenizer_json import read_tokenizer_json
+
+        vocab, merges = read_tokenizer_json(folder / "tokenizer.json", NUM_MERGES)
+        if pad_id is None:
+            pad_id = _pad_id_beside(folder, vocab)
+        return cls(vocab, merges, max_length=max_length, pad_id=pad_id)
 
     def save(self, folder: str | Path) -> tuple[Path, Path]:
         """Write ``vocab.json`` and ``merges.txt`` into ``folder`` (created if needed), in the
@@ -561,6 +570,11 @@ class _Chunker:
         self.done.append(Chunk(ids, weights, slots))
         self.ids, self.weights, self.slots = [], [], []
         self.last_comma = -1
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer :meth:`CLIPTokenizer.from_folder` reads."""
+    return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
 
 
 def _pad_id_beside(folder: Path, vocab: dict[str, int]) -> int | None:

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from sd_pipeline.conditioning import Conditioning, guide
 from sd_samplers import NoiseSchedule
 
-__all__ = ["GuidedModel", "NonFiniteError", "StopSampling", "classifier_free_guidance"]
+__all__ = [
+    "GuidedModel",
+    "NonFiniteError",
+    "StopSampling",
+    "classifier_free_guidance",
+    "rescale_guidance",
+]
 
 
 class NonFiniteError(RuntimeError):
@@ -33,6 +39,18 @@ def classifier_free_guidance(
     """Ho & Salimans' classifier-free guidance: move from the unconditional prediction towards
     (and past, for scale > 1) the conditional one (``conditioning.guide`` with one part)."""
     return uncond + scale * (cond - uncond)
+
+
+def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, phi: float) -> torch.Tensor:
+    """CFG rescale (Lin et al. 2023, eq. 15-16; diffusers' ``rescale_noise_cfg``): the guided
+    prediction scaled, per image, to the standard deviation of the conditional one, then mixed
+    back with the guided one by ``phi`` (0 leaves it as it is). It acts on the model's own
+    parameterisation (epsilon or v), as diffusers applies it: the rescale is not linear, so
+    applying it to the sampler's x_0 estimate (as AUTOMATIC1111's CFG Rescale extension does
+    for k-diffusion samplers) or always in v (ComfyUI's RescaleCFG) gives other images."""
+    dims = list(range(1, guided.ndim))
+    ratio = positive.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return phi * (guided * ratio) + (1 - phi) * guided
 
 
 def pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -60,7 +78,7 @@ class Inpainting:
 class GuidedModel:
     """``model(x_t, t)`` for sd-samplers: the UNet run on the latents with each image's text
     conditioning at the current step, the predictions combined by classifier-free guidance
-    (and composable diffusion's weighted ``AND`` parts).
+    (and composable diffusion's weighted ``AND`` parts), then CFG rescale's ``rescale`` (phi).
 
     The 0-based sampling step of each call (for prompt editing) comes from the call's index and
     the sampler's shape (``calls_per_step``: 2 for second-order samplers, whose last step makes
@@ -90,8 +108,10 @@ class GuidedModel:
         inpainting: Inpainting | None = None,
         calls_per_step: int = 1,
         warmup_calls: int = 0,
+        rescale: float = 0.0,
     ):
         self.unet, self.conditioning, self.images = unet, conditioning, images
+        self.rescale = rescale  # CFG rescale's phi (rescale_guidance); 0: off
         self.calls_per_step, self.warmup_calls = calls_per_step, warmup_calls
         self.scale, self.guided = scale, guided
         self.schedule, self.dtype, self.multiple = schedule, dtype, multiple
@@ -116,12 +136,22 @@ class GuidedModel:
         raw = self._grouped(x_in, t) if fixed is None else self.unet(x_in, t, fixed)
         raw = raw[..., : x.shape[-2], : x.shape[-1]].float()
         out = guide(raw, self.weights, self.scale, self.guided)
+        if self.rescale and self.guided:
+            out = rescale_guidance(out, self._positive(raw), self.rescale)
         self.calls += 1
         self._note_finite(out)
         if not with_uncond:
             return out
         has_uncond = self.conditioning.uncond is not None
         return out, raw[: x.shape[0]] if has_uncond else out
+
+    def _positive(self, raw: torch.Tensor) -> torch.Tensor:
+        """The prompts' own prediction, which CFG rescale matches: the conditional one (the
+        weighted ``AND`` parts at guidance 1)."""
+        n = len(self.weights)
+        if all(w == [1.0] for w in self.weights):
+            return raw[n:]
+        return guide(raw, self.weights, 1.0, True)
 
     def current_step(self) -> int:
         """The sampling step the next call belongs to."""

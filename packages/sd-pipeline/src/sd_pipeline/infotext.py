@@ -9,10 +9,12 @@ from sd_pipeline.request import HIRES_UPSCALER_LABELS, GenerationRequest
 from sd_samplers import sampler_label
 
 __all__ = [
+    "CFG_RESCALE_FIELDS",
     "control_fields",
     "denoising_strength",
     "extra_fields",
     "image_parameters",
+    "read_guidance_fields",
     "variation_fields",
 ]
 
@@ -23,9 +25,21 @@ def denoising_strength(request: GenerationRequest) -> float | None:
     return request.strength if request.task != "txt2img" else None
 
 
+# CFG rescale's phi as the CFG Rescale extensions write it (the A1111 cfg-rescale branch's
+# name; Seshelle's extension writes "CFG Rescale", Neutral Prompt "CFG Rescale phi": all read)
+CFG_RESCALE_FIELD = "CFG Rescale φ"
+CFG_RESCALE_FIELDS = (CFG_RESCALE_FIELD, "CFG Rescale phi", "CFG Rescale")
+# AUTOMATIC1111's "Noise schedule for sampling" setting, as its infotext records it
+NOISE_SCHEDULE_FIELD, ZERO_SNR_LABEL = "Noise Schedule", "Zero Terminal SNR"
+
+
 def extra_fields(request: GenerationRequest) -> dict[str, str]:
     """AUTOMATIC1111's infotext fields beyond GenerationParameters' own, under its names."""
     extra = {"RNG": request.rng.upper()} if request.rng != "gpu" else {}
+    if request.guidance_rescale:
+        extra[CFG_RESCALE_FIELD] = f"{request.guidance_rescale:g}"
+    if request.zero_terminal_snr:
+        extra[NOISE_SCHEDULE_FIELD] = ZERO_SNR_LABEL
     if request.seed_resize_from is not None:
         extra["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
     hires = request.hires
@@ -97,3 +111,17 @@ def image_parameters(
             request.image_prompts, request.seeds, request.subseeds
         )
     ]
+
+
+def read_guidance_fields(extra: dict[str, str]) -> dict:
+    """``guidance_rescale`` and ``zero_terminal_snr`` from a PNG's fields (see
+    :func:`extra_fields`); ValueError for a rescale that is not a number."""
+    fields = {}
+    for name in CFG_RESCALE_FIELDS:
+        if name in extra:
+            fields["guidance_rescale"] = float(extra[name])
+            break
+    schedule = extra.get(NOISE_SCHEDULE_FIELD)
+    if schedule is not None:
+        fields["zero_terminal_snr"] = schedule.strip().lower() == ZERO_SNR_LABEL.lower()
+    return fields

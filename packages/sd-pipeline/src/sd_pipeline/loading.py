@@ -111,10 +111,9 @@ def diffusers_root_options(root: Path, vae: AutoencoderKL) -> dict:
     """Tokenizer, schedule, prediction type and native size from a diffusers model root."""
     options: dict = {}
     tokenizer = root / "tokenizer"
-    if (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file():
-        options["tokenizer"] = CLIPTokenizer.from_files(
-            tokenizer / "vocab.json", tokenizer / "merges.txt"
-        )
+    classic = (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()
+    if classic or (tokenizer / "tokenizer.json").is_file():  # (transformers 5 writes only that)
+        options["tokenizer"] = CLIPTokenizer.from_folder(tokenizer)
     scheduler = root / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         config = _json_object(scheduler)

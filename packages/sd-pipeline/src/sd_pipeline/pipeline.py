@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from sd_clip import CLIPTextModel, CLIPTokenizer
-from sd_pipeline import allocator, infotext, loading, single_file
+from sd_pipeline import allocator, infotext, loading, model_kind, single_file
 from sd_pipeline import lora as lora_glue
 from sd_pipeline.adapters import Adapters, without_lora_tags
 from sd_pipeline.conditioning import Conditioning, encode_conditioning
@@ -125,6 +125,8 @@ class StableDiffusion(Tasks, Adapters, Placement):
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.tokenizer = tokenizer or CLIPTokenizer(max_length=text_encoder.config.max_positions)
         self.schedule = schedule or NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
+        if prediction not in model_kind.PREDICTIONS:
+            raise ValueError(f"prediction must be 'epsilon' or 'v', got {prediction!r}")
         self.prediction = prediction
         self.native_size = native_size
         weight = next(unet.parameters())
@@ -158,12 +160,15 @@ class StableDiffusion(Tasks, Adapters, Placement):
         dtype: torch.dtype | str | None = None,
         **options,
     ) -> StableDiffusion:
-        """Load an SD 1.x checkpoint: a single ``.safetensors``/``.ckpt`` file or a diffusers
-        model root (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``).
+        """Load an SD 1.x or 2.x checkpoint: a single ``.safetensors``/``.ckpt`` file or a
+        diffusers model root (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+        ``scheduler/``).
 
         Each part reads only its own tensors (lazily from safetensors). ``vae``: a separate VAE
         file or folder that replaces the built-in one. A 9-channel (inpainting) UNet is detected
-        from its weights. ``options`` go to the constructor (``offload``, ``vae_tiling``, ...).
+        from its weights; ``prediction`` (``"epsilon"`` or ``"v"``) and ``native_size`` from
+        the files, else as ``sd_pipeline.model_kind`` infers them (SD 2.x-v: 768 px); pass
+        ``prediction=`` to override. ``options`` go to the constructor (``offload``, ...).
         Any problem with the files raises :class:`sd_pipeline.CheckpointError`.
         """
         path = loading.existing(path, "checkpoint")
@@ -172,6 +177,8 @@ class StableDiffusion(Tasks, Adapters, Placement):
         options.setdefault("name", path.stem if path.is_file() else path.name)
         options.setdefault("source", path)
         options = {**family, **loading.settings_options(path, parts["vae"]), **options}
+        keys = loading.checkpoint_keys(path)  # (a safetensors header; [] for other sources)
+        options.update(model_kind.kind_options(parts["unet"], keys, options))
         return cls.from_components(**parts, device=device, dtype=dtype, **options)
 
     @classmethod
@@ -374,7 +381,8 @@ class StableDiffusion(Tasks, Adapters, Placement):
             options.setdefault("prediction", self.prediction)
         n, groups = request.count, [slice(0, request.count)]
         if spec.noise is not None:
-            options.setdefault("noise_sampler", self._row_noise(spec.noise, start))
+            schedule = self.sampling_schedule(request)
+            options.setdefault("noise_sampler", self._row_noise(spec.noise, start, schedule))
         elif spec.draws_noise(options):
             groups = [slice(i, i + 1) for i in range(n)]
         self._stopped = False
@@ -407,12 +415,13 @@ class StableDiffusion(Tasks, Adapters, Placement):
             rows,
             scale=request.guidance_scale * spec.cfg_scale_multiplier,
             guided=request.guided,
-            schedule=self.schedule,
+            schedule=self.sampling_schedule(request),
             dtype=self.dtype,
             multiple=2 ** (len(self.unet.config.channel_mult) - 1),
             inpainting=_inpainting_rows(start.inpainting, rows),
             calls_per_step=2 if spec.second_order else 1,
             warmup_calls=spec.warmup_calls,
+            rescale=request.guidance_rescale,
         )
         extra = {}
         if start.init_latents is not None:
@@ -428,7 +437,7 @@ class StableDiffusion(Tasks, Adapters, Placement):
                 callback(d)
 
         try:
-            x = sample(request.sampler, model, start.noise[rows], self.schedule, request.steps,
+            x = sample(request.sampler, model, start.noise[rows], model.schedule, request.steps,
                        generator=start.generators[rows.start], callback=on_step,
                        progress=progress, scheduler=request.scheduler, **extra,
                        **options)  # fmt: skip
@@ -444,11 +453,17 @@ class StableDiffusion(Tasks, Adapters, Placement):
             return start.init_latents[rows]
         return start.noise[rows]
 
-    def _row_noise(self, kind: str, start: Start) -> Callable:
+    def sampling_schedule(self, request: GenerationRequest) -> NoiseSchedule:
+        """The schedule a request samples on: the model's, or (``zero_terminal_snr``) that
+        rescaled to zero terminal SNR (``NoiseSchedule.zero_terminal_snr``: a 1000-entry
+        table, cheap to make per call)."""
+        return self.schedule.zero_terminal_snr() if request.zero_terminal_snr else self.schedule
+
+    def _row_noise(self, kind: str, start: Start, schedule: NoiseSchedule) -> Callable:
         """noise(sigma, sigma_next) for a batch: row i drawn from image i's generator."""
         rows = [start.noise[i : i + 1] for i in range(len(start.generators))]
         if kind == "brownian":  # a Brownian path per image over the schedule's whole range
-            lo, hi = self.schedule.sigma_min, self.schedule.sigma_max
+            lo, hi = schedule.sigma_min, schedule.sigma_max
             sources = [BrownianTreeNoise(r, lo, hi, g) for r, g in zip(rows, start.generators)]
         else:
             sources = [GaussianNoise(r, g) for r, g in zip(rows, start.generators)]

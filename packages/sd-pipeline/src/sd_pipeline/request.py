@@ -140,6 +140,10 @@ class GenerationRequest:
     sampler: str | None = None
     scheduler: str | None = None  # a sigma schedule of sd-samplers' SCHEDULERS (karras, ...)
     guidance_scale: float | None = None  # 1 switches classifier-free guidance off
+    # CFG rescale's phi in [0, 1] (Lin et al. 2023; diffusers' guidance_rescale; 0.7 is theirs)
+    guidance_rescale: float = 0.0
+    # sample on the schedule rescaled to zero terminal SNR (AUTOMATIC1111's Noise schedule)
+    zero_terminal_snr: bool = False
     seed: int | None = None  # image i uses seed + i; None or -1: a random seed
     width: int | None = None  # None: the image's size, else the model's native size
     height: int | None = None
@@ -322,6 +326,16 @@ class GenerationRequest:
             )
 
     def _check_guidance(self) -> None:
+        _number("guidance_rescale", self.guidance_rescale, low=None, high=None)
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise RequestError(
+                "guidance_rescale", f"must be in [0, 1] (0: off; 0.7 is Lin et al.'s), got "
+                f"{self.guidance_rescale:g}"
+            )  # fmt: skip
+        if not isinstance(self.zero_terminal_snr, bool):
+            raise RequestError(
+                "zero_terminal_snr", f"must be True or False, got {self.zero_terminal_snr!r}"
+            )
         if self.guidance_scale is None:
             return
         bound = LIMITS.guidance_scale if self.limits else None

@@ -35,7 +35,9 @@ class Tasks:
     standard-normal starting noise (B, 4, h, w), overriding the seed. ``callback`` gets
     sd-samplers' per-step dict (``x``, ``i``, ``sigma``, ``denoised``); it may raise
     ``sd_pipeline.StopSampling`` to stop early and get what there is. ``clip_skip=2``
-    conditions on CLIP's penultimate layer. ``output_type``: ``"pil"`` (carrying their
+    conditions on CLIP's penultimate layer. ``guidance_rescale`` (phi in [0, 1]) is CFG
+    rescale, ``zero_terminal_snr=True`` samples on the schedule rescaled to zero terminal SNR
+    (both for v-prediction models trained so; Lin et al. 2023). ``output_type``: ``"pil"`` (carrying their
     generation parameters), ``"tensor"`` (B, 3, H, W) in [-1, 1] or ``"latent"``.
     ``limits=False`` lifts the size, step and batch limits (``sd_pipeline.LIMITS``). Other
     keywords are the sampler's options (``eta``, ``s_noise``, ...).
@@ -51,6 +53,8 @@ class Tasks:
         *,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        zero_terminal_snr: bool = False,
         sampler: str | None = None,
         scheduler: str | None = None,
         seed: int | None = None,
@@ -81,6 +85,8 @@ class Tasks:
             sampler=sampler,
             scheduler=scheduler,
             guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            zero_terminal_snr=zero_terminal_snr,
             seed=seed,
             width=width,
             height=height,
@@ -108,6 +114,8 @@ class Tasks:
         strength: float = 0.6,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        zero_terminal_snr: bool = False,
         sampler: str | None = None,
         scheduler: str | None = None,
         seed: int | None = None,
@@ -143,6 +151,8 @@ class Tasks:
             sampler=sampler,
             scheduler=scheduler,
             guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            zero_terminal_snr=zero_terminal_snr,
             seed=seed,
             width=width,
             height=height,
@@ -175,6 +185,8 @@ class Tasks:
         keep_unmasked: bool = True,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        zero_terminal_snr: bool = False,
         sampler: str | None = None,
         scheduler: str | None = None,
         seed: int | None = None,
@@ -214,6 +226,8 @@ class Tasks:
             sampler=sampler,
             scheduler=scheduler,
             guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            zero_terminal_snr=zero_terminal_snr,
             seed=seed,
             width=width,
             height=height,

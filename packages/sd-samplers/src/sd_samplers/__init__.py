@@ -42,7 +42,13 @@ from sd_samplers.sampling import (
     split_sampler,
     steps_for_strength,
 )
-from sd_samplers.schedule import NoiseSchedule, exponential_sigmas, karras_sigmas
+from sd_samplers.schedule import (
+    ZERO_SNR_LAST_ALPHA_BAR,
+    NoiseSchedule,
+    exponential_sigmas,
+    karras_sigmas,
+    rescale_zero_terminal_snr,
+)
 from sd_samplers.schedulers import (
     SCHEDULERS,
     Scheduler,
@@ -53,6 +59,7 @@ from sd_samplers.schedulers import (
 __all__ = [
     "SAMPLERS",
     "SCHEDULERS",
+    "ZERO_SNR_LAST_ALPHA_BAR",
     "BrownianTreeNoise",
     "Denoiser",
     "GaussianNoise",
@@ -66,6 +73,7 @@ __all__ = [
     "karras_sigmas",
     "lcm_schedule",
     "parse_sampler",
+    "rescale_zero_terminal_snr",
     "sample",
     "sample_ddim",
     "sample_ddim_cfg_pp",

@@ -14,7 +14,19 @@ import math
 
 import torch
 
-__all__ = ["NoiseSchedule", "exponential_sigmas", "karras_sigmas"]
+__all__ = [
+    "ZERO_SNR_LAST_ALPHA_BAR",
+    "NoiseSchedule",
+    "exponential_sigmas",
+    "karras_sigmas",
+    "rescale_zero_terminal_snr",
+]
+
+# What a zero-terminal-SNR schedule's last alpha-bar becomes (AUTOMATIC1111's
+# rescale_zero_terminal_snr_abar): exactly 0 would make sigma_max infinite, which no sampler on
+# the sigma scale can start from; this leaves sigma_max about 4519, and the first step's
+# estimate within 2e-4 of one at the true zero.
+ZERO_SNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
 
 
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
@@ -36,6 +48,25 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> torch.Tens
     """n sigmas from sigma_max to sigma_min, evenly spaced in log sigma, then a final 0."""
     _check_ladder(n, sigma_min, sigma_max)
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp())
+
+
+def rescale_zero_terminal_snr(betas) -> torch.Tensor:
+    """Betas whose last alpha-bar is exactly 0 (zero terminal SNR): Lin et al. (2023),
+    Algorithm 1, as diffusers' ``rescale_betas_zero_snr`` applies it. sqrt(alpha-bar) is
+    shifted so its last value is 0 and scaled so its first is unchanged; the last beta is then
+    1, which :class:`NoiseSchedule` does not accept (see :meth:`NoiseSchedule.zero_terminal_snr`
+    for the schedule the samplers use). float64 throughout."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    root = _zero_snr_root(torch.cumprod(1 - betas, dim=0).sqrt())
+    alpha_bar = root**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def _zero_snr_root(root: torch.Tensor) -> torch.Tensor:
+    """sqrt(alpha-bar) moved to end at 0 with its first value kept (Lin et al., Algorithm 1)."""
+    first, last = root[0].clone(), root[-1].clone()
+    return (root - last) * (first / (first - last))
 
 
 def _check_ladder(n: int, sigma_min: float, sigma_max: float) -> None:
@@ -94,6 +125,24 @@ class NoiseSchedule:
 
         betas = [min(1 - alpha_bar(i + 1) / alpha_bar(i), max_beta) for i in range(num_timesteps)]
         return cls(betas)
+
+    def zero_terminal_snr(self) -> NoiseSchedule:
+        """This schedule rescaled to zero terminal SNR (Lin et al. 2023), as AUTOMATIC1111's
+        "Noise schedule: Zero Terminal SNR" does it: alpha-bar from :func:`rescale_zero_terminal_snr`,
+        its last value, 0, replaced by :data:`ZERO_SNR_LAST_ALPHA_BAR` so that sigma_max stays
+        finite. For models trained on such a schedule (v-prediction fine-tunes); with an
+        epsilon model the last step cannot recover the image from pure noise."""
+        root = _zero_snr_root(self.alphas_cumprod.to(torch.float64).sqrt())
+        alpha_bar = root**2
+        alpha_bar[-1] = ZERO_SNR_LAST_ALPHA_BAR
+        return NoiseSchedule(alphas_cumprod=alpha_bar)
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """beta_t = 1 - alpha-bar_t / alpha-bar_(t-1) (float64), e.g. for a diffusers
+        scheduler's ``trained_betas``."""
+        ac = self.alphas_cumprod.to(torch.float64)
+        return 1 - torch.cat([ac[:1], ac[1:] / ac[:-1]])
 
     # conversions
 
