@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,38 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from server import start_server  # benchmarks/server.py, beside this file
 
 from sd_pipeline.pipeline import random_tiny
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(checkpoint: Path, devices: list[str], workdir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    pool = ["--device", devices[0]] if len(devices) == 1 else ["--devices", ",".join(devices)]
-    command = [sys.executable, "-m", "sd_server", "--checkpoint", str(checkpoint),
-               "--port", str(port), "--log-level", "warning", *pool]  # fmt: skip
-    log = workdir / f"server-{port}.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "NO_PROXY": "127.0.0.1"})  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            sys.exit(f"sd-serve exited: {log.read_text()}")
-        try:
-            if httpx.get(f"{url}/internal/ping", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    sys.exit("sd-serve did not start")
 
 
 def throughput(url: str, body: dict, requests: int, clients: int, warmup: int) -> dict:
@@ -105,7 +74,8 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         checkpoint = args.checkpoint or random_tiny().save(workdir / "tiny.safetensors")
         for name, pool in (("1 worker", devices[:1]), (f"{len(devices)} workers", devices)):
-            process, url = start(checkpoint, pool, workdir)
+            flags = ["--device", pool[0]] if len(pool) == 1 else ["--devices", ",".join(pool)]
+            process, url = start_server(checkpoint, os.cpu_count() or 1, workdir, *flags)
             try:
                 results[name] = throughput(url, body, args.requests, 2 * len(pool), len(pool))
             finally:

@@ -14,26 +14,28 @@ import json
 import os
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import start_server, stop_server
+from conftest import start_server, stop_server, wait_for
 from PIL import Image
 
 from sd_server.pool import pool_devices
 
 SMALL = {"width": 32, "height": 32}
-LONG = 400  # steps: a job that runs until the test stops it (or kills its worker)
+LONG = 1000  # steps: a job that runs until the test stops it (or kills its worker)
 
 
 @pytest.fixture(scope="module")
 def pool(models, tmp_path_factory):
+    root = models["root"]
     running = start_server(
         tmp_path_factory.mktemp("pool"),
         "--checkpoint", str(models["main"]), "--workers", "2", "--devices", "cpu,cpu",
-        "--worker-threads", "1", "--log-level", "info",
+        "--worker-threads", "1", "--log-level", "info", "--models-dir", str(root / "models"),
+        "--lora-dir", str(root / "loras"), "--embeddings", str(root / "embeddings"),
+        "--controlnet-dir", str(root / "controlnet"),
     )  # fmt: skip
     yield running
     if running.process.poll() is None:
@@ -56,16 +58,6 @@ def pixels(answer) -> np.ndarray:
 
     images = answer.json()["images"]
     return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in images])
-
-
-def wait_for(predicate, timeout=120.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
 
 
 def running_job(server, job_id=None, min_step=2):
@@ -122,6 +114,43 @@ def test_two_workers_answer_concurrent_requests_as_one_process(pool, server, pip
         assert np.abs(pixels(answers[i]).astype(int) - pixels(single)).mean() < 0.5
 
 
+def test_model_switch_loras_embeddings_and_controlnets_in_the_workers(pool, server):
+    """A model switch reaches every worker, after the jobs queued before it; the LoRA folder,
+    embeddings and ControlNets (loaded by each worker onto its device) work as in one process."""
+    import base64
+    import io
+
+    with pool.client() as client:
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other.safetensors"})
+        with ThreadPoolExecutor(2) as threads:
+            names = list(threads.map(lambda i: json.loads(post(pool, seed=i, steps=2).json()[
+                "info"])["sd_model_name"], range(4)))  # fmt: skip
+        assert names == ["other"] * 4
+        client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny.safetensors"})
+        assert json.loads(post(pool, steps=1).json()["info"])["sd_model_name"] == "tiny"
+        options = client.get("/sdapi/v1/options").json()
+        assert options["sd_model_checkpoint"] == "tiny.safetensors"
+        assert options["sd_model_error"] is None
+        assert client.get("/sdapi/v1/embeddings").json()["loaded"]["badhands"]["vectors"] == 2
+
+    plain, styled = (post(pool, prompt=p, seed=5, steps=1) for p in ("x", "x <lora:style:1>"))
+    assert styled.json()["images"] != plain.json()["images"]
+    assert "Lora hashes" in json.loads(styled.json()["info"])["infotexts"][0]
+
+    image = Image.new("RGB", (32, 32), "white")
+    image.paste((0, 0, 0), (8, 8, 24, 24))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    unit = {"input_image": base64.b64encode(buffer.getvalue()).decode(), "module": "canny",
+            "model": "control_tiny"}  # fmt: skip
+    body = dict(seed=4, steps=2, alwayson_scripts={"controlnet": {"args": [unit]}})
+    controlled, single = post(pool, **body), post(server, **body)
+    assert controlled.status_code == 200, controlled.text
+    assert "ControlNet 0" in json.loads(controlled.json()["info"])["infotexts"][0]
+    assert np.abs(pixels(controlled).astype(int) - pixels(single)).mean() < 0.5
+    assert controlled.json()["images"] != post(pool, seed=4, steps=2).json()["images"]
+
+
 def test_progress_interrupt_and_skip_reach_the_worker_running_the_job(pool):
     first, answer_a = in_thread(lambda: post(pool, seed=1, steps=LONG, n_iter=2))
     job_a = wait_for(lambda: running_job(pool))
@@ -160,14 +189,14 @@ def kill_worker_running(server, attempt=1) -> tuple[int, int]:
         pid = next((w["pid"] for w in workers if job and w["job"] == job["id"]), None)
         return pid and (job["id"], pid)
 
-    job, pid = wait_for(found)
+    job, pid = wait_for(found, timeout=120)
     os.kill(pid, signal.SIGKILL)
     return job, pid
 
 
 def test_a_killed_worker_is_started_again_and_its_job_retried(pool):
     before = {w["id"]: w for w in get(pool, "/internal/queue")["workers"]}
-    thread, box = in_thread(lambda: post(pool, seed=11, steps=60, batch_size=2))
+    thread, box = in_thread(lambda: post(pool, seed=11, steps=300, batch_size=2))
     _, pid = kill_worker_running(pool)
     thread.join(120)
     answer = box["answer"]
@@ -176,7 +205,7 @@ def test_a_killed_worker_is_started_again_and_its_job_retried(pool):
     assert len(answer.json()["images"]) == 2
     killed = next(i for i, w in before.items() if w["pid"] == pid)
     workers = wait_for(lambda: (w := get(pool, "/internal/queue")["workers"])[killed]["alive"]
-                       and w)  # fmt: skip
+                       and w, timeout=120)  # fmt: skip
     assert workers[killed]["restarts"] == before[killed]["restarts"] + 1
     assert workers[killed]["pid"] != pid
     assert "was killed by SIGKILL" in pool.output() and "trying it again" in pool.output()
@@ -193,7 +222,7 @@ def test_a_job_that_kills_two_workers_fails_clearly_and_the_server_goes_on(pool)
     assert f"#{job}" in detail and "was killed by SIGKILL" in detail
     assert "not tried again" in detail and "Traceback" not in detail
     assert post(pool, seed=22, steps=2).status_code == 200  # once a worker is back
-    wait_for(lambda: all(w["alive"] for w in get(pool, "/internal/queue")["workers"]))
+    wait_for(lambda: all(w["alive"] for w in get(pool, "/internal/queue")["workers"]), 120)
 
 
 def test_a_clean_stop_leaves_no_worker_process(pool):
