@@ -210,7 +210,9 @@ class WorkerPool(JobQueue):
     def workers(self) -> list[dict[str, Any]]:
         return [{"id": s.index, "pid": s.process.pid if s.process else None,
                  "device": s.device, "alive": bool(s.process and s.process.is_alive()),
-                 "job": s.job.id if s.job else None, "completed": s.completed,
+                 "job": s.job.id if s.job and s.job is not _RELOAD else None,
+                 "loading": s.job is _RELOAD or bool(s.job and s.job.kind == "load model"),
+                 "completed": s.completed,
                  "restarts": s.restarts, "failure": s.failure}
                 for s in self.slots]  # fmt: skip
 
@@ -261,12 +263,14 @@ class WorkerPool(JobQueue):
     def _start(self, slot: _Slot) -> None:
         parent, child = self._ctx.Pipe()
         level = logging.getLogger("sd_server").getEffectiveLevel()
+        with self._cond:  # the model and its version together (a switch may be under way)
+            spec, version = self.spec, self.version
         slot.process = self._ctx.Process(
             target=_serve,
             args=(
                 child,
                 slot.signals,
-                self.spec.on(slot.device),
+                spec.on(slot.device),
                 self.threads,
                 self.controlnet_dir,
                 level,
@@ -277,7 +281,7 @@ class WorkerPool(JobQueue):
         )
         slot.process.start()
         child.close()
-        slot.conn, slot.version = parent, self.version
+        slot.conn, slot.version = parent, version
 
     def _ready(self, slot: _Slot) -> ModelInfo:
         """Wait for the worker's answer to a (re)load: its ModelInfo, or its error raised."""
@@ -384,9 +388,7 @@ class WorkerPool(JobQueue):
         try:
             slot.conn.send(("run", job.id, job.payload))
             self._relay(slot, job)
-        except _Died:
-            self._died(slot, job)
-        except OSError:  # the pipe broke as the job was sent
+        except (_Died, OSError):  # OSError: the pipe broke as the job was sent
             self._died(slot, job)
         except Exception as e:  # the job could not be sent (not picklable)
             job.future.set_exception(e)
