@@ -91,6 +91,13 @@ def test_devices_from_the_flags():
             pool_devices(workers, devices, None)
 
 
+def test_worker_processes_want_a_model_file_not_a_pipeline():
+    from sd_server import ServerConfig, create_app
+
+    with pytest.raises(ValueError, match="give catalog=Catalog"):
+        create_app(ServerConfig(pipe=object(), workers=2, devices=["cpu"]))
+
+
 def test_two_workers_answer_concurrent_requests_as_one_process(pool, server, pipe):
     def one(i: int):
         return i, post(pool, prompt=f"prompt {i}", seed=200 + i, steps=3, batch_size=2)
