@@ -41,11 +41,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: Path, threads: int, workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    checkpoint: Path, threads: int, workdir: Path, *flags: str
+) -> tuple[subprocess.Popen, str]:
+    """``sd-serve`` on ``checkpoint`` (and ``flags``), once it answers: the process, its URL."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NO_PROXY": "127.0.0.1"}
     command = [sys.executable, "-m", "sd_server", "--checkpoint", str(checkpoint),
-               "--port", str(port), "--log-level", "warning"]  # fmt: skip
+               "--port", str(port), "--log-level", "warning", *flags]  # fmt: skip
     log = open(workdir / "server.log", "w")  # noqa: SIM115 (closed with the process)
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

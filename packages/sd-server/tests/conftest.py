@@ -77,6 +77,17 @@ def start_server(tmp: Path, *args: str, auth: tuple[str, str] | None = None) -> 
     raise RuntimeError(f"sd-serve did not answer in {STARTUP_TIMEOUT} s:\n{server.output()}")
 
 
+def wait_for(predicate, timeout=60.0, every=0.05):
+    """``predicate()``'s first true value, polled until ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
 def stop_server(server: RunningServer) -> None:
     server.process.terminate()
     try:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import webuiapi
+from conftest import wait_for as _wait_for
 from PIL import Image
 
 from sd_pipeline import GenerationParameters
@@ -173,16 +174,6 @@ def test_a_model_that_does_not_load_leaves_the_current_one(server, models):
     finally:
         broken.unlink()
         client.refresh_checkpoints()
-
-
-def _wait_for(predicate, timeout=60.0, every=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
 
 
 def test_progress_interrupt_and_skip(server):

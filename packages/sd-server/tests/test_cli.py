@@ -18,6 +18,10 @@ from sd_server.cli import is_loopback, main, parse_auth
         (["--max-body-mb", "0"], "--max-body-mb must be positive"),
         (["--models-dir", "/no/such/folder"], "--models-dir /no/such/folder: no such folder"),
         (["--checkpoint", "/no/such/model.safetensors"], "no such checkpoint file"),
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--workers", "3", "--devices", "cpu,cpu"], "--workers 3 does not fit the 2 --devices"),
+        (["--devices", "cpu,gpu0"], "--devices: 'gpu0' is not a device"),
+        (["--workers", "2", "--worker-threads", "0"], "--worker-threads must be at least 1"),
     ],
 )
 def test_bad_flags(argv, message, capsys):

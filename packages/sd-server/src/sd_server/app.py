@@ -28,14 +28,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from sd_pipeline import GenerationParameters, RequestError, StableDiffusion, save_image
+from sd_pipeline import RequestError, StableDiffusion, save_image
 from sd_pipeline.previews import latent_preview
-from sd_samplers import SAMPLERS, sampler_label
+from sd_samplers import SAMPLERS
 from sd_server import generation
 from sd_server.api_models import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 from sd_server.controlnet import PREPROCESSOR_NAMES, ControlNets
-from sd_server.images import BadInput, decode_image, encode_png
+from sd_server.images import BadInput, encode_png, png_info
 from sd_server.models import Catalog, Checkpoint
+from sd_server.pool import WorkerDied, WorkerPool, pool_devices
 from sd_server.worker import Job, QueueFull, Worker
 
 __all__ = ["ServerConfig", "create_app"]
@@ -55,7 +56,12 @@ SCHEDULERS = [  # AUTOMATIC1111's names for the sigma ladders sd-samplers has
 @dataclass
 class ServerConfig:
     """What ``sd-serve``'s flags say. ``pipe``: an already built pipeline to serve (tests,
-    benchmarks) instead of loading ``catalog.initial``."""
+    benchmarks) instead of loading ``catalog.initial``.
+
+    ``workers`` / ``devices``: more than one runs that many worker processes behind the one
+    queue (:mod:`sd_server.pool`), one per device (``["cuda:0", "cuda:1"]``; ``workers`` alone:
+    one per GPU, else on the CPU), each loading ``catalog.initial`` itself;
+    ``worker_threads`` is each one's torch threads (default: the cores shared out)."""
 
     catalog: Catalog = field(default_factory=Catalog)
     device: str | None = None
@@ -66,30 +72,34 @@ class ServerConfig:
     outdir: Path = Path("outputs")
     pipe: StableDiffusion | None = None
     controlnet_dir: Path | None = None
+    workers: int | None = None
+    devices: Sequence[str] = ()
+    worker_threads: int | None = None
 
 
 class Server:
-    """The state behind the routes: the worker and its pipeline, options, progress listeners."""
-
-    def equip(self, pipe: StableDiffusion) -> StableDiffusion:
-        """Give a (newly loaded) pipeline the LoRA folder (for ``<lora:...>`` in prompts) and
-        the embeddings of ``--embeddings``; an embedding that does not load is logged."""
-        pipe.lora_dir = self.catalog.lora_dir
-        for path in self.catalog.embeddings():
-            try:
-                pipe.load_embeddings(path)
-            except (ValueError, OSError) as e:
-                log.warning("embedding %s not loaded: %s", path, e)
-        return pipe
+    """The state behind the routes: the worker(s), options, progress listeners."""
 
     def __init__(self, config: ServerConfig):
         self.config = config
         self.catalog = config.catalog
-        self.controlnets = ControlNets(config.controlnet_dir)
         self.checkpoint: Checkpoint = self.catalog.initial
-        pipe = config.pipe or self.checkpoint.load(config.device, config.dtype)
-        self.equip(pipe)
-        self.worker = Worker(pipe, max_waiting=config.max_waiting)
+        devices = pool_devices(config.workers, config.devices, config.device)
+        device = config.devices[0] if config.devices and not devices else config.device
+        spec = self.catalog.spec(self.checkpoint, device, config.dtype)
+        self.controlnets = ControlNets(config.controlnet_dir, by_file=bool(devices))
+        self.worker: Worker | WorkerPool
+        if not devices:
+            pipe = spec.load() if config.pipe is None else spec.equip(config.pipe)
+            self.worker = Worker(pipe, max_waiting=config.max_waiting)
+        elif config.pipe is not None:
+            raise ValueError("worker processes load the model from a file: give "
+                             "catalog=Catalog(checkpoint) rather than pipe")  # fmt: skip
+        else:
+            self.worker = WorkerPool(spec, devices, max_waiting=config.max_waiting,
+                                     threads=config.worker_threads,
+                                     controlnet_dir=config.controlnet_dir)  # fmt: skip
+        self.load_error: str | None = None  # of the last model switch
         self.loading: str | None = None  # the title of a model being switched to
         self.clip_skip: int | None = None  # CLIP_stop_at_last_layers, when set
         self.options: dict[str, Any] = {}  # other options clients set, kept and shown
@@ -112,8 +122,11 @@ class Server:
             self.loop.call_soon_threadsafe(self.changed)
 
     def progress(self, with_image: bool = True) -> dict[str, Any]:
-        """AUTOMATIC1111's ``/progress`` answer; ``current_image`` is the cheap latent preview."""
-        job = self.worker.current
+        """AUTOMATIC1111's ``/progress`` answer about the job in flight that started first (the
+        only one, with one worker), ``jobs`` listing every one; ``current_image`` is the cheap
+        latent preview."""
+        running = self.worker.running
+        job = running[0] if running else None
         state = {
             "skipped": bool(job and job.skipped),
             "interrupted": bool(job and job.interrupted),
@@ -126,18 +139,20 @@ class Server:
             "sampling_steps": job.steps if job else 0,
             "queued": self.worker.waiting,
         }
-        progress = eta = 0.0
-        if job is not None and job.started is not None and job.steps:
-            progress = (job.iteration + job.step / job.steps) / job.iterations
-            elapsed = time.monotonic() - job.started
-            eta = elapsed / progress - elapsed if progress > 0 else 0.0
+        progress, eta = _fraction(job)
         image = self._current_image(job) if with_image and job is not None else None
+        jobs = [{"id": j.id, "job": j.kind, "worker": j.worker, "progress": _fraction(j)[0],
+                 "job_no": j.iteration, "job_count": j.iterations, "sampling_step": j.step,
+                 "sampling_steps": j.steps, "interrupted": j.interrupted, "skipped": j.skipped,
+                 "attempt": j.attempts + 1}
+                for j in running]  # fmt: skip
         return {
             "progress": progress,
             "eta_relative": eta,
             "state": state,
             "current_image": image,
             "textinfo": None,
+            "jobs": jobs,
         }
 
     def _current_image(self, job: Job) -> str | None:
@@ -154,11 +169,11 @@ class Server:
 
     async def generate(self, body, task: str, request: Request) -> JSONResponse:
         gen = await run_in_threadpool(
-            generation.build, body, task, self.worker.pipe, self.clip_skip, self.controlnets
+            generation.build, body, task, self.worker.info, self.clip_skip, self.controlnets
         )
         if gen.warnings:
             log.warning("%s: %s", task, "; ".join(gen.warnings))
-        job = Job(kind=task, iterations=gen.n_iter,
+        job = Job(kind=task, iterations=gen.n_iter, payload=gen,
                   run=lambda job, pipe: generation.run(job, pipe, gen))  # fmt: skip
         self.worker.submit(job)
         result = await self._wait(job, request)
@@ -167,7 +182,7 @@ class Server:
         images = []
         if gen.send_images:
             images = await run_in_threadpool(lambda: [encode_png(im) for im in result.images])
-        info = generation.info(gen, result)
+        info = {**generation.info(gen, result), "worker": job.worker}
         return JSONResponse(
             {"images": images, "parameters": gen.parameters, "info": json.dumps(info)}
         )
@@ -207,31 +222,30 @@ class Server:
         return checkpoint
 
     def switch(self, checkpoint: Checkpoint) -> None:
-        """Queue a model switch (it runs after the jobs already waiting, in the worker)."""
+        """Queue a model switch (it runs after the jobs already waiting, in the worker(s))."""
         if checkpoint == self.checkpoint and self.loading is None:
             return
 
-        def load(job: Job, pipe: StableDiffusion) -> None:
-            try:
-                self.worker.pipe = self.equip(
-                    checkpoint.load(self.config.device, self.config.dtype)
-                )
-                self.checkpoint, self.worker.last_error = checkpoint, None
+        def done(future) -> None:  # in the worker thread, before it takes the next job
+            error = future.exception() if not future.cancelled() else None
+            if error is None and not future.cancelled():
+                self.checkpoint, self.load_error = checkpoint, None
                 log.info("model switched to %s", checkpoint.title)
-            except Exception as e:  # nobody waits on a switch: keep the old model, say why
-                self.worker.last_error = f"{checkpoint.title}: {e}"
+            elif error is not None:  # nobody waits on a switch: keep the old model, say why
+                self.load_error = f"{checkpoint.title}: {error}"
                 log.error("model %s not loaded, keeping %s: %s", checkpoint.title,
-                          self.checkpoint.title, e)  # fmt: skip
-            finally:
-                if self.loading == checkpoint.title:
-                    self.loading = None
+                          self.checkpoint.title, error)  # fmt: skip
+            if self.loading == checkpoint.title:
+                self.loading = None
 
+        spec = self.catalog.spec(checkpoint, self.config.device, self.config.dtype)
         previous, self.loading = self.loading, checkpoint.title
         try:
-            self.worker.submit(Job(kind="load model", run=load))
+            future = self.worker.switch(spec)
         except QueueFull:
             self.loading = previous
             raise
+        future.add_done_callback(done)
 
     def set_options(self, options: dict[str, Any]) -> None:
         """Check every option first, then apply them (all or none)."""
@@ -243,7 +257,7 @@ class Server:
             isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1
         ):
             raise BadInput(generation.CLIP_SKIP, f"must be a positive integer, got {clip_skip!r}")
-        layers = self.worker.pipe.text_encoder.config.layers
+        layers = self.worker.info.clip_layers
         if clip_skip is not None and clip_skip > layers:
             raise BadInput(generation.CLIP_SKIP, f"must be at most {layers} (the model's CLIP "
                            f"layers), got {clip_skip}")  # fmt: skip
@@ -259,9 +273,9 @@ class Server:
         return {
             **self.options,
             "sd_model_checkpoint": self.checkpoint.title,
-            "sd_checkpoint_hash": self.worker.pipe.model_hash,
+            "sd_checkpoint_hash": self.worker.info.model_hash,
             "sd_model_loading": self.loading,
-            "sd_model_error": self.worker.last_error,
+            "sd_model_error": self.load_error,
             "CLIP_stop_at_last_layers": self.clip_skip or 1,
             "sd_vae": "Automatic",
             "samples_format": "png",
@@ -269,13 +283,13 @@ class Server:
         }
 
     def sd_models(self) -> list[dict[str, Any]]:
-        current = self.checkpoint
+        current, info = self.checkpoint, self.worker.info
         return [
             {
                 "title": c.title,
                 "model_name": c.model_name,
-                "hash": self.worker.pipe.model_hash if c == current else None,
-                "sha256": self.worker.pipe.sha256 if c == current else None,
+                "hash": info.model_hash if c == current else None,
+                "sha256": info.sha256 if c == current else None,
                 "filename": str(c.path) if c.path is not None else c.title,
                 "config": None,
             }
@@ -287,35 +301,13 @@ class ClientGone(Exception):
     """The client disconnected while its job waited or ran."""
 
 
-def png_info(body: PngInfoRequest) -> dict[str, Any]:
-    """AUTOMATIC1111's ``/png-info``: the ``parameters`` text, the other text chunks, and the
-    parameters parsed (its ``parse_generation_parameters`` keys)."""
-    image = decode_image(body.image, "image", rgb=False)
-    items = {k: v for k, v in image.info.items() if isinstance(v, str)}
-    text = items.pop("parameters", "")
-    if not text:
-        return {"info": "", "items": items, "parameters": {}}
-    try:
-        p = GenerationParameters.from_text(text)
-    except ValueError as e:
-        raise BadInput("image", f"carries parameters that do not parse: {e}") from None
-    parsed: dict[str, Any] = {
-        "Prompt": p.prompt,
-        "Negative prompt": p.negative_prompt,
-        "Steps": p.steps,
-        "Sampler": sampler_label(p.sampler) if p.sampler in SAMPLERS else p.sampler,
-        "CFG scale": p.cfg_scale,
-        "Seed": p.seed,
-        "Size-1": p.width,
-        "Size-2": p.height,
-        "Model hash": p.model_hash,
-        "Model": p.model,
-        "Denoising strength": p.denoising_strength,
-        "Clip skip": p.clip_skip,
-        **p.extra,
-    }
-    return {"info": text, "items": items, "parameters": {k: v for k, v in parsed.items()
-                                                          if v is not None}}  # fmt: skip
+def _fraction(job: Job | None) -> tuple[float, float]:
+    """How far ``job`` is (0 to 1, its iterations counted) and the seconds it has left."""
+    if job is None or job.started is None or not job.steps:
+        return 0.0, 0.0
+    progress = (job.iteration + job.step / job.steps) / job.iterations
+    elapsed = time.monotonic() - job.started
+    return progress, elapsed / progress - elapsed if progress > 0 else 0.0
 
 
 def _timestamp(started: float | None) -> str:
@@ -452,6 +444,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def full(request: Request, exc: QueueFull):
         return _error(503, str(exc), {"Retry-After": "5"})
 
+    @app.exception_handler(WorkerDied)
+    async def died(request: Request, exc: WorkerDied):
+        log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        return _error(500, str(exc))
+
     @app.exception_handler(ClientGone)
     async def gone(request: Request, exc: ClientGone):
         return _error(499, "the client closed the connection; the job was stopped")
@@ -499,13 +496,14 @@ def _add_routes(app: FastAPI, server: Server) -> None:
                                  headers={"Cache-Control": "no-store"})  # fmt: skip
 
     @app.post(f"{api}/interrupt")
-    async def interrupt():
-        server.worker.interrupt()
+    async def interrupt(job: int | None = None):
+        """Stop the jobs in flight (``?job=ID``, an id of ``/progress``'s ``jobs``: that one)."""
+        server.worker.interrupt(job)
         return {}
 
     @app.post(f"{api}/skip")
-    async def skip():
-        server.worker.skip()
+    async def skip(job: int | None = None):
+        server.worker.skip(job)
         return {}
 
     @app.get(f"{api}/samplers")
@@ -544,13 +542,13 @@ def _add_routes(app: FastAPI, server: Server) -> None:
     @app.get(f"{api}/embeddings")
     async def embeddings():
         # AUTOMATIC1111's shape: those the model can use, and those it cannot (another width)
-        pipe = server.worker.pipe
-        width = pipe.text_encoder.config.width
+        info = server.worker.info
+        width = info.text_width
         loaded, skipped = {}, {}
-        for name, e in pipe.embeddings.items():
+        for name, (widths, vectors) in info.embeddings.items():
             entry = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                     "shape": width, "vectors": e.num_vectors}  # fmt: skip
-            (loaded if width in e.widths else skipped)[name] = entry
+                     "shape": width, "vectors": vectors}  # fmt: skip
+            (loaded if width in widths else skipped)[name] = entry
         return {"loaded": loaded, "skipped": skipped}
 
     @app.get(f"{api}/options")
@@ -581,6 +579,9 @@ def _add_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/internal/queue")
     async def queue():
-        job = server.worker.current
-        return {"running": job.kind if job else None, "waiting": server.worker.waiting,
-                "completed": server.worker.completed}  # fmt: skip
+        """The job in flight that started first, how many run, wait and finished, and each
+        worker: its process id, device, job, jobs done and restarts."""
+        running = server.worker.running
+        return {"running": running[0].kind if running else None, "in_flight": len(running),
+                "waiting": server.worker.waiting, "completed": server.worker.completed,
+                "workers": server.worker.workers()}  # fmt: skip

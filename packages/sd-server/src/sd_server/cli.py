@@ -3,6 +3,7 @@
     sd-serve                                      # the bundled model on http://127.0.0.1:7860
     sd-serve --checkpoint v1-5.safetensors --models-dir models/ --device cuda --dtype float16
     sd-serve --host 0.0.0.0 --api-auth alice:secret,bob:other
+    sd-serve --devices cuda:0,cuda:1                # a worker process per GPU, one queue
 
 It binds to the loopback interface unless ``--host`` says otherwise, and says which when it
 starts. A bad flag or a model that does not load is one line on stderr and a non-zero exit.
@@ -57,6 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if any)")
     p.add_argument("--dtype", help="float32 (default), float16 or bfloat16")
     p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes, each with its own model copy (default 1: no extra process)",
+    )
+    p.add_argument(
+        "--devices",
+        help="a device per worker process, e.g. cuda:0,cuda:1 or cpu,cpu (default: one per GPU)",
+    )
+    p.add_argument(
+        "--worker-threads",
+        type=int,
+        help="torch threads per worker process (default: the CPU cores shared out)",
+    )
+    p.add_argument(
         "--api-auth", help="user:password[,user2:password2]: HTTP Basic credentials required"
     )
     p.add_argument(
@@ -106,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--queue-size must be at least 0, got {args.queue_size}")
         if not args.max_body_mb > 0:
             raise ValueError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+        devices = args.devices.split(",") if args.devices else []
+        from sd_server.pool import pool_devices
+
+        pool_devices(args.workers, devices, args.device)  # a bad value fails here, not later
+        if args.worker_threads is not None and args.worker_threads < 1:
+            raise ValueError(f"--worker-threads must be at least 1, got {args.worker_threads}")
         for flag in ("models_dir", "lora_dir", "embeddings", "controlnet_dir"):
             folder = getattr(args, flag)
             if folder is not None and not folder.is_dir():
@@ -123,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             max_waiting=args.queue_size,
             max_body_bytes=int(args.max_body_mb * 2**20),
             outdir=args.outdir,
+            workers=args.workers,
+            devices=devices,
+            worker_threads=args.worker_threads,
         )
         log.info("loading %s", catalog.initial.title)
         app = create_app(config)

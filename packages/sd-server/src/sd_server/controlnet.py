@@ -4,15 +4,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sd_pipeline.controlnet import ControlUnit
 from sd_server.images import BadInput, decode_image
 
-__all__ = ["PREPROCESSOR_NAMES", "ControlNets"]
+__all__ = ["PREPROCESSOR_NAMES", "ControlNetFile", "ControlNets"]
 
 SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 # The extension writes a model as "name [hash]"; the name is the file's stem.
@@ -31,11 +33,23 @@ def preprocessor_names() -> list[str]:
 PREPROCESSOR_NAMES = preprocessor_names()
 
 
-class ControlNets:
-    """The ControlNet files of ``--controlnet-dir``, each loaded once, when first asked for."""
+@dataclass(frozen=True)
+class ControlNetFile:
+    """A unit's ControlNet named by its file, for a worker process to load onto its own
+    device (what a request carries to a :class:`sd_server.pool.WorkerPool`)."""
 
-    def __init__(self, folder: Path | None):
+    path: Path
+
+
+class ControlNets:
+    """The ControlNet files of ``--controlnet-dir``, each loaded once, when first asked for.
+
+    ``by_file``: units carry a :class:`ControlNetFile` instead of the weights (the server's
+    worker processes load them with :meth:`attach`, each on its device)."""
+
+    def __init__(self, folder: Path | None, *, by_file: bool = False):
         self.folder = folder
+        self.by_file = by_file
         self._loaded: dict[tuple[Path, str, str], Any] = {}
         self._lock = threading.Lock()
 
@@ -48,13 +62,29 @@ class ControlNets:
         return [p.stem for p in self.files()]
 
     def load(self, name: str, pipe, field: str):
-        from sd_controlnet import ControlNet
-
+        """The ControlNet ``name`` for ``pipe`` (a pipeline or its ModelInfo)."""
         stem = _HASH_SUFFIX.sub("", name.strip())
         path = next((p for p in self.files() if p.stem == stem), None)
         if path is None:
             known = ", ".join(self.names()) or "none (start sd-serve with --controlnet-dir)"
             raise BadInput(field, f"ControlNet model {name!r} not found; available: {known}")
+        if self.by_file:
+            return ControlNetFile(path)
+        return self._model(path, pipe, field)
+
+    def attach(self, request, pipe):
+        """``request`` with each unit's :class:`ControlNetFile` replaced by the ControlNet,
+        loaded onto ``pipe``'s device (in a worker process)."""
+        units = tuple(
+            dataclasses.replace(u, model=self._model(u.model.path, pipe, "ControlNet"))
+            if isinstance(u.model, ControlNetFile) else u
+            for u in request.controls
+        )  # fmt: skip
+        return dataclasses.replace(request, controls=units) if units else request
+
+    def _model(self, path: Path, pipe, field: str):
+        from sd_controlnet import ControlNet
+
         key = (path, str(pipe.device), str(pipe.dtype))
         with self._lock:
             if key not in self._loaded:

@@ -75,8 +75,9 @@ class Result:
     started: float = field(default_factory=time.time)
 
 
-def build(body, task: str, pipe, clip_skip: int | None, controlnets=None) -> Generation:
-    """Check a txt2img or img2img body against the current model; raises BadInput."""
+def build(body, task: str, model, clip_skip: int | None, controlnets=None) -> Generation:
+    """Check a txt2img or img2img body against the current model (its
+    :class:`~sd_server.models.ModelInfo`); raises BadInput."""
     noop = IMG2IMG_NOOP if task == "img2img" else TXT2IMG_NOOP
     extra = dict(body.model_extra or {})
     scripts = extra.get("alwayson_scripts")
@@ -84,7 +85,7 @@ def build(body, task: str, pipe, clip_skip: int | None, controlnets=None) -> Gen
         extra["alwayson_scripts"] = {k: v for k, v in scripts.items()
                                      if k.lower() != "controlnet"}  # fmt: skip
     warnings = ignored_fields(extra, noop)
-    prompt = _prompt(body.prompt, "prompt", warnings, pipe.lora_dir)
+    prompt = _prompt(body.prompt, "prompt", warnings, model.lora_dir)
     negative = _prompt(body.negative_prompt, "negative_prompt", warnings, None)
     clip_skip = _overrides(body.override_settings, clip_skip, warnings)
     fields: dict[str, Any] = dict(
@@ -100,16 +101,16 @@ def build(body, task: str, pipe, clip_skip: int | None, controlnets=None) -> Gen
         clip_skip=clip_skip,
     )
     if controlnets is not None:
-        fields["controls"] = controlnets.units(scripts, pipe, warnings)
+        fields["controls"] = controlnets.units(scripts, model, warnings)
     if task == "img2img":
         fields.update(_images(body, warnings))
     _check_count("n_iter", body.n_iter, body.batch_size)
     try:
         request = GenerationRequest(**fields).check()
-        resolved = request.resolve(pipe.defaults, pipe.native_size, pipe.scale)
+        resolved = request.resolve(model.defaults, model.native_size, model.scale)
     except RequestError as e:
         raise api_error(e) from None
-    layers = pipe.text_encoder.config.layers
+    layers = model.clip_layers
     if request.clip_skip is not None and request.clip_skip > layers:
         raise BadInput(FIELDS["clip_skip"], f"must be at most {layers} (the model's CLIP layers)")
     parameters = body.model_dump()

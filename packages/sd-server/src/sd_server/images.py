@@ -10,12 +10,14 @@ import base64
 import binascii
 import io
 import warnings
+from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from sd_pipeline import LIMITS
+from sd_pipeline import LIMITS, GenerationParameters
+from sd_samplers import SAMPLERS, sampler_label
 
-__all__ = ["FORMATS", "BadInput", "decode_image", "encode_png"]
+__all__ = ["FORMATS", "BadInput", "decode_image", "encode_png", "png_info"]
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what clients send; fewer decoders, fewer surprises
 
@@ -26,6 +28,9 @@ class BadInput(ValueError):
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field} {problem}")
         self.field, self.problem = field, problem
+
+    def __reduce__(self):  # a worker process sends it back to the server
+        return type(self), (self.field, self.problem)
 
 
 def decode_image(data: object, field: str, *, rgb: bool = True) -> Image.Image:
@@ -71,3 +76,34 @@ def encode_png(image: Image.Image) -> str:
     # request takes matters more than its bytes.
     image.save(buffer, format="PNG", pnginfo=info, compress_level=1)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def png_info(body) -> dict[str, Any]:
+    """AUTOMATIC1111's ``/png-info``: the ``parameters`` text, the other text chunks, and the
+    parameters parsed (its ``parse_generation_parameters`` keys)."""
+    image = decode_image(body.image, "image", rgb=False)
+    items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    text = items.pop("parameters", "")
+    if not text:
+        return {"info": "", "items": items, "parameters": {}}
+    try:
+        p = GenerationParameters.from_text(text)
+    except ValueError as e:
+        raise BadInput("image", f"carries parameters that do not parse: {e}") from None
+    parsed: dict[str, Any] = {
+        "Prompt": p.prompt,
+        "Negative prompt": p.negative_prompt,
+        "Steps": p.steps,
+        "Sampler": sampler_label(p.sampler) if p.sampler in SAMPLERS else p.sampler,
+        "CFG scale": p.cfg_scale,
+        "Seed": p.seed,
+        "Size-1": p.width,
+        "Size-2": p.height,
+        "Model hash": p.model_hash,
+        "Model": p.model,
+        "Denoising strength": p.denoising_strength,
+        "Clip skip": p.clip_skip,
+        **p.extra,
+    }
+    return {"info": text, "items": items, "parameters": {k: v for k, v in parsed.items()
+                                                          if v is not None}}  # fmt: skip

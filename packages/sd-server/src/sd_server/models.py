@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from sd_pipeline import StableDiffusion
 
-__all__ = ["BUNDLED", "Catalog", "Checkpoint"]
+__all__ = ["BUNDLED", "Catalog", "Checkpoint", "ModelInfo", "ModelSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,72 @@ class Checkpoint:
         return pipe
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to load the served model, picklable so that a worker process
+    loads its own copy: the checkpoint, where and how, and what to equip it with."""
+
+    checkpoint: Checkpoint
+    device: str | None = None
+    dtype: str | None = None
+    lora_dir: Path | None = None
+    embeddings: tuple[Path, ...] = ()
+
+    def on(self, device: str | None) -> ModelSpec:
+        return replace(self, device=device)
+
+    def load(self) -> StableDiffusion:
+        return self.equip(self.checkpoint.load(self.device, self.dtype))
+
+    def equip(self, pipe: StableDiffusion) -> StableDiffusion:
+        """Give a (newly loaded) pipeline the LoRA folder (for ``<lora:...>`` in prompts) and
+        the embeddings; an embedding that does not load is logged."""
+        pipe.lora_dir = self.lora_dir
+        for path in self.embeddings:
+            try:
+                pipe.load_embeddings(path)
+            except (ValueError, OSError) as e:
+                log.warning("embedding %s not loaded: %s", path, e)
+        return pipe
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the HTTP side knows of the loaded model: enough to check a request and answer the
+    lists and options, without holding the model (worker processes hold it)."""
+
+    name: str | None
+    model_hash: str | None
+    sha256: str | None
+    defaults: dict[str, Any]
+    native_size: int
+    scale: int
+    lora_dir: Path | None
+    clip_layers: int
+    text_width: int
+    device: Any  # torch.device of the pipeline (ControlNets load there in one process)
+    dtype: Any
+    # trigger word -> (the widths it fits, its vectors)
+    embeddings: dict[str, tuple[tuple[int, ...], int]]
+
+    @classmethod
+    def of(cls, pipe: StableDiffusion) -> ModelInfo:
+        return cls(
+            name=pipe.name,
+            model_hash=pipe.model_hash,
+            sha256=pipe.sha256,
+            defaults=dict(pipe.defaults),
+            native_size=pipe.native_size,
+            scale=pipe.scale,
+            lora_dir=pipe.lora_dir,
+            clip_layers=pipe.text_encoder.config.layers,
+            text_width=pipe.text_encoder.config.width,
+            device=pipe.device,
+            dtype=pipe.dtype,
+            embeddings={k: (tuple(e.widths), e.num_vectors) for k, e in pipe.embeddings.items()},
+        )
+
+
 class Catalog:
     """What is on disk, listed again by :meth:`refresh` (``/refresh-checkpoints``)."""
 
@@ -90,6 +157,10 @@ class Catalog:
 
     def embeddings(self) -> list[Path]:
         return _files(self.embeddings_dir, EMBEDDING_SUFFIXES)
+
+    def spec(self, checkpoint: Checkpoint, device: str | None, dtype: str | None) -> ModelSpec:
+        """How to load ``checkpoint`` with this catalog's LoRA folder and embeddings."""
+        return ModelSpec(checkpoint, device, dtype, self.lora_dir, tuple(self.embeddings()))
 
 
 def _files(folder: Path | None, suffixes: tuple[str, ...]) -> list[Path]:

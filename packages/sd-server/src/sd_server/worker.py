@@ -1,5 +1,7 @@
-"""One worker thread per device: jobs run one at a time, in the order they came, from a bounded
-queue; interrupt, skip and an abandoned job stop at the next sampling step.
+"""The default worker: one thread beside the event loop, one model. Jobs run one at a time,
+in the order they came, from a bounded queue; interrupt, skip and an abandoned job stop at the
+next sampling step. (:mod:`sd_server.pool` runs several worker processes behind the same
+interface.)
 
 The HTTP side never touches the model: it submits a :class:`Job` and waits on its future, so
 the event loop stays free to answer progress requests while a picture is made.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -18,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sd_pipeline import StableDiffusion, StopSampling
+from sd_server.models import ModelInfo, ModelSpec
 
-__all__ = ["Job", "QueueFull", "Worker"]
+__all__ = ["Job", "JobQueue", "QueueFull", "Worker"]
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +38,11 @@ class Job:
     returns the result (a generation, or a new pipeline for a model switch)."""
 
     kind: str  # "txt2img" | "img2img" | "load model"
-    run: Callable[[Job, StableDiffusion], Any]
+    run: Callable[[Job, StableDiffusion], Any] | None = None
     iterations: int = 1  # AUTOMATIC1111's n_iter: the progress counts them
+    payload: Any = None  # what a worker process needs instead of ``run``: the Generation
+    worker: int | None = None  # the worker that runs (ran) it
+    attempts: int = 0  # how many worker processes died running it
     future: Future = field(default_factory=Future)
     id: int = field(default_factory=itertools.count(1).__next__)
     # set from other threads, read by the step callback
@@ -66,26 +73,32 @@ class Job:
         pass
 
 
-class Worker:
-    """Runs jobs on one pipeline, one at a time. ``max_waiting`` bounds the jobs waiting behind
-    the running one; ``listeners`` are called (from the worker thread) at every change."""
+class JobQueue:
+    """The bounded queue in front of the worker(s): jobs wait in the order they came;
+    ``max_waiting`` bounds them; ``listeners`` are called (from a worker thread) at every
+    change. :class:`Worker` and :class:`sd_server.pool.WorkerPool` take jobs from it."""
 
-    def __init__(self, pipe: StableDiffusion, max_waiting: int = 32):
-        self.pipe = pipe
+    def __init__(self, max_waiting: int = 32):
         self.max_waiting = max_waiting
-        self.current: Job | None = None
         self.completed = 0
-        self.last_error: str | None = None  # of the last model switch
         self.listeners: list[Callable[[], None]] = []
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="sd-server-worker", daemon=True)
-        self._thread.start()
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def current(self) -> Job | None:
+        """The job in flight that started first."""
+        running = self.running
+        return running[0] if running else None
+
+    @property
+    def running(self) -> list[Job]:
+        raise NotImplementedError
 
     def submit(self, job: Job) -> Future:
         with self._cond:
@@ -96,7 +109,7 @@ class Worker:
                 )
             job._notify = self._changed
             self._waiting.append(job)
-            self._cond.notify()
+            self._cond.notify_all()
         self._changed()
         return job.future
 
@@ -106,28 +119,26 @@ class Worker:
         with self._cond:
             if job in self._waiting:
                 self._waiting.remove(job)
-                job.future.cancel()
+                _cancel(job, "the client left")
         self._changed()
 
-    def interrupt(self) -> None:
-        job = self.current
-        if job is not None:
-            job.interrupted = True
+    def interrupt(self, job_id: int | None = None) -> None:
+        """Stop the running jobs (``job_id``: only that one) at their next step."""
+        for job in self.running:
+            if job_id is None or job.id == job_id:
+                job.interrupted = True
 
-    def skip(self) -> None:
-        job = self.current
-        if job is not None:
-            job.skipped = True
+    def skip(self, job_id: int | None = None) -> None:
+        for job in self.running:
+            if job_id is None or job.id == job_id:
+                job.skipped = True
 
-    def close(self, timeout: float = 5.0) -> None:
-        with self._cond:
-            self._closed = True
-            for job in self._waiting:
-                job.future.cancel()
-            self._waiting.clear()
-            self._cond.notify()
-        self.interrupt()
-        self._thread.join(timeout)
+    def _drop_waiting(self, why: str) -> None:
+        """Cancel every waiting job (called holding ``_cond``)."""
+        for job in self._waiting:
+            _cancel(job, why)
+        self._waiting.clear()
+        self._cond.notify_all()
 
     def _changed(self) -> None:
         for listener in list(self.listeners):
@@ -136,6 +147,55 @@ class Worker:
             except Exception:  # a listener's failure must not stop a generation
                 log.exception("progress listener failed")
 
+
+def _cancel(job: Job, why: str) -> None:
+    """Cancel a waiting job's future; one that already ran once (a retry after its worker
+    died) cannot be cancelled, so it gets an error instead."""
+    if not job.future.cancel() and not job.future.done():
+        job.future.set_exception(RuntimeError(f"{job.kind} #{job.id} was dropped: {why}"))
+
+
+class Worker(JobQueue):
+    """Runs jobs on one pipeline, in a thread of this process, one at a time."""
+
+    def __init__(self, pipe: StableDiffusion, max_waiting: int = 32):
+        super().__init__(max_waiting)
+        self.pipe = pipe
+        self.info = ModelInfo.of(pipe)
+        self._current: Job | None = None
+        self._thread = threading.Thread(target=self._loop, name="sd-server-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> list[Job]:
+        """The job in flight (here at most one)."""
+        job = self._current
+        return [] if job is None else [job]
+
+    def workers(self) -> list[dict[str, Any]]:
+        job = self._current
+        return [{"id": 0, "pid": os.getpid(), "device": str(self.pipe.device), "alive": True,
+                 "job": job.id if job else None, "completed": self.completed,
+                 "restarts": 0}]  # fmt: skip
+
+    def switch(self, spec: ModelSpec) -> Future:
+        """Queue loading another model, after the jobs already waiting; the future gives its
+        ModelInfo, or the error that kept the old model."""
+
+        def load(job: Job, pipe: StableDiffusion) -> ModelInfo:
+            self.pipe = spec.load()
+            self.info = ModelInfo.of(self.pipe)
+            return self.info
+
+        return self.submit(Job(kind="load model", run=load))
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._drop_waiting("the server is stopping")
+        self.interrupt()
+        self._thread.join(timeout)
+
     def _next(self) -> Job | None:
         with self._cond:
             while not self._waiting and not self._closed:
@@ -143,7 +203,8 @@ class Worker:
             if self._closed:
                 return None
             job = self._waiting.popleft()
-            self.current = job
+            job.worker = 0
+            self._current = job
             return job
 
     def _loop(self) -> None:
@@ -156,6 +217,6 @@ class Worker:
                 except BaseException as e:  # handed to the waiting request, which answers it
                     job.future.set_exception(e)
             with self._cond:
-                self.current = None
+                self._current = None
                 self.completed += 1
             self._changed()
