@@ -61,6 +61,21 @@ def test_previews_without_a_table_are_the_vaes_own_decode(tiny_pipe):
     assert difference.max() <= 1  # the same decode, up to rounding to 8 bits
 
 
+def test_model_preview_picks_the_table_or_the_vae(tiny_pipe):
+    from types import SimpleNamespace
+
+    from sd_pipeline.previews import model_preview
+    from sd_vae import AutoencoderKLConfig
+
+    latents = torch.randn(1, 4, 4, 5, generator=torch.Generator().manual_seed(0))
+    sd_like = SimpleNamespace(config=AutoencoderKLConfig.sd15())
+    torch.testing.assert_close(model_preview(latents, sd_like), cheap_preview(latents))
+    vae = tiny_pipe.vae
+    with torch.inference_mode():
+        decoded = vae.decode(latents / vae.config.scaling_factor).clamp(-1, 1)
+    torch.testing.assert_close(model_preview(latents, vae), decoded)
+
+
 def test_a_callback_can_stop_the_run_and_get_what_there_is(tiny_pipe):
     seen = []
 

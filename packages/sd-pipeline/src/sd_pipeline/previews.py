@@ -29,7 +29,9 @@ __all__ = [
     "cheap_preview",
     "latent_preview",
     "latent_space",
+    "model_preview",
     "preview_callback",
+    "preview_tensor",
 ]
 
 # (latent channel, RGB) for scaled latents (as the sampler sees them), giving [-1, 1] pixels.
@@ -76,6 +78,35 @@ def cheap_preview(latents: torch.Tensor, space: str = "sd1") -> torch.Tensor:
     return rgb.clamp(-1.0, 1.0)
 
 
+def preview_tensor(
+    latents: torch.Tensor,
+    space: str = "sd1",
+    decoder: torch.nn.Module | None = None,
+    vae: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Preview images (B, 3, H, W) in [-1, 1] on the CPU from scaled latents:
+    :func:`cheap_preview`; with ``decoder`` (a TAESD ``sd_vae.TinyDecoder``) the tiny
+    autoencoder's pictures at full size; with ``vae`` (an ``sd_vae.AutoencoderKL``, whose
+    ``decode`` takes unscaled latents) the real decode."""
+    if decoder is None and vae is None:
+        return cheap_preview(latents, space)
+    weight = next((decoder or vae).parameters())
+    latents = latents.to(weight.device, weight.dtype)
+    with torch.inference_mode():
+        if decoder is not None:
+            images = decoder(latents)
+        else:
+            images = vae.decode(latents / vae.config.scaling_factor)
+    return images.float().clamp(-1.0, 1.0).cpu()
+
+
+def model_preview(latents: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
+    """:func:`preview_tensor` as fits a model with this ``vae``: the cheap table of its latent
+    space, or (:func:`latent_space` finds none) its own decode."""
+    space = latent_space(vae)
+    return preview_tensor(latents, space) if space else preview_tensor(latents, vae=vae)
+
+
 def latent_preview(
     latents: torch.Tensor,
     space: str = "sd1",
@@ -83,21 +114,9 @@ def latent_preview(
     decoder: torch.nn.Module | None = None,
     vae: torch.nn.Module | None = None,
 ) -> list[Image.Image]:
-    """Previews as PIL images: :func:`cheap_preview`; with ``decoder`` (a TAESD
-    ``sd_vae.TinyDecoder``) the tiny autoencoder's pictures at full size; with ``vae`` (an
-    ``sd_vae.AutoencoderKL``, whose ``decode`` takes unscaled latents) the real decode.
-    Resized to ``size`` (width, height) when given."""
-    if decoder is None and vae is None:
-        pictures = tensor_to_pil(cheap_preview(latents, space))
-    else:
-        weight = next((decoder or vae).parameters())
-        latents = latents.to(weight.device, weight.dtype)
-        with torch.inference_mode():
-            if decoder is not None:
-                images = decoder(latents)
-            else:
-                images = vae.decode(latents / vae.config.scaling_factor)
-        pictures = tensor_to_pil(images.float().clamp(-1.0, 1.0))
+    """Previews as PIL images (:func:`preview_tensor`'s), resized to ``size`` (width, height)
+    when given."""
+    pictures = tensor_to_pil(preview_tensor(latents, space, decoder=decoder, vae=vae))
     if size is not None:
         pictures = [p.resize(size, Image.Resampling.BILINEAR) for p in pictures]
     return pictures

@@ -25,11 +25,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from sd_pipeline import RequestError, StableDiffusion, save_image
-from sd_pipeline.previews import latent_preview
+from sd_pipeline.images import tensor_to_pil
 from sd_samplers import SAMPLERS
 from sd_server import generation
 from sd_server.api_models import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
@@ -123,8 +124,8 @@ class Server:
 
     def progress(self, with_image: bool = True) -> dict[str, Any]:
         """AUTOMATIC1111's ``/progress`` answer about the job in flight that started first (the
-        only one, with one worker), ``jobs`` listing every one; ``current_image`` is the cheap
-        latent preview."""
+        only one, with one worker), ``jobs`` listing every one; ``current_image`` is a
+        preview made in the worker (``sd_pipeline.previews.model_preview``)."""
         running = self.worker.running
         job = running[0] if running else None
         state = {
@@ -156,13 +157,15 @@ class Server:
         }
 
     def _current_image(self, job: Job) -> str | None:
-        latents = job.preview
-        if latents is None:
+        rgb = job.preview
+        if rgb is None:
             return None
         key = (job.id, job.iteration, job.step)
         if self._preview is None or self._preview[0] != key:
-            size = job.size if all(job.size) else None
-            self._preview = (key, encode_png(latent_preview(latents, size=size)[0]))
+            picture = tensor_to_pil(rgb)[0]
+            if all(job.size):
+                picture = picture.resize(job.size, Image.Resampling.BILINEAR)
+            self._preview = (key, encode_png(picture))
         return self._preview[1]
 
     # generation

@@ -247,6 +247,7 @@ def run(job: Job, pipe, generation: Generation) -> Result:
     AUTOMATIC1111 numbers them); interrupt stops after the current step and returns what is
     there, skip moves on to the next iteration."""
     request = generation.request
+    job.preview_vae = pipe.vae
     images, requests, parameters = [], [], []
     for k in range(generation.n_iter):
         if job.interrupted or job.gone.is_set():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sd_pipeline import StableDiffusion, StopSampling
+from sd_pipeline.previews import model_preview
 from sd_server.models import ModelInfo, ModelSpec
 
 __all__ = ["Job", "JobQueue", "QueueFull", "Worker"]
@@ -55,7 +56,8 @@ class Job:
     step: int = 0
     steps: int = 0
     size: tuple[int, int] = (0, 0)
-    preview: Any = None  # the first image's current estimate of its latents (a tensor)
+    preview: Any = None  # a preview of the first image's current estimate (RGB in [-1, 1])
+    preview_vae: Any = None  # the running model's VAE, which says how to preview its latents
 
     @property
     def stopping(self) -> bool:
@@ -64,7 +66,8 @@ class Job:
     def on_step(self, d: dict) -> None:
         """sd-pipeline's step callback: record the step, stop when asked to."""
         self.step = int(d["i"]) + 1
-        self.preview = d["denoised"][:1].detach().clone()
+        if self.preview_vae is not None:
+            self.preview = model_preview(d["denoised"][:1].detach(), self.preview_vae)
         self._notify()
         if self.stopping:
             raise StopSampling
