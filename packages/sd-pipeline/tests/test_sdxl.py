@@ -1,0 +1,248 @@
+"""SDXL base and refiner: parity with diffusers' StableDiffusionXLPipeline (and its
+denoising_end / denoising_start two-stage recipe with StableDiffusionXLImg2ImgPipeline) on the
+same random weights, and what loading infers from an SDXL file.
+
+The diffusers side is built from our SGM single file with diffusers' own converters
+(convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, convert_open_clip_checkpoint) and
+transformers' CLIP models, so nothing of ours converts the weights it is compared against. Both
+sides get the same token ids (our tokenizer; sd-clip's tests check it against transformers')
+and the same starting latents; Euler runs on 10 steps, whose timesteps are whole numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from sdxl_checkpoints import CLIP_G, CLIP_L, UNETS, VAE_PREFIX, sdxl_components, sgm_state
+
+from sd_clip import CLIPTokenizer
+from sd_pipeline import CheckpointError, StableDiffusion
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+from diffusers.loaders.single_file_utils import (  # noqa: E402
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+
+SIZE = 64  # 8 x 8 latents: the refiner's three downsamplings need a side of 8
+GUIDANCE = 2.0  # (random weights turn chaotic under strong guidance; see test_parity)
+REL_TOL = 1e-4
+DIFFUSERS_UNETS = {  # written out by hand, so that they check our layout
+    "sdxl": dict(
+        block_out_channels=(64, 128, 128), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 2),
+        use_linear_projection=True, cross_attention_dim=192, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=128 + 6 * 256,
+        sample_size=SIZE // 8,
+    ),
+    "sdxl-refiner": dict(
+        block_out_channels=(64, 128, 128, 128), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                          "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=2, attention_head_dim=(1, 2, 2, 2),
+        use_linear_projection=True, cross_attention_dim=128, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=128 + 5 * 256,
+        sample_size=SIZE // 8,
+    ),
+}  # fmt: skip
+VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4, norm_num_groups=32, sample_size=SIZE, scaling_factor=0.13025,
+)  # fmt: skip
+
+
+def hf_text(config, state: dict | None, with_projection: bool):
+    cls = (
+        transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    )
+    model = cls(transformers.CLIPTextConfig(
+        vocab_size=config.vocab_size, hidden_size=config.width, intermediate_size=config.mlp_width,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads,
+        max_position_embeddings=config.max_positions, hidden_act=config.activation,
+        projection_dim=config.projection_dim or config.width,
+    )).eval()  # fmt: skip
+    if state is None:
+        return model
+    names = set(model.state_dict())
+    state = {(k if k in names else k.removeprefix("text_model.")): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    return model
+
+
+def diffusers_parts(kind: str, state: dict) -> dict:
+    """diffusers' UNet and VAE and transformers' encoders, from the SGM file's tensors."""
+    config = DIFFUSERS_UNETS[kind]
+    unet = diffusers.UNet2DConditionModel(**config).eval()
+    unet.load_state_dict(convert_ldm_unet_checkpoint(state, config), strict=True)
+    vae = diffusers.AutoencoderKL(**VAE).eval()
+    vae.load_state_dict(convert_ldm_vae_checkpoint(state, VAE), strict=True)
+    prefix = (
+        "conditioner.embedders.1.model." if kind == "sdxl" else "conditioner.embedders.0.model."
+    )
+    clip_g = hf_text(CLIP_G, None, True)
+    clip_g = hf_text(CLIP_G, convert_open_clip_checkpoint(clip_g, state, prefix=prefix), True)
+    parts = dict(unet=unet, vae=vae, text_encoder_2=clip_g, text_encoder=None)
+    if kind == "sdxl":
+        lp = "conditioner.embedders.0.transformer."
+        parts["text_encoder"] = hf_text(CLIP_L, {k[len(lp) :]: v for k, v in state.items()
+                                                 if k.startswith(lp)}, False)  # fmt: skip
+    return parts
+
+
+def embeds(parts: dict, prompt: str, negative: str):
+    """diffusers' encode_prompt, given our token ids: each encoder's hidden_states[-2] side by
+    side, the pooled output (text_embeds) of the second."""
+    out = {}
+    for name, text in (("", prompt), ("negative_", negative)):
+        hidden = []
+        for encoder, tok in ((parts["text_encoder"], CLIPTokenizer()),
+                             (parts["text_encoder_2"], CLIPTokenizer(pad_id=0))):  # fmt: skip
+            if encoder is None:
+                continue
+            with torch.no_grad():
+                result = encoder(tok([text]), output_hidden_states=True)
+            hidden.append(result.hidden_states[-2])
+        out[f"{name}prompt_embeds"] = torch.cat(hidden, dim=-1)
+        out[f"{name}pooled_prompt_embeds"] = result.text_embeds
+    return out
+
+
+def euler():
+    return diffusers.EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        timestep_spacing="linspace",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl")
+    out = {}
+    for seed, kind in enumerate(("sdxl", "sdxl-refiner")):
+        state = sgm_state(sdxl_components(kind, seed=seed))
+        save_file(state, str(folder / f"{kind}.safetensors"))
+        out[kind] = (folder / f"{kind}.safetensors", state)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipes(files):
+    return {kind: StableDiffusion.from_checkpoint(path, device="cpu")
+            for kind, (path, _) in files.items()}  # fmt: skip
+
+
+def noise():
+    return torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
+
+
+def relative(ours: torch.Tensor, theirs: torch.Tensor, label: str) -> float:
+    assert theirs.std() > 0.05, "the reference is flat: the test would prove nothing"
+    rel = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+    print(f"{label}: relative {rel:.2e}")
+    return rel
+
+
+def test_sdxl_kinds_are_inferred_from_the_weights(pipes):
+    base, refiner = pipes["sdxl"], pipes["sdxl-refiner"]
+    assert base.unet.config == UNETS["sdxl"] and refiner.unet.config == UNETS["sdxl-refiner"]
+    assert base.text_encoder.config == CLIP_L and base.text_encoder_2.config == CLIP_G
+    assert refiner.text_encoder.config == CLIP_G and refiner.text_encoder_2 is None
+    for pipe in (base, refiner):
+        assert pipe.native_size == 1024 and pipe.vae.config.scaling_factor == 0.13025
+        assert pipe.conditioner.pooled
+    assert base.tokenizer.pad_id == CLIPTokenizer().end_id
+    assert base.conditioner.tokenizers[1].pad_id == 0 and refiner.tokenizer.pad_id == 0
+    assert refiner.conditioner.refiner and not base.conditioner.refiner
+
+
+def test_sd1_and_sd2_are_unaffected(tiny_checkpoint):
+    pipe = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu")
+    assert pipe.unet.config.family == "sd1" and pipe.text_encoder_2 is None
+    assert not pipe.conditioner.pooled and pipe.native_size == 512
+    assert pipe.vae.config.scaling_factor == 0.18215
+    assert pipe.conditioner.added(None) is None
+
+
+def test_mismatched_sdxl_files_are_refused_naming_what_they_hold(files, tmp_path):
+    _, state = files["sdxl"]
+    no_g = {k: v for k, v in state.items() if not k.startswith("conditioner.embedders.1.")}
+    save_file(no_g, str(tmp_path / "no-g.safetensors"))
+    with pytest.raises(CheckpointError, match=r"SDXL base UNet .* needs CLIP-L .* bigG"):
+        StableDiffusion.from_checkpoint(tmp_path / "no-g.safetensors", device="cpu")
+    # the refiner's encoder beside the base UNet: the widths do not add up
+    _, refiner_state = files["sdxl-refiner"]
+    mixed = {k: v for k, v in state.items() if k.startswith(("model.", VAE_PREFIX))}
+    mixed |= {k: v for k, v in refiner_state.items() if k.startswith("conditioner.")}
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(CheckpointError, match="needs CLIP-L"):
+        StableDiffusion.from_checkpoint(tmp_path / "mixed.safetensors", device="cpu")
+
+
+def test_txt2img_matches_diffusers_sdxl_pipeline(files, pipes):
+    _, state = files["sdxl"]
+    parts = diffusers_parts("sdxl", state)
+    ref = diffusers.StableDiffusionXLPipeline(**parts, tokenizer=None, tokenizer_2=None,
+                                              scheduler=euler())  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    start = noise()
+    with torch.no_grad():
+        theirs = ref(
+            **embeds(parts, "a red circle", "blurry"), num_inference_steps=10,
+            guidance_scale=GUIDANCE, latents=start.clone(), height=SIZE, width=SIZE,
+            output_type="latent",
+        ).images  # fmt: skip
+    ours = pipes["sdxl"].txt2img(
+        "a red circle", "blurry", steps=10, sampler="euler", guidance_scale=GUIDANCE,
+        latents=start, width=SIZE, height=SIZE, progress=False, output_type="latent",
+    )  # fmt: skip
+    assert relative(ours, theirs, "SDXL txt2img latents") < REL_TOL
+    with torch.no_grad():
+        theirs_image = ref.vae.decode(theirs / 0.13025).sample
+    assert relative(pipes["sdxl"].decode(ours), theirs_image, "SDXL txt2img image") < REL_TOL
+
+
+def test_base_and_refiner_match_diffusers_two_stages(files, pipes):
+    _, base_state = files["sdxl"]
+    _, refiner_state = files["sdxl-refiner"]
+    base_parts = diffusers_parts("sdxl", base_state)
+    refiner_parts = diffusers_parts("sdxl-refiner", refiner_state)
+    base = diffusers.StableDiffusionXLPipeline(**base_parts, tokenizer=None, tokenizer_2=None,
+                                               scheduler=euler())  # fmt: skip
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **refiner_parts, tokenizer=None, tokenizer_2=None, scheduler=euler(),
+        requires_aesthetics_score=True,
+    )  # fmt: skip
+    for p in (base, refiner):
+        p.set_progress_bar_config(disable=True)
+    start = noise()
+    with torch.no_grad():
+        middle = base(
+            **embeds(base_parts, "a cat", "blurry"), num_inference_steps=10, denoising_end=0.8,
+            guidance_scale=GUIDANCE, latents=start.clone(), height=SIZE, width=SIZE,
+            output_type="latent",
+        ).images  # fmt: skip
+        theirs = refiner(
+            **embeds(refiner_parts, "a cat", "blurry"), image=middle, num_inference_steps=10,
+            denoising_start=0.8, guidance_scale=GUIDANCE, output_type="latent",
+        ).images  # fmt: skip
+    ours = pipes["sdxl"].txt2img(
+        "a cat", "blurry", steps=10, sampler="euler", guidance_scale=GUIDANCE, latents=start,
+        width=SIZE, height=SIZE, progress=False, output_type="latent",
+        refiner=pipes["sdxl-refiner"], refiner_switch=0.8,
+    )  # fmt: skip
+    assert relative(ours, theirs, "SDXL base + refiner latents") < REL_TOL
+    # and the refiner did something: the base alone ends elsewhere
+    alone = pipes["sdxl"].txt2img(
+        "a cat", "blurry", steps=10, sampler="euler", guidance_scale=GUIDANCE, latents=start,
+        width=SIZE, height=SIZE, progress=False, output_type="latent",
+    )  # fmt: skip
+    assert relative(alone, theirs, "SDXL base alone") > 1e-2
