@@ -246,3 +246,49 @@ def test_base_and_refiner_match_diffusers_two_stages(files, pipes):
         width=SIZE, height=SIZE, progress=False, output_type="latent",
     )  # fmt: skip
     assert relative(alone, theirs, "SDXL base alone") > 1e-2
+
+
+def test_cli_refiner_writes_automatic1111_fields_and_from_png_reads_them(files, tmp_path, capsys):
+    from sd_pipeline.cli import main
+    from sd_pipeline.metadata import read_parameters
+
+    base, refiner = files["sdxl"][0], files["sdxl-refiner"][0]
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    common = ["--checkpoint", str(base), "--steps", "4", "--no-progress", "--sampler", "euler"]
+    code = main(["a cat", "-o", str(first), "--seed", "3", "--width", "64", "--height", "64",
+                 "--refiner", str(refiner), "--refiner-switch", "0.5", *common])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    extra = read_parameters(first).extra
+    pipe = StableDiffusion.from_checkpoint(refiner, device="cpu")
+    assert extra["Refiner"] == f"sdxl-refiner [{pipe.model_hash}]"
+    assert extra["Refiner switch at"] == "0.5"
+    # the refiner named in the PNG is found beside the checkpoint
+    assert main(["--from-png", str(first), "-o", str(again), *common]) == 0
+    assert read_parameters(again).extra["Refiner"] == extra["Refiner"]
+    from PIL import Image
+
+    assert Image.open(first).tobytes() == Image.open(again).tobytes()
+    # without a refiner run, the same seed gives another picture
+    plain = tmp_path / "plain.png"
+    assert main(["a cat", "-o", str(plain), "--seed", "3", "--width", "64", "--height", "64",
+                 *common]) == 0  # fmt: skip
+    assert Image.open(first).tobytes() != Image.open(plain).tobytes()
+    assert "Refiner" not in read_parameters(plain).extra
+
+
+def test_a_missing_refiner_is_named(files, tmp_path, capsys):
+    from sd_pipeline.cli import main
+
+    first = tmp_path / "first.png"
+    base, refiner = files["sdxl"][0], files["sdxl-refiner"][0]
+    common = ["--steps", "2", "--no-progress", "--width", "64", "--height", "64"]
+    assert main(["x", "-o", str(first), "--checkpoint", str(base), "--refiner", str(refiner),
+                 *common]) == 0  # fmt: skip
+    capsys.readouterr()
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "base.safetensors").symlink_to(base)
+    code = main(["--from-png", str(first), "-o", str(tmp_path / "b.png"), "--checkpoint",
+                 str(other / "base.safetensors"), *common])  # fmt: skip
+    assert code == 2
+    assert "made with the refiner 'sdxl-refiner'" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ __all__ = [
     "RefinerStage",
     "RefinerSwitch",
     "TextConditioner",
+    "find_refiner",
+    "refiner_fields",
     "text_conditioner",
 ]
 
@@ -243,3 +246,38 @@ def load_refiner(pipe, refiner):
             f"1/{ours.downscale}"
         )
     return refiner
+
+
+REFINER_SUFFIXES = (".safetensors", ".ckpt")
+_SHORT_TITLE = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")  # "name [hash]"
+
+
+def refiner_fields(extra: dict[str, str], source) -> dict:
+    """Request fields from AUTOMATIC1111's ``Refiner: name [hash]`` and ``Refiner switch at``
+    infotext fields: ``refiner`` is then the refiner's name (a str; see :func:`find_refiner`)."""
+    if "Refiner" not in extra:
+        return {}
+    match = _SHORT_TITLE.match(extra["Refiner"].strip())
+    name = match.group(1) if match else extra["Refiner"].strip()
+    try:
+        switch = float(extra.get("Refiner switch at", 0.8))
+    except ValueError:
+        raise ValueError(
+            f"{source}: its Refiner switch at field must be a number, got "
+            f"{extra['Refiner switch at']!r}"
+        ) from None
+    return {"refiner": name, "refiner_switch": switch}
+
+
+def find_refiner(name: str, checkpoint, png) -> Path:
+    """The refiner a PNG names, as a file beside the checkpoint (``name.safetensors`` or
+    ``.ckpt``), where AUTOMATIC1111 would find it among its models."""
+    folder = Path(checkpoint).parent if checkpoint is not None else None
+    for suffix in REFINER_SUFFIXES:
+        if folder is not None and (folder / (name + suffix)).is_file():
+            return folder / (name + suffix)
+    where = f"beside {checkpoint}" if checkpoint is not None else "(no --checkpoint)"
+    raise FileNotFoundError(
+        f"{png} was made with the refiner {name!r}: no {name}.safetensors or .ckpt {where}; "
+        "give --refiner FILE"
+    )
