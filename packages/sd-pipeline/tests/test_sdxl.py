@@ -292,3 +292,68 @@ def test_a_missing_refiner_is_named(files, tmp_path, capsys):
                  str(other / "base.safetensors"), *common])  # fmt: skip
     assert code == 2
     assert "made with the refiner 'sdxl-refiner'" in capsys.readouterr().err
+
+
+def kohya_sdxl_lora(path, parts: dict, rank: int = 2, seed: int = 0):
+    """A kohya-style SDXL LoRA (lora_unet_ on diffusers' UNet names, lora_te1_ CLIP-L, lora_te2_
+    bigG) on the attention projections, named from the diffusers / transformers modules."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for prefix, model in (("lora_unet_", parts["unet"]), ("lora_te1_", parts["text_encoder"]),
+                          ("lora_te2_", parts["text_encoder_2"])):  # fmt: skip
+        for name, m in model.named_modules():
+            wanted = ("to_q", "to_v", "to_out.0", "q_proj", "out_proj")  # (diffusers infers
+            if not isinstance(m, torch.nn.Linear) or not name.endswith(
+                wanted
+            ):  # the format from out)
+                continue
+            if prefix != "lora_unet_" and not name.startswith("text_model."):
+                name = "text_model." + name  # (transformers 5 drops it; the files keep it)
+            key = prefix + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.3
+            state[f"{key}.lora_up.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.3
+            state[f"{key}.alpha"] = torch.tensor(1.0)
+    save_file(state, str(path))
+    return path
+
+
+def test_sdxl_lora_equals_diffusers_load_lora_weights_and_fuse(files, pipes, tmp_path):
+    pytest.importorskip("peft")
+    _, state = files["sdxl"]
+    parts = diffusers_parts("sdxl", state)
+    lora = kohya_sdxl_lora(tmp_path / "xl-style.safetensors", parts)
+    ref = diffusers.StableDiffusionXLPipeline(**parts, tokenizer=None, tokenizer_2=None,
+                                              scheduler=euler())  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(lora))
+    ref.fuse_lora(lora_scale=1.0)
+    start = noise()
+    with torch.no_grad():
+        theirs = ref(
+            **embeds(parts, "a red circle", "blurry"), num_inference_steps=4,
+            guidance_scale=GUIDANCE, latents=start.clone(), height=SIZE, width=SIZE,
+            output_type="latent",
+        ).images  # fmt: skip
+    pipe = pipes["sdxl"]
+    before = pipe.txt2img("a red circle", "blurry", steps=4, sampler="euler", latents=start,
+                          guidance_scale=GUIDANCE, width=SIZE, height=SIZE, progress=False,
+                          output_type="latent")  # fmt: skip
+    pipe.load_lora(lora)
+    try:
+        ours = pipe.txt2img("a red circle", "blurry", steps=4, sampler="euler", latents=start,
+                            guidance_scale=GUIDANCE, width=SIZE, height=SIZE, progress=False,
+                            output_type="latent")  # fmt: skip
+    finally:
+        pipe.unload_loras()
+    assert relative(before, theirs, "without the LoRA") > 1e-2  # the LoRA changes the result
+    assert relative(ours, theirs, "SDXL LoRA latents") < REL_TOL
+
+
+def test_sdxl_lora_is_still_refused_on_sd1(files, pipes, tiny_checkpoint, tmp_path):
+    from sd_lora import LoRAError
+
+    parts = diffusers_parts("sdxl", files["sdxl"][1])
+    lora = kohya_sdxl_lora(tmp_path / "xl.safetensors", parts)
+    sd1 = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu")
+    with pytest.raises(LoRAError, match=r"an SDXL LoRA .* this model is SD 1\.x/2\.x"):
+        sd1.load_lora(lora)

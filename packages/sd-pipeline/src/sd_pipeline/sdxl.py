@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sd_clip import CLIPTextModel, CLIPTokenizer, encode_prompt_sdxl
+from sd_lora.names import declare_sdxl_part
 from sd_unet import sdxl_conditioning
 
 __all__ = [
@@ -126,6 +127,8 @@ def text_conditioner(
         raise ValueError(
             f"an {family} UNet needs {need} (the last with its text_projection); got {shapes}"
         )
+    for encoder, part in zip(encoders, ("te1", "te2")[2 - wanted :]):
+        declare_sdxl_part(encoder, part)  # so that an SDXL LoRA's te1 / te2 layers find them
     # the bigG tokenizer pads with "!" (id 0), CLIP-L's with the end token
     tokenizers = [t or CLIPTokenizer(pad_id=0 if i == len(pairs) - 1 else None)
                   for i, (_, t) in enumerate(pairs)]  # fmt: skip
