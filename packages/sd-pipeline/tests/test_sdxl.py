@@ -357,3 +357,147 @@ def test_sdxl_lora_is_still_refused_on_sd1(files, pipes, tiny_checkpoint, tmp_pa
     sd1 = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu")
     with pytest.raises(LoRAError, match=r"an SDXL LoRA .* this model is SD 1\.x/2\.x"):
         sd1.load_lora(lora)
+
+
+def hf_tokenizer(folder, pad_token: str | None):
+    """transformers' CLIP tokenizer on our vocabulary (bigG's pads with "!")."""
+    CLIPTokenizer().save(folder)
+    extra = {} if pad_token is None else {"pad_token": pad_token}
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                      **extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def diffusers_root(files, tmp_path_factory):
+    """SDXL base as a diffusers model root (what save_pretrained writes), from the SGM file."""
+    folder = tmp_path_factory.mktemp("sdxl-root")
+    parts = diffusers_parts("sdxl", files["sdxl"][1])
+    tokenizers = tmp_path_factory.mktemp("tokenizers")
+    ref = diffusers.StableDiffusionXLPipeline(
+        **parts, scheduler=euler(), tokenizer=hf_tokenizer(tokenizers / "l", None),
+        tokenizer_2=hf_tokenizer(tokenizers / "g", "!"),
+    )  # fmt: skip
+    ref.save_pretrained(folder / "model")
+    return folder / "model"
+
+
+def test_diffusers_root_loads_as_the_single_file(diffusers_root, pipes):
+    ours = StableDiffusion.from_checkpoint(diffusers_root, device="cpu")
+    assert ours.unet.config == UNETS["sdxl"] and ours.text_encoder_2.config == CLIP_G
+    assert ours.native_size == SIZE and ours.vae.config.scaling_factor == 0.13025
+    assert ours.conditioner.tokenizers[1].pad_id == 0  # from tokenizer_2/'s special tokens
+    assert ours.tokenizer.pad_id == CLIPTokenizer().end_id
+    args = dict(steps=3, sampler="euler", latents=noise(), progress=False, output_type="latent")
+    a = ours.txt2img("a (cat:1.2)", "dog", **args)
+    b = pipes["sdxl"].txt2img("a (cat:1.2)", "dog", width=SIZE, height=SIZE, **args)
+    assert relative(a, b, "diffusers root vs single file") < 1e-5
+
+
+def test_single_file_layout_round_trips_through_diffusers_from_single_file(
+    files, diffusers_root, pipes
+):
+    """diffusers' own single-file loader reads the SGM file (its config from the local root,
+    nothing downloaded) into the pipeline that our loader's result matches."""
+    path, state = files["sdxl"]
+    theirs = diffusers.StableDiffusionXLPipeline.from_single_file(
+        str(path), config=str(diffusers_root), local_files_only=True
+    )
+    theirs.set_progress_bar_config(disable=True)
+    reference = diffusers_parts("sdxl", state)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine, read = reference[name].state_dict(), getattr(theirs, name).state_dict()
+        assert set(mine) <= set(read), name
+        assert all(torch.equal(mine[k], read[k]) for k in mine), name
+    start = noise()
+    with torch.no_grad():
+        out = theirs(**embeds(reference, "a cat", ""), num_inference_steps=4, latents=start.clone(),
+                     guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
+                     output_type="latent").images  # fmt: skip
+    ours = pipes["sdxl"].txt2img("a cat", "", steps=4, sampler="euler", latents=start,
+                                 guidance_scale=GUIDANCE, width=SIZE, height=SIZE, progress=False,
+                                 output_type="latent")  # fmt: skip
+    assert relative(ours, out, "from_single_file vs ours") < REL_TOL
+
+
+def test_refiner_diffusers_root(files, pipes, tmp_path):
+    parts = diffusers_parts("sdxl-refiner", files["sdxl-refiner"][1])
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **parts, scheduler=euler(), tokenizer=None,
+        tokenizer_2=hf_tokenizer(tmp_path / "g", "!"), requires_aesthetics_score=True,
+    )  # fmt: skip
+    ref.save_pretrained(tmp_path / "refiner")
+    ours = StableDiffusion.from_checkpoint(tmp_path / "refiner", device="cpu")
+    assert ours.unet.config == UNETS["sdxl-refiner"] and ours.text_encoder.config == CLIP_G
+    assert ours.text_encoder_2 is None and ours.tokenizer.pad_id == 0 and ours.conditioner.refiner
+    args = dict(steps=3, sampler="euler", latents=noise(), progress=False, output_type="latent",
+                width=SIZE, height=SIZE)  # fmt: skip
+    a, b = ours.txt2img("a cat", **args), pipes["sdxl-refiner"].txt2img("a cat", **args)
+    assert relative(a, b, "refiner root vs single file") < 1e-5
+
+
+def test_img2img_matches_diffusers_sdxl_img2img(files, pipes):
+    from test_parity import _init_image
+
+    parts = diffusers_parts("sdxl", files["sdxl"][1])
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline(
+        **parts, tokenizer=None, tokenizer_2=None, scheduler=euler(),
+        requires_aesthetics_score=False,
+    )  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    image = _init_image().resize((SIZE, SIZE))
+    shape = (1, 4, SIZE // 8, SIZE // 8)
+    with torch.no_grad():
+        theirs = ref(
+            **embeds(parts, "a cat", "blurry"), image=image, strength=0.5, num_inference_steps=10,
+            guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(3),
+            output_type="latent",
+        ).images  # fmt: skip
+    g = torch.Generator().manual_seed(3)  # diffusers drew the posterior sample, then the noise
+    torch.randn(shape, generator=g)
+    ours = pipes["sdxl"].img2img(
+        "a cat", image, "blurry", strength=0.5, steps=10, sampler="euler",
+        guidance_scale=GUIDANCE, latents=torch.randn(shape, generator=g), progress=False,
+        output_type="latent",
+    )  # fmt: skip
+    assert relative(ours, theirs, "SDXL img2img latents") < REL_TOL
+
+
+def test_prompt_language_on_sdxl_long_prompts_schedules_and_pooled(files, pipes):
+    """A1111's syntax reaches both encoders; a prompt of two chunks (BREAK) against a one-chunk
+    negative runs in groups of one length, each with its rows' added conditioning; the pooled
+    output is the first chunk's (transformers' bigG on those ids)."""
+    from sd_pipeline import GenerationRequest
+
+    pipe = pipes["sdxl"]
+    request = GenerationRequest(prompts=("a (cat:1.3) BREAK on a [sofa:bed:2]",), steps=4,
+                                width=SIZE, height=SIZE).resolve(pipe.defaults, 1024)  # fmt: skip
+    conditioning = pipe.encode_prompt(request)
+    ((_, schedule),) = conditioning.cond[0]
+    assert [last for last, _, _ in schedule] == [2, 4]  # "sofa", then "bed" (A1111 numbering)
+    assert schedule[0][1].shape == (1, 154, 192) and conditioning.uncond[0][0][1].shape[1] == 77
+    parts = diffusers_parts("sdxl", files["sdxl"][1])
+    with torch.no_grad():
+        want = parts["text_encoder_2"](CLIPTokenizer(pad_id=0)(["a cat"])).text_embeds
+    assert relative(schedule[1][2], want, "pooled of the first chunk") < 1e-5
+    args = dict(steps=4, sampler="euler", seed=1, width=SIZE, height=SIZE, progress=False,
+                output_type="latent")  # fmt: skip
+    long = pipe.txt2img(request.prompts[0], **args)
+    assert torch.isfinite(long).all()
+    assert not torch.allclose(long, pipe.txt2img("a (cat:1.3)", **args))
+
+
+def test_inpaint_on_sdxl_keeps_the_unmasked_latents(pipes):
+    from test_parity import _init_image, _mask
+
+    from sd_pipeline import pil_to_tensor
+    from sd_pipeline.images import mask_to_tensor
+
+    image, mask = _init_image().resize((SIZE, SIZE)), _mask().resize((SIZE, SIZE))
+    pipe = pipes["sdxl"]
+    out = pipe.inpaint("a dog", image, mask, steps=3, sampler="euler", seed=2, progress=False,
+                       output_type="latent")  # fmt: skip
+    init = pipe._encode_image(pil_to_tensor(image), 1)
+    kept = torch.nn.functional.interpolate(mask_to_tensor(mask), size=out.shape[-2:]) == 0
+    kept = kept.expand_as(out)
+    torch.testing.assert_close(out[kept], init[kept], atol=1e-4, rtol=1e-4)
+    assert (out - init).abs().max() > 0.1  # the masked part was repainted
