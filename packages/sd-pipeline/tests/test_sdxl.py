@@ -501,3 +501,23 @@ def test_inpaint_on_sdxl_keeps_the_unmasked_latents(pipes):
     kept = kept.expand_as(out)
     torch.testing.assert_close(out[kept], init[kept], atol=1e-4, rtol=1e-4)
     assert (out - init).abs().max() > 0.1  # the masked part was repainted
+
+
+def test_hires_fix_with_the_refiner_and_what_sdxl_cannot_save(pipes, tmp_path):
+    from sd_pipeline import GenerationParameters
+    from sd_pipeline.request import HiresFix
+
+    pipe, refiner = pipes["sdxl"], pipes["sdxl-refiner"]
+    picture = pipe.txt2img(
+        "a cat", steps=3, sampler="euler", seed=4, width=SIZE, height=SIZE, progress=False,
+        hires=HiresFix(scale=1.5, steps=2, denoise=0.5), refiner=refiner, refiner_switch=0.5,
+    )[0]  # fmt: skip
+    assert picture.size == (96, 96)
+    extra = GenerationParameters.from_text(picture.info["parameters"]).extra
+    assert extra["Refiner"].startswith("sdxl-refiner [") and extra["Hires upscale"] == "1.5"
+    with pytest.raises(ValueError, match="SDXL"):
+        pipe.save(tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="refiner_switch"):
+        pipe.txt2img("x", steps=2, refiner=refiner, refiner_switch=1.5, progress=False)
+    with pytest.raises(ValueError, match="original_size"):
+        pipe.txt2img("x", steps=2, original_size=(0, 8), progress=False)

@@ -274,7 +274,6 @@ class StableDiffusion(Tasks, Adapters, Placement):
 
     def _run_one(self, request, latents, callback, progress):
         start = self.prepare_latents(request, latents)
-        start.refiner = RefinerStage.of(self, request)
         result = self.denoise(request, self.encode_prompt(request), start, callback, progress)
         if request.hires is not None and not self._stopped:
             second = hires_request(self, request, result)
@@ -337,6 +336,8 @@ class StableDiffusion(Tasks, Adapters, Placement):
             noise = torch.stack([request_noise(request, i, seed, g, shape, self.scale, self.device)
                                  for i, (seed, g) in enumerate(zip(seeds, generators))])  # fmt: skip
         start = Start(noise=noise.to(self.device), generators=generators)
+        # the refiner as AUTOMATIC1111 runs it with the hires fix: in the second pass only
+        start.refiner = RefinerStage.of(self, request) if request.hires is None else None
         if request.controls:
             start.controls = prepare_controls(request.controls, request.width, request.height,
                                               unet=self.unet, device=self.device,
