@@ -187,27 +187,33 @@ def test_mismatched_sdxl_files_are_refused_naming_what_they_hold(files, tmp_path
         StableDiffusion.from_checkpoint(tmp_path / "mixed.safetensors", device="cpu")
 
 
-def test_txt2img_matches_diffusers_sdxl_pipeline(files, pipes):
+@pytest.mark.parametrize("sampler,steps", [("euler", 10), ("ddim", 5)])
+def test_txt2img_matches_diffusers_sdxl_pipeline(files, pipes, sampler, steps):
+    from test_parity import _scheduler
+
     _, state = files["sdxl"]
     parts = diffusers_parts("sdxl", state)
     ref = diffusers.StableDiffusionXLPipeline(**parts, tokenizer=None, tokenizer_2=None,
-                                              scheduler=euler())  # fmt: skip
+                                              scheduler=_scheduler(sampler))  # fmt: skip
     ref.set_progress_bar_config(disable=True)
     start = noise()
     with torch.no_grad():
         theirs = ref(
-            **embeds(parts, "a red circle", "blurry"), num_inference_steps=10,
+            **embeds(parts, "a red circle", "blurry"), num_inference_steps=steps,
             guidance_scale=GUIDANCE, latents=start.clone(), height=SIZE, width=SIZE,
             output_type="latent",
         ).images  # fmt: skip
     ours = pipes["sdxl"].txt2img(
-        "a red circle", "blurry", steps=10, sampler="euler", guidance_scale=GUIDANCE,
+        "a red circle", "blurry", steps=steps, sampler=sampler, guidance_scale=GUIDANCE,
         latents=start, width=SIZE, height=SIZE, progress=False, output_type="latent",
     )  # fmt: skip
-    assert relative(ours, theirs, "SDXL txt2img latents") < REL_TOL
+    assert relative(ours, theirs, f"SDXL txt2img {sampler} latents") < REL_TOL
     with torch.no_grad():
         theirs_image = ref.vae.decode(theirs / 0.13025).sample
-    assert relative(pipes["sdxl"].decode(ours), theirs_image, "SDXL txt2img image") < REL_TOL
+    assert (
+        relative(pipes["sdxl"].decode(ours), theirs_image, f"SDXL txt2img {sampler} image")
+        < REL_TOL
+    )
 
 
 def test_base_and_refiner_match_diffusers_two_stages(files, pipes):
