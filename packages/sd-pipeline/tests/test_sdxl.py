@@ -123,6 +123,24 @@ def euler():
     )  # fmt: skip
 
 
+def reference(parts: dict, scheduler=None, cls=None, **config):
+    """A diffusers SDXL pipeline on the parts, given prompt embeddings (no tokenizers)."""
+    cls = cls or diffusers.StableDiffusionXLPipeline
+    ref = cls(**parts, tokenizer=None, tokenizer_2=None, scheduler=scheduler or euler(), **config)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def run_reference(ref, parts: dict, prompt: str, negative: str, steps: int, **kwargs):
+    with torch.no_grad():
+        return ref(**embeds(parts, prompt, negative), num_inference_steps=steps,
+                   guidance_scale=GUIDANCE, output_type="latent", **kwargs).images  # fmt: skip
+
+
+OURS = dict(guidance_scale=GUIDANCE, progress=False, output_type="latent")
+AT_SIZE = dict(width=SIZE, height=SIZE)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdxl")
@@ -191,66 +209,37 @@ def test_mismatched_sdxl_files_are_refused_naming_what_they_hold(files, tmp_path
 def test_txt2img_matches_diffusers_sdxl_pipeline(files, pipes, sampler, steps):
     from test_parity import _scheduler
 
-    _, state = files["sdxl"]
-    parts = diffusers_parts("sdxl", state)
-    ref = diffusers.StableDiffusionXLPipeline(**parts, tokenizer=None, tokenizer_2=None,
-                                              scheduler=_scheduler(sampler))  # fmt: skip
-    ref.set_progress_bar_config(disable=True)
+    parts = diffusers_parts("sdxl", files["sdxl"][1])
+    ref = reference(parts, _scheduler(sampler))
     start = noise()
-    with torch.no_grad():
-        theirs = ref(
-            **embeds(parts, "a red circle", "blurry"), num_inference_steps=steps,
-            guidance_scale=GUIDANCE, latents=start.clone(), height=SIZE, width=SIZE,
-            output_type="latent",
-        ).images  # fmt: skip
-    ours = pipes["sdxl"].txt2img(
-        "a red circle", "blurry", steps=steps, sampler=sampler, guidance_scale=GUIDANCE,
-        latents=start, width=SIZE, height=SIZE, progress=False, output_type="latent",
-    )  # fmt: skip
+    theirs = run_reference(ref, parts, "a red circle", "blurry", steps, latents=start.clone(),
+                           **AT_SIZE)  # fmt: skip
+    ours = pipes["sdxl"].txt2img("a red circle", "blurry", steps=steps, sampler=sampler,
+                                 latents=start, **AT_SIZE, **OURS)  # fmt: skip
     assert relative(ours, theirs, f"SDXL txt2img {sampler} latents") < REL_TOL
     with torch.no_grad():
         theirs_image = ref.vae.decode(theirs / 0.13025).sample
-    assert (
-        relative(pipes["sdxl"].decode(ours), theirs_image, f"SDXL txt2img {sampler} image")
-        < REL_TOL
-    )
+    ours_image = pipes["sdxl"].decode(ours)
+    assert relative(ours_image, theirs_image, f"SDXL txt2img {sampler} image") < REL_TOL
 
 
 def test_base_and_refiner_match_diffusers_two_stages(files, pipes):
-    _, base_state = files["sdxl"]
-    _, refiner_state = files["sdxl-refiner"]
-    base_parts = diffusers_parts("sdxl", base_state)
-    refiner_parts = diffusers_parts("sdxl-refiner", refiner_state)
-    base = diffusers.StableDiffusionXLPipeline(**base_parts, tokenizer=None, tokenizer_2=None,
-                                               scheduler=euler())  # fmt: skip
-    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
-        **refiner_parts, tokenizer=None, tokenizer_2=None, scheduler=euler(),
-        requires_aesthetics_score=True,
-    )  # fmt: skip
-    for p in (base, refiner):
-        p.set_progress_bar_config(disable=True)
+    base_parts = diffusers_parts("sdxl", files["sdxl"][1])
+    refiner_parts = diffusers_parts("sdxl-refiner", files["sdxl-refiner"][1])
+    base = reference(base_parts)
+    refiner = reference(refiner_parts, cls=diffusers.StableDiffusionXLImg2ImgPipeline,
+                        requires_aesthetics_score=True)  # fmt: skip
     start = noise()
-    with torch.no_grad():
-        middle = base(
-            **embeds(base_parts, "a cat", "blurry"), num_inference_steps=10, denoising_end=0.8,
-            guidance_scale=GUIDANCE, latents=start.clone(), height=SIZE, width=SIZE,
-            output_type="latent",
-        ).images  # fmt: skip
-        theirs = refiner(
-            **embeds(refiner_parts, "a cat", "blurry"), image=middle, num_inference_steps=10,
-            denoising_start=0.8, guidance_scale=GUIDANCE, output_type="latent",
-        ).images  # fmt: skip
-    ours = pipes["sdxl"].txt2img(
-        "a cat", "blurry", steps=10, sampler="euler", guidance_scale=GUIDANCE, latents=start,
-        width=SIZE, height=SIZE, progress=False, output_type="latent",
-        refiner=pipes["sdxl-refiner"], refiner_switch=0.8,
-    )  # fmt: skip
+    middle = run_reference(base, base_parts, "a cat", "blurry", 10, denoising_end=0.8,
+                           latents=start.clone(), **AT_SIZE)  # fmt: skip
+    theirs = run_reference(refiner, refiner_parts, "a cat", "blurry", 10, image=middle,
+                           denoising_start=0.8)  # fmt: skip
+    args = dict(steps=10, sampler="euler", latents=start, **AT_SIZE, **OURS)
+    ours = pipes["sdxl"].txt2img("a cat", "blurry", refiner=pipes["sdxl-refiner"],
+                                 refiner_switch=0.8, **args)  # fmt: skip
     assert relative(ours, theirs, "SDXL base + refiner latents") < REL_TOL
     # and the refiner did something: the base alone ends elsewhere
-    alone = pipes["sdxl"].txt2img(
-        "a cat", "blurry", steps=10, sampler="euler", guidance_scale=GUIDANCE, latents=start,
-        width=SIZE, height=SIZE, progress=False, output_type="latent",
-    )  # fmt: skip
+    alone = pipes["sdxl"].txt2img("a cat", "blurry", **args)
     assert relative(alone, theirs, "SDXL base alone") > 1e-2
 
 
@@ -302,16 +291,15 @@ def test_a_missing_refiner_is_named(files, tmp_path, capsys):
 
 def kohya_sdxl_lora(path, parts: dict, rank: int = 2, seed: int = 0):
     """A kohya-style SDXL LoRA (lora_unet_ on diffusers' UNet names, lora_te1_ CLIP-L, lora_te2_
-    bigG) on the attention projections, named from the diffusers / transformers modules."""
+    bigG) on the attention projections, named from the diffusers / transformers modules (with
+    the out projections: diffusers tells the format from them)."""
     g = torch.Generator().manual_seed(seed)
+    wanted = ("to_q", "to_v", "to_out.0", "q_proj", "out_proj")
     state = {}
     for prefix, model in (("lora_unet_", parts["unet"]), ("lora_te1_", parts["text_encoder"]),
                           ("lora_te2_", parts["text_encoder_2"])):  # fmt: skip
         for name, m in model.named_modules():
-            wanted = ("to_q", "to_v", "to_out.0", "q_proj", "out_proj")  # (diffusers infers
-            if not isinstance(m, torch.nn.Linear) or not name.endswith(
-                wanted
-            ):  # the format from out)
+            if not isinstance(m, torch.nn.Linear) or not name.endswith(wanted):
                 continue
             if prefix != "lora_unet_" and not name.startswith("text_model."):
                 name = "text_model." + name  # (transformers 5 drops it; the files keep it)
@@ -325,30 +313,20 @@ def kohya_sdxl_lora(path, parts: dict, rank: int = 2, seed: int = 0):
 
 def test_sdxl_lora_equals_diffusers_load_lora_weights_and_fuse(files, pipes, tmp_path):
     pytest.importorskip("peft")
-    _, state = files["sdxl"]
-    parts = diffusers_parts("sdxl", state)
+    parts = diffusers_parts("sdxl", files["sdxl"][1])
     lora = kohya_sdxl_lora(tmp_path / "xl-style.safetensors", parts)
-    ref = diffusers.StableDiffusionXLPipeline(**parts, tokenizer=None, tokenizer_2=None,
-                                              scheduler=euler())  # fmt: skip
-    ref.set_progress_bar_config(disable=True)
+    ref = reference(parts)
     ref.load_lora_weights(str(lora))
     ref.fuse_lora(lora_scale=1.0)
     start = noise()
-    with torch.no_grad():
-        theirs = ref(
-            **embeds(parts, "a red circle", "blurry"), num_inference_steps=4,
-            guidance_scale=GUIDANCE, latents=start.clone(), height=SIZE, width=SIZE,
-            output_type="latent",
-        ).images  # fmt: skip
+    theirs = run_reference(ref, parts, "a red circle", "blurry", 4, latents=start.clone(),
+                           **AT_SIZE)  # fmt: skip
     pipe = pipes["sdxl"]
-    before = pipe.txt2img("a red circle", "blurry", steps=4, sampler="euler", latents=start,
-                          guidance_scale=GUIDANCE, width=SIZE, height=SIZE, progress=False,
-                          output_type="latent")  # fmt: skip
+    args = dict(steps=4, sampler="euler", latents=start, **AT_SIZE, **OURS)
+    before = pipe.txt2img("a red circle", "blurry", **args)
     pipe.load_lora(lora)
     try:
-        ours = pipe.txt2img("a red circle", "blurry", steps=4, sampler="euler", latents=start,
-                            guidance_scale=GUIDANCE, width=SIZE, height=SIZE, progress=False,
-                            output_type="latent")  # fmt: skip
+        ours = pipe.txt2img("a red circle", "blurry", **args)
     finally:
         pipe.unload_loras()
     assert relative(before, theirs, "without the LoRA") > 1e-2  # the LoRA changes the result
@@ -409,19 +387,15 @@ def test_single_file_layout_round_trips_through_diffusers_from_single_file(
         str(path), config=str(diffusers_root), local_files_only=True
     )
     theirs.set_progress_bar_config(disable=True)
-    reference = diffusers_parts("sdxl", state)
+    expected = diffusers_parts("sdxl", state)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        mine, read = reference[name].state_dict(), getattr(theirs, name).state_dict()
+        mine, read = expected[name].state_dict(), getattr(theirs, name).state_dict()
         assert set(mine) <= set(read), name
         assert all(torch.equal(mine[k], read[k]) for k in mine), name
     start = noise()
-    with torch.no_grad():
-        out = theirs(**embeds(reference, "a cat", ""), num_inference_steps=4, latents=start.clone(),
-                     guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
-                     output_type="latent").images  # fmt: skip
-    ours = pipes["sdxl"].txt2img("a cat", "", steps=4, sampler="euler", latents=start,
-                                 guidance_scale=GUIDANCE, width=SIZE, height=SIZE, progress=False,
-                                 output_type="latent")  # fmt: skip
+    out = run_reference(theirs, expected, "a cat", "", 4, latents=start.clone(), **AT_SIZE)
+    ours = pipes["sdxl"].txt2img("a cat", "", steps=4, sampler="euler", latents=start, **AT_SIZE,
+                                 **OURS)  # fmt: skip
     assert relative(ours, out, "from_single_file vs ours") < REL_TOL
 
 
@@ -445,26 +419,17 @@ def test_img2img_matches_diffusers_sdxl_img2img(files, pipes):
     from test_parity import _init_image
 
     parts = diffusers_parts("sdxl", files["sdxl"][1])
-    ref = diffusers.StableDiffusionXLImg2ImgPipeline(
-        **parts, tokenizer=None, tokenizer_2=None, scheduler=euler(),
-        requires_aesthetics_score=False,
-    )  # fmt: skip
-    ref.set_progress_bar_config(disable=True)
+    ref = reference(parts, cls=diffusers.StableDiffusionXLImg2ImgPipeline,
+                    requires_aesthetics_score=False)  # fmt: skip
     image = _init_image().resize((SIZE, SIZE))
-    shape = (1, 4, SIZE // 8, SIZE // 8)
-    with torch.no_grad():
-        theirs = ref(
-            **embeds(parts, "a cat", "blurry"), image=image, strength=0.5, num_inference_steps=10,
-            guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(3),
-            output_type="latent",
-        ).images  # fmt: skip
+    theirs = run_reference(ref, parts, "a cat", "blurry", 10, image=image, strength=0.5,
+                           generator=torch.Generator().manual_seed(3))  # fmt: skip
     g = torch.Generator().manual_seed(3)  # diffusers drew the posterior sample, then the noise
+    shape = (1, 4, SIZE // 8, SIZE // 8)
     torch.randn(shape, generator=g)
-    ours = pipes["sdxl"].img2img(
-        "a cat", image, "blurry", strength=0.5, steps=10, sampler="euler",
-        guidance_scale=GUIDANCE, latents=torch.randn(shape, generator=g), progress=False,
-        output_type="latent",
-    )  # fmt: skip
+    ours = pipes["sdxl"].img2img("a cat", image, "blurry", strength=0.5, steps=10,
+                                 sampler="euler", latents=torch.randn(shape, generator=g),
+                                 **OURS)  # fmt: skip
     assert relative(ours, theirs, "SDXL img2img latents") < REL_TOL
 
 
