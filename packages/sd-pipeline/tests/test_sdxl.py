@@ -205,17 +205,26 @@ def test_mismatched_sdxl_files_are_refused_naming_what_they_hold(files, tmp_path
         StableDiffusion.from_checkpoint(tmp_path / "mixed.safetensors", device="cpu")
 
 
-@pytest.mark.parametrize("sampler,steps", [("euler", 10), ("ddim", 5)])
-def test_txt2img_matches_diffusers_sdxl_pipeline(files, pipes, sampler, steps):
+SIZES = dict(original_size=(512, 768), crop_top_left=(16, 32), target_size=(1024, 896))
+
+
+@pytest.mark.parametrize("sampler,steps,sizes", [("euler", 10, False), ("ddim", 5, False),
+                                                 ("euler", 4, True)])  # fmt: skip
+def test_txt2img_matches_diffusers_sdxl_pipeline(files, pipes, sampler, steps, sizes):
     from test_parity import _scheduler
 
     parts = diffusers_parts("sdxl", files["sdxl"][1])
     ref = reference(parts, _scheduler(sampler))
     start = noise()
+    theirs_sizes = {}
+    if sizes:  # the added conditioning's sizes, in diffusers' names
+        theirs_sizes = dict(original_size=SIZES["original_size"], target_size=SIZES["target_size"],
+                            crops_coords_top_left=SIZES["crop_top_left"])  # fmt: skip
     theirs = run_reference(ref, parts, "a red circle", "blurry", steps, latents=start.clone(),
-                           **AT_SIZE)  # fmt: skip
+                           **AT_SIZE, **theirs_sizes)  # fmt: skip
     ours = pipes["sdxl"].txt2img("a red circle", "blurry", steps=steps, sampler=sampler,
-                                 latents=start, **AT_SIZE, **OURS)  # fmt: skip
+                                 latents=start, **AT_SIZE, **OURS,
+                                 **(SIZES if sizes else {}))  # fmt: skip
     assert relative(ours, theirs, f"SDXL txt2img {sampler} latents") < REL_TOL
     with torch.no_grad():
         theirs_image = ref.vae.decode(theirs / 0.13025).sample
@@ -492,3 +501,26 @@ def test_hires_fix_with_the_refiner_and_what_sdxl_cannot_save(pipes, tmp_path):
         pipe.txt2img("x", steps=2, refiner=refiner, refiner_switch=1.5, progress=False)
     with pytest.raises(ValueError, match="original_size"):
         pipe.txt2img("x", steps=2, original_size=(0, 8), progress=False)
+
+
+def test_sizes_and_scores_are_written_and_read_back(files, pipes, tmp_path, capsys):
+    from sd_pipeline import save_image
+    from sd_pipeline.cli import main
+    from sd_pipeline.metadata import read_parameters
+
+    args = dict(steps=3, sampler="euler", seed=6, **AT_SIZE, progress=False)
+    picture = pipes["sdxl"].txt2img("a cat", **args, **SIZES, refiner=pipes["sdxl-refiner"],
+                                    aesthetic_score=7.5)[0]  # fmt: skip
+    save_image(picture, tmp_path / "a.png")
+    extra = read_parameters(tmp_path / "a.png").extra
+    assert extra["SDXL original size"] == "768x512" and extra["SDXL crop"] == "32x16"
+    assert extra["SDXL target size"] == "896x1024" and extra["Aesthetic score"] == "7.5"
+    assert "Negative aesthetic score" not in extra  # left at its default
+    plain = pipes["sdxl"].txt2img("a cat", **args, refiner=pipes["sdxl-refiner"])[0]
+    assert plain.tobytes() != picture.tobytes()  # the sizes and the score reach the models
+    code = main(["--from-png", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png"),
+                 "--checkpoint", str(files["sdxl"][0]), "--no-progress"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    from PIL import Image
+
+    assert Image.open(tmp_path / "b.png").tobytes() == picture.tobytes()

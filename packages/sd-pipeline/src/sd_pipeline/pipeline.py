@@ -40,6 +40,7 @@ from sd_pipeline.noise import request_noise, row_noise
 from sd_pipeline.placement import Placement
 from sd_pipeline.request import GenerationRequest, RequestError, random_seed
 from sd_pipeline.sdxl import RefinerStage, RefinerSwitch, text_conditioner
+from sd_pipeline.sdxl import infotext_fields as sdxl_fields
 from sd_pipeline.tasks import Tasks
 from sd_samplers import (
     SAMPLERS,
@@ -506,7 +507,7 @@ class StableDiffusion(Tasks, Adapters, Placement):
         """What made each image of a resolved request, as the PNG metadata records it."""
         extra = {**infotext.extra_fields(request), **self._ti_hashes(request),
                  **infotext.control_fields(request),
-                 **RefinerStage.fields(self, request)}  # fmt: skip
+                 **sdxl_fields(self, request)}  # fmt: skip
         loras = dict(self._loras + self._prompt_loras)
         if loras:
             extra["Lora hashes"] = lora_glue.lora_hashes(loras.items())

@@ -298,7 +298,12 @@ class GenerationRequest:
                          limit=False)  # fmt: skip
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             _number(name, getattr(self, name), low=None, high=None)
-        _number("refiner_switch", self.refiner_switch, low=0.0, high=1.0, limit=False)
+        _number("refiner_switch", self.refiner_switch, low=None, high=None)
+        if not 0.0 <= self.refiner_switch <= 1.0:
+            raise RequestError(
+                "refiner_switch", "must be in [0, 1] (the fraction of the way after which the "
+                f"refiner takes over), got {self.refiner_switch:g}"
+            )  # fmt: skip
         path = isinstance(self.refiner, (str, os.PathLike))
         if self.refiner is not None and not path and not hasattr(self.refiner, "conditioner"):
             raise RequestError(

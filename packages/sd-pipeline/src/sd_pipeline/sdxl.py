@@ -36,7 +36,8 @@ __all__ = [
     "RefinerSwitch",
     "TextConditioner",
     "find_refiner",
-    "refiner_fields",
+    "infotext_fields",
+    "request_fields",
     "text_conditioner",
 ]
 
@@ -218,17 +219,6 @@ class RefinerStage:
             return contextlib.nullcontext()
         return stage.pipe._on_device(stage.pipe.unet)
 
-    @staticmethod
-    def fields(pipe, request) -> dict[str, str]:
-        """AUTOMATIC1111's infotext fields: ``Refiner: name [hash]``, ``Refiner switch at``."""
-        if request.refiner is None:
-            return {}
-        refiner = load_refiner(pipe, request.refiner)
-        name = refiner.name or "refiner"
-        if refiner.model_hash:
-            name += f" [{refiner.model_hash}]"
-        return {"Refiner": name, "Refiner switch at": f"{request.refiner_switch:g}"}
-
 
 def load_refiner(pipe, refiner):
     """``refiner`` as a pipeline: one given is used as it is; a path is loaded (once, then kept
@@ -255,21 +245,55 @@ REFINER_SUFFIXES = (".safetensors", ".ckpt")
 _SHORT_TITLE = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")  # "name [hash]"
 
 
-def refiner_fields(extra: dict[str, str], source) -> dict:
-    """Request fields from AUTOMATIC1111's ``Refiner: name [hash]`` and ``Refiner switch at``
-    infotext fields: ``refiner`` is then the refiner's name (a str; see :func:`find_refiner`)."""
-    if "Refiner" not in extra:
-        return {}
-    match = _SHORT_TITLE.match(extra["Refiner"].strip())
-    name = match.group(1) if match else extra["Refiner"].strip()
+# The infotext fields of SDXL's added conditioning, written where a request sets them (as
+# AUTOMATIC1111's Size: width x height; the crop: left x top). AUTOMATIC1111 has none: it always
+# conditions on the defaults (and reads its aesthetic scores from its settings).
+SIZE_FIELDS = {"original_size": "SDXL original size", "target_size": "SDXL target size",
+               "crop_top_left": "SDXL crop"}  # fmt: skip
+SCORE_FIELDS = {"aesthetic_score": ("Aesthetic score", AESTHETIC_SCORE),
+                "negative_aesthetic_score": ("Negative aesthetic score",
+                                             NEGATIVE_AESTHETIC_SCORE)}  # fmt: skip
+
+
+def infotext_fields(pipe, request) -> dict[str, str]:
+    """AUTOMATIC1111's ``Refiner: name [hash]`` and ``Refiner switch at``, and the added
+    conditioning's settings that differ from the defaults."""
+    out = {}
+    for name, label in SIZE_FIELDS.items():
+        value = getattr(request, name)
+        if value is not None:
+            out[label] = f"{value[1]}x{value[0]}"
+    for name, (label, default) in SCORE_FIELDS.items():
+        if getattr(request, name) != default:
+            out[label] = f"{getattr(request, name):g}"
+    if request.refiner is not None:
+        refiner = load_refiner(pipe, request.refiner)
+        title = refiner.name or "refiner"
+        if refiner.model_hash:
+            title += f" [{refiner.model_hash}]"
+        out |= {"Refiner": title, "Refiner switch at": f"{request.refiner_switch:g}"}
+    return out
+
+
+def request_fields(extra: dict[str, str], source) -> dict:
+    """Request fields from the fields :func:`infotext_fields` writes; ``refiner`` is then the
+    refiner's name (a str: see :func:`find_refiner`)."""
+    out = {}
     try:
-        switch = float(extra.get("Refiner switch at", 0.8))
+        for name, label in SIZE_FIELDS.items():
+            if label in extra:
+                across, down = (int(v) for v in extra[label].lower().split("x"))
+                out[name] = (down, across)
+        for name, (label, _) in SCORE_FIELDS.items():
+            if label in extra:
+                out[name] = float(extra[label])
+        if "Refiner" in extra:
+            match = _SHORT_TITLE.match(extra["Refiner"].strip())
+            out["refiner"] = match.group(1) if match else extra["Refiner"].strip()
+            out["refiner_switch"] = float(extra.get("Refiner switch at", 0.8))
     except ValueError:
-        raise ValueError(
-            f"{source}: its Refiner switch at field must be a number, got "
-            f"{extra['Refiner switch at']!r}"
-        ) from None
-    return {"refiner": name, "refiner_switch": switch}
+        raise ValueError(f"{source}: malformed SDXL or refiner fields in its parameters") from None
+    return out
 
 
 def find_refiner(name: str, checkpoint, png) -> Path:
