@@ -524,3 +524,15 @@ def test_sizes_and_scores_are_written_and_read_back(files, pipes, tmp_path, caps
     from PIL import Image
 
     assert Image.open(tmp_path / "b.png").tobytes() == picture.tobytes()
+
+
+def test_an_sdxl_pickle_is_read_once(files, pipes, tmp_path, monkeypatch):
+    path = tmp_path / "sdxl.ckpt"
+    torch.save({"state_dict": files["sdxl"][1]}, path)
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or real(*a, **k))
+    pipe = StableDiffusion.from_checkpoint(path, device="cpu")
+    assert len(calls) == 1  # the UNet, both encoders and the VAE from one read
+    args = dict(steps=2, sampler="euler", latents=noise(), **AT_SIZE, **OURS)
+    assert torch.equal(pipe.txt2img("x", **args), pipes["sdxl"].txt2img("x", **args))
