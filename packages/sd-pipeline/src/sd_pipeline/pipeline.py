@@ -156,6 +156,7 @@ class StableDiffusion(Tasks, Adapters, Placement):
         self._hash: str | None = None
         self._compiled_unet: Callable | None = None  # see compile()
         self._stopped = False  # a callback raised StopSampling in the last run
+        self._refiners: dict[Path, StableDiffusion] = {}  # refiners loaded from paths, kept
         # a PNG's Lora hashes (name -> hash), to find its LoRAs by hash where a name is not found
         self.recorded_lora_hashes: dict[str, str] = {}
 

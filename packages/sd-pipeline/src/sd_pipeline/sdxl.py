@@ -225,12 +225,11 @@ def load_refiner(pipe, refiner):
     on ``pipe``) onto the base's device and dtype. Its latents must be the base's kind."""
     if isinstance(refiner, (str, os.PathLike)):
         key = Path(refiner).resolve()
-        cache = pipe.__dict__.setdefault("_refiners", {})
-        if key not in cache:
-            cache[key] = type(pipe).from_checkpoint(
+        if key not in pipe._refiners:
+            pipe._refiners[key] = type(pipe).from_checkpoint(
                 refiner, device=pipe.device, dtype=pipe.dtype, offload=pipe.offload
             )
-        refiner = cache[key]
+        refiner = pipe._refiners[key]
     ours, theirs = pipe.vae.config, refiner.vae.config
     if (ours.latent_channels, ours.downscale) != (theirs.latent_channels, theirs.downscale):
         raise ValueError(
