@@ -536,3 +536,19 @@ def test_an_sdxl_pickle_is_read_once(files, pipes, tmp_path, monkeypatch):
     assert len(calls) == 1  # the UNet, both encoders and the VAE from one read
     args = dict(steps=2, sampler="euler", latents=noise(), **AT_SIZE, **OURS)
     assert torch.equal(pipe.txt2img("x", **args), pipes["sdxl"].txt2img("x", **args))
+
+
+def test_a_tokenizer_2_folder_without_special_tokens_pads_as_bigg(tmp_path):
+    import json
+
+    from sd_pipeline.sdxl_loading import sdxl_tokenizer_options
+
+    CLIPTokenizer().save(tmp_path / "tokenizer_2")
+    (tmp_path / "text_encoder").mkdir()
+    assert sdxl_tokenizer_options(tmp_path)["tokenizer_2"].pad_id == 0  # no map: bigG's "!"
+    special = {"pad_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    (tmp_path / "tokenizer_2" / "special_tokens_map.json").write_text(json.dumps(special))
+    tok = sdxl_tokenizer_options(tmp_path)["tokenizer_2"]
+    assert tok.pad_id == tok.end_id  # what the folder says wins
+    (tmp_path / "text_encoder").rmdir()  # a refiner's root: its one tokenizer is the first
+    assert set(sdxl_tokenizer_options(tmp_path)) == {"tokenizer"}

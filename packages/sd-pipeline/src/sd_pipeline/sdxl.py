@@ -210,7 +210,12 @@ class RefinerStage:
         if request.refiner is None:
             return None
         refiner = load_refiner(pipe, request.refiner)
-        return cls(refiner, refiner.encode_prompt(request))
+        own = refiner.embeddings  # the base's embeddings too, as AUTOMATIC1111 shares them
+        refiner.embeddings = {**pipe.embeddings, **own}
+        try:
+            return cls(refiner, refiner.encode_prompt(request))
+        finally:
+            refiner.embeddings = own
 
     @staticmethod
     def on_device(stage: RefinerStage | None):

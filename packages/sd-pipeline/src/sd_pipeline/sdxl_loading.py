@@ -82,7 +82,13 @@ def sdxl_tokenizer_options(root: Path) -> dict:
     folder = root / "tokenizer_2"
     if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
         return {}
-    tokenizer = CLIPTokenizer.from_folder(root, subfolder="tokenizer_2")
+    # the pad token its special_tokens_map.json / tokenizer_config.json names, else bigG's "!"
+    named = any(
+        (folder / f).is_file() for f in ("special_tokens_map.json", "tokenizer_config.json")
+    )
+    tokenizer = CLIPTokenizer.from_folder(
+        root, subfolder="tokenizer_2", pad_id=None if named else 0
+    )
     if (root / "text_encoder").is_dir():
         return {"tokenizer_2": tokenizer}
     return {"tokenizer": tokenizer}
