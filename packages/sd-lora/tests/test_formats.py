@@ -293,3 +293,32 @@ def test_not_a_model():
     lora = LoRA.from_state_dict({"lora_unet_a.diff": torch.ones(1)})
     with pytest.raises(LoRAError, match="neither a UNet"):
         lora.merge(nn.Linear(2, 2))
+
+
+def test_sdxl_lora_applies_to_the_parts_of_an_sdxl_model():
+    """te1 layers go to the declared CLIP-L, te2 layers to bigG (a text encoder with a
+    text_projection); each takes only its own, merged as lycoris-lora merges them."""
+    from sd_lora import names
+
+    g = _g(3)
+    clip_l, clip_g = randomize(TinyTextEncoder()), randomize(TinyTextEncoder())
+    clip_g.text_projection = nn.Linear(12, 12, bias=False)
+    names.declare_sdxl_part(clip_l, "te1")
+    tensors = {}
+    for part in ("te1", "te2"):
+        tensors[f"lora_{part}_{LINEAR.replace('.', '_')}.lora_down.weight"] = _rand(2, 12, g=g)
+        tensors[f"lora_{part}_{LINEAR.replace('.', '_')}.lora_up.weight"] = _rand(48, 2, g=g)
+    lora = LoRA.from_state_dict(tensors)
+    for model, part in ((clip_l, "te1"), (clip_g, "te2")):
+        assert names.sdxl_part(model) == part
+        weight = model.get_submodule(LINEAR).weight.detach().clone()
+        down = tensors[f"lora_{part}_{LINEAR.replace('.', '_')}.lora_down.weight"]
+        up = tensors[f"lora_{part}_{LINEAR.replace('.', '_')}.lora_up.weight"]
+        lora.merge(model)
+        reference = weight + locon.diff_weight(down, up, None, gamma=1.0)  # no alpha: scale 1
+        _close(model.get_submodule(LINEAR).weight.detach(), reference)
+    # an SD 1.x text encoder (nothing declared, no projection) still refuses it
+    with pytest.raises(LoRAError, match="SDXL LoRA"):
+        lora.merge(randomize(TinyTextEncoder()))
+    with pytest.raises(ValueError, match="part must be"):
+        names.declare_sdxl_part(clip_l, "te3")

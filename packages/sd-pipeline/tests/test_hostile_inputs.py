@@ -201,45 +201,26 @@ def test_a_pickle_is_read_once_per_pipeline_load(tmp_path, monkeypatch):
     assert pipe.txt2img("x", seed=0, **FAST)[0].size == (32, 32)
 
 
-def _openclip_layout(text_state: dict, prefix: str) -> dict:
-    """Our (transformers-named) text encoder tensors as OpenCLIP names them: SD 2.x files."""
-    out = {
-        "token_embedding.weight": text_state["text_model.embeddings.token_embedding.weight"],
-        "positional_embedding": text_state["text_model.embeddings.position_embedding.weight"],
-        "ln_final.weight": text_state["text_model.final_layer_norm.weight"],
-        "ln_final.bias": text_state["text_model.final_layer_norm.bias"],
-    }
-    layers = {k.split(".")[3] for k in text_state if ".encoder.layers." in k}
-    for i in sorted(layers, key=int):
-        h, o = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[o + f"attn.in_proj_{kind}"] = torch.cat(
-                [text_state[h + f"self_attn.{p}_proj.{kind}"] for p in "qkv"]
-            )
-            for theirs, ours in [("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
-                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
-                                 ("mlp.c_proj", "mlp.fc2")]:  # fmt: skip
-                out[o + f"{theirs}.{kind}"] = text_state[h + f"{ours}.{kind}"]
-    return {prefix + k: v.contiguous() for k, v in out.items()}
-
-
-def test_sd2_file_pads_with_bang_and_sdxl_is_refused_by_name(tmp_path):
+def test_sd2_file_pads_with_bang_and_an_sdxl_key_alone_changes_nothing(tmp_path):
     from conftest import PREFIXES, checkpoint_state, tiny_components
+    from sdxl_checkpoints import openclip_layout
 
     state = checkpoint_state()
     _, text, _ = tiny_components()
     sd2 = {k: v for k, v in state.items() if not k.startswith(PREFIXES["text"])}
-    sd2.update(_openclip_layout(text.state_dict(), "cond_stage_model.model."))
+    sd2.update(openclip_layout(text.state_dict(), "cond_stage_model.model."))
     path = tmp_path / "sd2.safetensors"
     save_file(sd2, str(path))
     pipe = StableDiffusion.from_checkpoint(path, device="cpu", native_size=32)
     assert pipe.tokenizer.pad_id == 0  # OpenCLIP's "!", not the end token
     assert pipe.txt2img("x", seed=0, **FAST)[0].size == (32, 32)
+    # the family comes from the UNet's weights: an SD 1.x UNet with a stray SDXL encoder key
+    # is SD 1.x (SDXL files are tested in test_sdxl)
     sdxl = dict(state)
     sdxl["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = (
         state[PREFIXES["text"] + "text_model.embeddings.token_embedding.weight"].clone()
     )
     path = tmp_path / "sdxl.safetensors"
     save_file(sdxl, str(path))
-    with pytest.raises(CheckpointError, match="SDXL checkpoint"):
-        StableDiffusion.from_checkpoint(path)
+    pipe = StableDiffusion.from_checkpoint(path, device="cpu")
+    assert pipe.unet.config.family == "sd1" and pipe.text_encoder_2 is None

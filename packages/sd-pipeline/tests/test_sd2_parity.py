@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import PREFIXES, randomize
 from safetensors.torch import save_file
-from test_hostile_inputs import _openclip_layout
+from sdxl_checkpoints import openclip_layout
 from test_parity import SIZE, _hf_key, diffusers_unet, diffusers_vae
 
 from sd_clip import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -54,7 +54,7 @@ def sd2_state(in_channels: int = 4, seed: int = 0, **overrides) -> dict[str, tor
     vae, text, unet = randomize((AutoencoderKL(vae_c), CLIPTextModel(text_c), UNet(unet_c)), seed)
     state = {PREFIXES["vae"] + k: v for k, v in vae.state_dict().items()}
     state.update({PREFIXES["unet"] + k: v for k, v in unet.state_dict().items()})
-    state.update(_openclip_layout(text.state_dict(), SD2_PREFIX))
+    state.update(openclip_layout(text.state_dict(), SD2_PREFIX))
     state.update(overrides)
     return {k: v.contiguous() for k, v in state.items()}
 

@@ -168,21 +168,26 @@ class LoRA:
     def targets(self, root: nn.Module) -> list[tuple[Layer, nn.Module]]:
         """Its layers for ``root`` (a UNet or a text encoder), each with the module it adapts.
 
-        Raises LoRAError for a LoRA of another architecture: an SDXL one (two text encoders),
-        or layers this model does not have."""
+        An SDXL model's parts take their layers (``lora_te1_``/``text_encoder.`` CLIP-L,
+        ``lora_te2_``/``text_encoder_2.`` bigG: see ``names.sdxl_part``). Raises LoRAError for
+        a LoRA of another architecture: an SDXL one on an SD 1.x/2.x model, or layers this
+        model does not have."""
         kind, found = names.index(root)
         base = self.metadata.get("ss_base_model_version", "") + self.metadata.get(
             "modelspec.architecture", ""
         )
-        if {"te1", "te2"} & self.components() or "sdxl" in base or "-xl-" in base:
+        part = names.sdxl_part(root)  # None: an SD 1.x/2.x model
+        sdxl = {"te1", "te2"} & self.components() or "sdxl" in base or "-xl-" in base
+        if sdxl and part is None:
             raise LoRAError(
                 f"{self.name}: an SDXL LoRA (lora_te1_/lora_te2_ keys for its two text encoders, "
                 "or SDXL in its metadata); this model is SD 1.x/2.x"
             )
+        wanted = (kind,) if part is None else names.SDXL_COMPONENTS[part]
         modules = dict(root.named_modules())
         pairs, missing = [], []
         for layer in self.layers.values():
-            if layer.component != kind:
+            if layer.component not in wanted:
                 continue
             path = found.get(names.flat(_rename_processor(layer.path)))
             if path is None:

@@ -12,6 +12,8 @@ to underscores as kohya writes them, index the module.
 
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 from sd_lora.layers import LoRAError
@@ -31,6 +33,32 @@ _RESNET = {  # a CompVis ResBlock's layers -> a diffusers ResnetBlock2D's
     "out_layers.3": "conv2",
     "skip_connection": "conv_shortcut",
 }
+
+
+# SDXL's parts as LoRA files name them: kohya's lora_unet_ / lora_te1_ (CLIP-L) / lora_te2_
+# (OpenCLIP bigG), diffusers' unet. / text_encoder. (CLIP-L) / text_encoder_2.
+SDXL_COMPONENTS = {"unet": ("unet",), "te1": ("te1", "te"), "te2": ("te2",)}
+_DECLARED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def declare_sdxl_part(module: nn.Module, part: str) -> None:
+    """Say that ``module`` is SDXL's ``"te1"`` (CLIP-L, which has the shape of SD 1.x's text
+    encoder, so nothing in it tells) or ``"te2"`` (OpenCLIP bigG); the module is not changed."""
+    if part not in ("te1", "te2"):
+        raise ValueError(f"part must be 'te1' (CLIP-L) or 'te2' (OpenCLIP bigG), got {part!r}")
+    _DECLARED[module] = part
+
+
+def sdxl_part(root: nn.Module) -> str | None:
+    """Which part of an SDXL model ``root`` is: "unet" (a UNet with added conditioning,
+    ``label_emb``), "te1" / "te2" (declared, or a text encoder with ``text_projection``: bigG);
+    None for SD 1.x / 2.x models."""
+    if root in _DECLARED:
+        return _DECLARED[root]
+    names = {name for name, _ in root.named_modules()}
+    if kind_of_model(root) == "unet":
+        return "unet" if "label_emb" in names else None
+    return "te2" if "text_projection" in names else None
 
 
 def flat(name: str) -> str:

@@ -51,14 +51,19 @@ class Adapters:
         from sd_lora import LoRA
 
         lora = LoRA.from_file(path)
-        lora_glue.apply_loras(self.unet, self.text_encoder, [(lora, weight, text_encoder_weight)])
+        lora_glue.apply_loras(self.unet, self._encoders, [(lora, weight, text_encoder_weight)])
         self._loras.append((Path(path).stem, lora_glue.lora_hash(path)))
         return lora
 
     def unload_loras(self) -> None:
         """Take every LoRA out again: the original weights, bit for bit."""
-        lora_glue.remove_loras(self.unet, self.text_encoder)
+        lora_glue.remove_loras(self.unet, self._encoders)
         self._loras.clear()
+
+    @property
+    def _encoders(self) -> list:
+        """The text encoders a LoRA's text layers go to (SDXL: CLIP-L and bigG)."""
+        return list(self.conditioner.encoders)
 
     @contextlib.contextmanager
     def _loras_of_prompts(self, request: GenerationRequest):
@@ -84,12 +89,12 @@ class Adapters:
         from sd_lora import LoRA
 
         loras = [(LoRA.from_file(r.path), r.unet_weight, r.te_weight) for r in found.values()]
-        lora_glue.apply_loras(self.unet, self.text_encoder, loras)
+        lora_glue.apply_loras(self.unet, self._encoders, loras)
         self._prompt_loras = [(r.name, r.hash) for r in found.values()]
         try:
             yield
         finally:
-            lora_glue.remove_loras(self.unet, self.text_encoder, [lora for lora, _, _ in loras])
+            lora_glue.remove_loras(self.unet, self._encoders, [lora for lora, _, _ in loras])
             self._prompt_loras = []
 
     def _ti_hashes(self, request: GenerationRequest) -> dict[str, str]:

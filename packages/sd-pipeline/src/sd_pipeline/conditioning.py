@@ -19,16 +19,23 @@ from sd_clip import prompt_schedule, split_and
 
 __all__ = ["Conditioning", "encode_conditioning", "guide"]
 
-Schedule = list[tuple[int, torch.Tensor]]  # (last step, context (1, 77 k, width)), in order
+# (last step, context (1, 77 k, width), pooled (1, width) or None), in order; pooled is SDXL's
+# pooled text embedding, which goes to the UNet in its added conditioning
+Schedule = list[tuple[int, torch.Tensor, torch.Tensor | None]]
+
+
+def entry_at(schedule: Schedule, step: int) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+    """The entry used at 0-based sampling step ``step`` (AUTOMATIC1111's
+    ``reconstruct_cond_batch``: the first entry whose last step is at or after it)."""
+    for entry in schedule:
+        if step <= entry[0]:
+            return entry
+    return schedule[-1]
 
 
 def context_at(schedule: Schedule, step: int) -> torch.Tensor:
-    """The context used at 0-based sampling step ``step`` (AUTOMATIC1111's
-    ``reconstruct_cond_batch``: the first entry whose last step is at or after it)."""
-    for last, context in schedule:
-        if step <= last:
-            return context
-    return schedule[-1][1]
+    """The context used at 0-based sampling step ``step``."""
+    return entry_at(schedule, step)[1]
 
 
 @dataclass
@@ -67,6 +74,20 @@ class Conditioning:
                 owners.append(i - indices.start)
         return contexts, owners
 
+    def pooled_rows(self, step: int, images: slice) -> tuple[list[torch.Tensor | None], list[bool]]:
+        """The pooled outputs that go with :meth:`rows`' contexts, and which rows are negative
+        prompts' (for the refiner's aesthetic scores)."""
+        indices = range(*images.indices(self.count))
+        pooled, negative = [], []
+        if self.uncond is not None:
+            pooled += [entry_at(self.uncond[i], step)[2] for i in indices]
+            negative += [True] * len(indices)
+        for i in indices:
+            for _, schedule in self.cond[i]:
+                pooled.append(entry_at(schedule, step)[2])
+                negative.append(False)
+        return pooled, negative
+
     def weights(self, images: slice) -> list[list[float]]:
         return [[w for w, _ in self.cond[i]] for i in range(*images.indices(self.count))]
 
@@ -84,7 +105,8 @@ def encode_conditioning(
     guided: bool,
 ) -> Conditioning:
     """The conditioning of each (prompt, negative prompt) pair over ``steps`` steps. ``encode``
-    maps a list of texts to their contexts (n, 77 k, width); as AUTOMATIC1111 does, it gets
+    maps a list of texts to their contexts (n, 77 k, width), or to (contexts, pooled (n,
+    width)) for SDXL; as AUTOMATIC1111 does, it gets
     one prompt's schedule texts together (emphasis is normalised over them), once per distinct
     prompt."""
     cache: dict[str, Schedule] = {}
@@ -92,8 +114,12 @@ def encode_conditioning(
     def schedule(text: str) -> Schedule:
         if text not in cache:
             entries = prompt_schedule(text, steps)
-            contexts = encode([part for _, part in entries])
-            cache[text] = [(last, contexts[i : i + 1]) for i, (last, _) in enumerate(entries)]
+            encoded = encode([part for _, part in entries])
+            contexts, pooled = encoded if isinstance(encoded, tuple) else (encoded, None)
+            cache[text] = [
+                (last, contexts[i : i + 1], None if pooled is None else pooled[i : i + 1])
+                for i, (last, _) in enumerate(entries)
+            ]
         return cache[text]
 
     cond = [[(w, schedule(part)) for part, w in split_and(prompt)] for prompt, _ in image_prompts]

@@ -109,9 +109,12 @@ class GuidedModel:
         calls_per_step: int = 1,
         warmup_calls: int = 0,
         rescale: float = 0.0,
+        added: Callable | None = None,
     ):
         self.unet, self.conditioning, self.images = unet, conditioning, images
         self.rescale = rescale  # CFG rescale's phi (rescale_guidance); 0: off
+        # SDXL: (pooled rows, which are negative) -> the UNet's added conditioning y
+        self.added = added
         self.calls_per_step, self.warmup_calls = calls_per_step, warmup_calls
         self.scale, self.guided = scale, guided
         self.schedule, self.dtype, self.multiple = schedule, dtype, multiple
@@ -125,6 +128,7 @@ class GuidedModel:
             contexts, _ = conditioning.rows(0, images)
             if len({c.shape[1] for c in contexts}) == 1:
                 self._fixed = torch.cat(contexts)
+                self._fixed_y = self._added_rows(0)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, with_uncond: bool = False):
         """The guided prediction; with ``with_uncond`` (what CFG++ samplers ask for), the pair
@@ -133,7 +137,10 @@ class GuidedModel:
         t = t.expand(x.shape[0]) if t.numel() == 1 else t
         x_in = pad_to(self._inpainting_input(x, t).to(self.dtype), self.multiple)
         fixed = self._fixed
-        raw = self._grouped(x_in, t) if fixed is None else self.unet(x_in, t, fixed)
+        if fixed is None:
+            raw = self._grouped(x_in, t)
+        else:
+            raw = self.unet(x_in, t, fixed, **_y(self._fixed_y))
         raw = raw[..., : x.shape[-2], : x.shape[-1]].float()
         out = guide(raw, self.weights, self.scale, self.guided)
         if self.rescale and self.guided:
@@ -160,14 +167,25 @@ class GuidedModel:
 
     def _grouped(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The step's contexts run in groups of one length, each row with its image's latents."""
-        contexts, owners = self.conditioning.rows(self.current_step(), self.images)
+        step = self.current_step()
+        contexts, owners = self.conditioning.rows(step, self.images)
+        y = self._added_rows(step)
         out = x.new_empty((len(contexts), *x.shape[1:]))
         for length in sorted({c.shape[1] for c in contexts}):
             rows = [r for r, c in enumerate(contexts) if c.shape[1] == length]
             index = torch.tensor([owners[r] for r in rows], device=x.device)
             context = torch.cat([contexts[r] for r in rows])
-            out[rows] = self.unet(x[index], t[index], context).to(out.dtype)
+            extra = _y(None if y is None else y[torch.tensor(rows, device=y.device)])
+            out[rows] = self.unet(x[index], t[index], context, **extra).to(out.dtype)
         return out
+
+    def _added_rows(self, step: int) -> torch.Tensor | None:
+        """SDXL's added conditioning of :meth:`Conditioning.rows`' rows at ``step`` (None for a
+        UNet without)."""
+        if self.added is None:
+            return None
+        pooled, negative = self.conditioning.pooled_rows(step, self.images)
+        return self.added(pooled, negative)
 
     def _inpainting_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         p = self.inpainting
@@ -198,3 +216,8 @@ class GuidedModel:
             "nothing was written. Likely causes: weights with NaN/inf in them, a guidance_scale "
             "far too large, or float16 overflow (try dtype float32 or bfloat16)"
         )
+
+
+def _y(y: torch.Tensor | None) -> dict:
+    """The UNet's keyword for added conditioning: only given to a UNet that takes it."""
+    return {} if y is None else {"y": y}

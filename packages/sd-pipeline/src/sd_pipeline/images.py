@@ -289,3 +289,12 @@ def image_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.
     for i, im in enumerate(images):
         grid.paste(im, ((i % cols) * w, (i // cols) * h))
     return grid
+
+
+def latent_mask(mask: torch.Tensor, scale: int, count: int) -> torch.Tensor:
+    """A pixel mask (1, 1, H, W) at latent resolution (1/``scale``), ``count`` rows: nearest
+    (as diffusers) when binary, area average when blurred."""
+    h, w = mask.shape[-2] // scale, mask.shape[-1] // scale
+    binary = bool(((mask == 0) | (mask == 1)).all())
+    small = torch.nn.functional.interpolate(mask, size=(h, w), mode="nearest" if binary else "area")
+    return small.expand(count, -1, -1, -1).contiguous()

@@ -15,6 +15,7 @@ import sd_unet
 import sd_vae
 from sd_clip import CLIPTextModel, CLIPTokenizer
 from sd_pipeline.request import LIMITS
+from sd_pipeline.sdxl_loading import sdxl_parts, sdxl_tokenizer_options
 from sd_pipeline.single_file import pipeline_settings
 from sd_samplers import NoiseSchedule
 from sd_unet import UNet
@@ -114,6 +115,7 @@ def diffusers_root_options(root: Path, vae: AutoencoderKL) -> dict:
     classic = (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()
     if classic or (tokenizer / "tokenizer.json").is_file():  # (transformers 5 writes only that)
         options["tokenizer"] = CLIPTokenizer.from_folder(tokenizer)
+    options.update(sdxl_tokenizer_options(root))
     scheduler = root / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         config = _json_object(scheduler)
@@ -224,16 +226,11 @@ def checkpoint_keys(source) -> list[str]:
 
 def family_options(keys: list[str]) -> dict:
     """What the model family implies beyond the weights: SD 2.x's OpenCLIP tokenizer pads with
-    ``!`` (id 0), not the end token. SDXL needs two text encoders and the added conditioning,
-    which this pipeline does not compose yet: refused by name rather than run wrongly."""
+    ``!`` (id 0), not the end token (SDXL's tokenizers: see ``sd_pipeline.sdxl``)."""
     from sd_clip.weights import find_text_encoder
 
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(
-            "this is an SDXL checkpoint (conditioner.embedders.*): StableDiffusion composes SD 1.x "
-            "and 2.x models only so far; its parts load with sd-unet and sd-clip "
-            "(CLIPTextModel.from_checkpoint(path, which=0 or 1))"
-        )
+        return {}
     found = find_text_encoder(keys) if keys else None
     if found is not None and found[1] == "openclip":
         return {"tokenizer": CLIPTokenizer(pad_id=0)}
@@ -253,10 +250,13 @@ def load_parts(path: Path, vae_path: Path | None, dtype: torch.dtype | None):
         keys = checkpoint_keys(source)
         family = family_options(keys)
         vae_source = source if vae_path is None else vae_path
+        unet = UNet.from_checkpoint(source, **load)
+        encoders, vae_options, more = sdxl_parts(source, vae_source, unet, load)
+        family.update(more)
         parts = dict(
-            unet=UNet.from_checkpoint(source, **load),
-            text_encoder=CLIPTextModel.from_checkpoint(source, **load),
-            vae=AutoencoderKL.from_checkpoint(vae_source, **load),
+            unet=unet,
+            **encoders,
+            vae=AutoencoderKL.from_checkpoint(vae_source, **load, **vae_options),
         )
     except COMPONENT_ERRORS as e:
         raise CheckpointError(str(e)) from e

@@ -45,22 +45,26 @@ _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # AUTOMATIC1111's extra-network
 
 def apply_loras(
     unet: nn.Module,
-    text_encoder: nn.Module,
+    text_encoder: nn.Module | Sequence[nn.Module],
     loras: Iterable[tuple[LoRA, float, float | None]],
     *,
     merge: bool = True,
 ) -> None:
     """Apply each (LoRA, UNet weight, text encoder weight) to the part(s) it adapts: merged
     into the weights, or with ``merge=False`` attached as forward hooks (weights untouched).
-    A text encoder weight of None means the UNet weight. All or nothing: when one does not
-    fit, those this call applied are removed again before the error is raised."""
+    A text encoder weight of None means the UNet weight. ``text_encoder``: the model's one, or
+    SDXL's (CLIP-L, bigG), each taking its own layers (sd-lora's ``names.sdxl_part``). All or
+    nothing: when one does not fit, those this call applied are removed again before the
+    error is raised."""
     done: list[tuple[LoRA, nn.Module]] = []
+    encoders = _encoders(text_encoder)
     try:
         for lora, unet_weight, te_weight in loras:
             te_weight = unet_weight if te_weight is None else te_weight
-            parts = {"unet": (unet, unet_weight), "te": (text_encoder, te_weight)}
-            for component, (module, weight) in parts.items():
-                # (an SDXL LoRA's te1/te2 layers go to both, which refuse it by name)
+            parts = [("unet", unet, unet_weight)] + [("te", e, te_weight) for e in encoders]
+            for component, module, weight in parts:
+                # (an SDXL LoRA's te1/te2 layers go to every part, which picks its own, or
+                # refuses it by name on an SD 1.x/2.x model)
                 if component in lora.components() or not lora.components() <= {"unet", "te"}:
                     (lora.merge if merge else lora.attach)(module, weight)
                     done.append((lora, module))
@@ -71,11 +75,13 @@ def apply_loras(
 
 
 def remove_loras(
-    unet: nn.Module, text_encoder: nn.Module, loras: Sequence[LoRA] | None = None
+    unet: nn.Module,
+    text_encoder: nn.Module | Sequence[nn.Module],
+    loras: Sequence[LoRA] | None = None,
 ) -> None:
-    """Take the given LoRAs (all, without ``loras``) out of both models, merged or attached:
+    """Take the given LoRAs (all, without ``loras``) out of the models, merged or attached:
     once none is left the weights are the originals, bit for bit."""
-    for module in (unet, text_encoder):
+    for module in (unet, *_encoders(text_encoder)):
         if loras is None:
             remove_all(module)
             continue
@@ -85,15 +91,20 @@ def remove_loras(
 
 
 def loaded_loras(
-    unet: nn.Module, text_encoder: nn.Module
+    unet: nn.Module, text_encoder: nn.Module | Sequence[nn.Module]
 ) -> list[tuple[LoRA, float | None, float | None]]:
-    """(LoRA, UNet weight, text encoder weight) of each LoRA on the two models, in order; a
+    """(LoRA, UNet weight, text encoder weight) of each LoRA on the models, in order; a
     weight is None where the LoRA is not on that model."""
     out: dict[int, list] = {}
-    for index, module in enumerate((unet, text_encoder)):
+    for index, module in [(0, unet)] + [(1, e) for e in _encoders(text_encoder)]:
         for lora, weight, _ in applied(module):
-            out.setdefault(id(lora), [lora, None, None])[1 + index] = weight
+            entry = out.setdefault(id(lora), [lora, None, None])
+            entry[1 + index] = weight if entry[1 + index] is None else entry[1 + index]
     return [tuple(entry) for entry in out.values()]
+
+
+def _encoders(text_encoder) -> list[nn.Module]:
+    return [text_encoder] if isinstance(text_encoder, nn.Module) else list(text_encoder)
 
 
 # ---------------------------------------------------------------------------------------------

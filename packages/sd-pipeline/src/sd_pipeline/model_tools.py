@@ -171,6 +171,9 @@ def save_diffusers(pipe, folder: Path, dtype=None) -> None:
     from sd_unet.weights import save_diffusers as save_unet
     from sd_vae.weights import save_diffusers_folder as save_vae
 
+    if pipe.conditioner.pooled:
+        raise ToolError(f"{pipe.name}: an SDXL model; writing it as a diffusers folder is not "
+                        "supported yet")  # fmt: skip
     if resolve_dtype(dtype) not in (None, torch.float32):
         pipe.to(dtype=dtype)
     save_vae(pipe.vae, folder / "vae")

@@ -23,7 +23,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["RNG_SOURCES", "image_noise", "philox_randn", "randn", "request_noise", "slerp"]
+__all__ = [
+    "RNG_SOURCES", "image_noise", "philox_randn", "randn", "request_noise", "row_noise", "slerp",
+]  # fmt: skip
 
 RNG_SOURCES = ("cpu", "gpu", "nv")
 
@@ -150,3 +152,18 @@ def request_noise(request, i: int, seed: int, generator, shape, scale: int, devi
         source=request.rng,
         device=device,
     )
+
+
+def row_noise(kind: str, noise: torch.Tensor, generators, schedule):
+    """A sampler's ``noise(sigma, sigma_next)`` for a batch whose row i is drawn from image i's
+    generator (``kind``: ``"brownian"``, a Brownian path per image over the schedule's whole
+    range, else Gaussian), so that image i of a batch equals a single run with its seed."""
+    from sd_samplers import BrownianTreeNoise, GaussianNoise
+
+    rows = [noise[i : i + 1] for i in range(len(generators))]
+    if kind == "brownian":
+        lo, hi = schedule.sigma_min, schedule.sigma_max
+        sources = [BrownianTreeNoise(r, lo, hi, g) for r, g in zip(rows, generators)]
+    else:
+        sources = [GaussianNoise(r, g) for r, g in zip(rows, generators)]
+    return lambda sigma, sigma_next: torch.cat([s(sigma, sigma_next) for s in sources])

@@ -29,20 +29,21 @@ from sd_pipeline.controlnet import ControlledUNet, prepare_controls
 from sd_pipeline.guidance import GuidedModel, Inpainting, NonFiniteError, StopSampling
 from sd_pipeline.hires import hires_request
 from sd_pipeline.images import (
+    latent_mask,
     mask_to_tensor,
     pil_to_tensor,
     tensor_to_pil,
 )
 from sd_pipeline.loading import GENERATION_DEFAULTS, bundled_checkpoint, resolve_dtype
 from sd_pipeline.metadata import GenerationParameters, file_sha256, model_hash
-from sd_pipeline.noise import request_noise
+from sd_pipeline.noise import request_noise, row_noise
 from sd_pipeline.placement import Placement
 from sd_pipeline.request import GenerationRequest, RequestError, random_seed
+from sd_pipeline.sdxl import RefinerStage, RefinerSwitch, text_conditioner
+from sd_pipeline.sdxl import infotext_fields as sdxl_fields
 from sd_pipeline.tasks import Tasks
 from sd_samplers import (
     SAMPLERS,
-    BrownianTreeNoise,
-    GaussianNoise,
     NoiseSchedule,
     sample,
     steps_for_strength,
@@ -73,12 +74,13 @@ class Start:
     init_latents: torch.Tensor | None = None
     inpainting: Inpainting | None = None
     controls: list = dataclasses.field(default_factory=list)  # prepared ControlNet units
+    refiner: RefinerStage | None = None  # the second stage that takes over (SDXL's refiner)
 
 
 class StableDiffusion(Tasks, Adapters, Placement):
     """A text-to-image latent diffusion model: tokenizer, text encoder, UNet, VAE and schedule.
 
-    Build it with :meth:`from_checkpoint` (an SD 1.x file or a diffusers model root),
+    Build it with :meth:`from_checkpoint` (an SD 1.x/2.x or SDXL file or a diffusers model root),
     :meth:`from_components` (parts you built) or :meth:`default` (the bundled small model). The
     constructor takes the parts as they are: it neither moves, casts nor freezes them (the
     loaders put what they load in eval mode on ``device``); ``device`` and ``dtype`` default to
@@ -89,6 +91,11 @@ class StableDiffusion(Tasks, Adapters, Placement):
     images larger than 1024 px a side, ``True`` always, ``False`` never; ``vae_tile_size`` is the
     tile side in pixels. ``defaults``: the ``steps``, ``guidance_scale`` and ``sampler`` used
     when a call leaves them out (read from the model file where it names them).
+
+    SDXL: ``text_encoder`` is CLIP-L and ``text_encoder_2`` OpenCLIP bigG (with its tokenizer
+    ``tokenizer_2``); the refiner has bigG alone, as ``text_encoder``. What the family changes
+    (the encoders, the UNet's added conditioning) is ``self.conditioner``
+    (``sd_pipeline.sdxl``), chosen from ``unet.config.family``.
     """
 
     # On the CPU the first generation makes glibc keep freed blocks for reuse, process-wide (see
@@ -121,9 +128,15 @@ class StableDiffusion(Tasks, Adapters, Placement):
         defaults: Mapping[str, Any] | None = None,
         embeddings: Mapping[str, Any] | str | os.PathLike | None = None,
         lora_dir: str | os.PathLike | None = None,
+        text_encoder_2: CLIPTextModel | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
     ):
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
-        self.tokenizer = tokenizer or CLIPTokenizer(max_length=text_encoder.config.max_positions)
+        self.text_encoder_2 = text_encoder_2
+        self.conditioner = text_conditioner(
+            unet.config.family, (text_encoder, text_encoder_2), (tokenizer, tokenizer_2)
+        )
+        self.tokenizer = self.conditioner.tokenizers[0]
         self.schedule = schedule or NoiseSchedule.scaled_linear(0.00085, 0.012, 1000)
         if prediction not in model_kind.PREDICTIONS:
             raise ValueError(f"prediction must be 'epsilon' or 'v', got {prediction!r}")
@@ -145,6 +158,7 @@ class StableDiffusion(Tasks, Adapters, Placement):
         self._hash: str | None = None
         self._compiled_unet: Callable | None = None  # see compile()
         self._stopped = False  # a callback raised StopSampling in the last run
+        self._refiners: dict[Path, StableDiffusion] = {}  # refiners loaded from paths, kept
         # a PNG's Lora hashes (name -> hash), to find its LoRAs by hash where a name is not found
         self.recorded_lora_hashes: dict[str, str] = {}
 
@@ -160,9 +174,9 @@ class StableDiffusion(Tasks, Adapters, Placement):
         dtype: torch.dtype | str | None = None,
         **options,
     ) -> StableDiffusion:
-        """Load an SD 1.x or 2.x checkpoint: a single ``.safetensors``/``.ckpt`` file or a
-        diffusers model root (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-        ``scheduler/``).
+        """Load an SD 1.x, 2.x or SDXL (base or refiner) checkpoint: a single
+        ``.safetensors``/``.ckpt`` file or a diffusers model root (``unet/``, ``vae/``,
+        ``text_encoder/``, ``tokenizer/``, ``scheduler/``; SDXL's ``text_encoder_2/``...).
 
         Each part reads only its own tensors (lazily from safetensors). ``vae``: a separate VAE
         file or folder that replaces the built-in one. A 9-channel (inpainting) UNet is detected
@@ -201,8 +215,9 @@ class StableDiffusion(Tasks, Adapters, Placement):
         device = torch.device(device) if device is not None else _default_device()
         dtype = resolve_dtype(dtype) or torch.float32
         home = "cpu" if options.get("offload") else device
-        for module in (vae, text_encoder, unet):
-            module.to(device=home, dtype=dtype)
+        for module in (vae, text_encoder, unet, options.get("text_encoder_2")):
+            if module is not None:
+                module.to(device=home, dtype=dtype)
         return cls(vae, text_encoder, unet, tokenizer, schedule, device=device, dtype=dtype,
                    **options)  # fmt: skip
 
@@ -228,7 +243,10 @@ class StableDiffusion(Tasks, Adapters, Placement):
     def save(self, path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
         """Write the model as one SD single file (``.safetensors``, original layout), each
         part's config and the pipeline's settings in its metadata, atomically; it loads back
-        with :meth:`from_checkpoint` (and its parts with each package's own loader)."""
+        with :meth:`from_checkpoint` (and its parts with each package's own loader). SD 1.x/2.x
+        only (SDXL's bigG would need OpenCLIP's layout written)."""
+        if self.conditioner.pooled:
+            raise ValueError("save() writes SD 1.x/2.x single files; this is an SDXL model")
         settings = {
             "resolution": self.native_size,
             "prediction": self.prediction,
@@ -282,7 +300,7 @@ class StableDiffusion(Tasks, Adapters, Placement):
         if latents is not None and request.seed is None:  # the noise is given: no seed made it
             resolved = dataclasses.replace(resolved, seed=None)
         request = resolved
-        layers = self.text_encoder.config.layers
+        layers = self.conditioner.layers
         if request.clip_skip is not None and request.clip_skip > layers:
             raise RequestError(
                 "clip_skip", f"must be at most {layers} (the text encoder's layers), got "
@@ -303,15 +321,15 @@ class StableDiffusion(Tasks, Adapters, Placement):
         language (emphasis, ``BREAK``, prompt editing, embeddings); each part's texts are
         encoded together, as AUTOMATIC1111 does, and each distinct text once."""
 
-        def encode(texts: list[str]) -> torch.Tensor:
-            return self.text_encoder.encode_prompt(
-                texts, tokenizer=self.tokenizer, embeddings=self.embeddings,
-                clip_skip=request.clip_skip, normalize=self.normalize_emphasis,
+        def encode(texts: list[str]):  # contexts, or (contexts, pooled) for SDXL
+            return self.conditioner.encode(
+                texts, embeddings=self.embeddings, clip_skip=request.clip_skip,
+                normalize=self.normalize_emphasis,
                 comma_padding_backtrack=self.comma_padding_backtrack,
             )  # fmt: skip
 
         prompts = [(without_lora_tags(p), n) for p, n in request.image_prompts]
-        with self._on_device(self.text_encoder):
+        with self._on_device(self.conditioner.encoders):
             return encode_conditioning(encode, prompts, request.steps, request.guided)
 
     def prepare_latents(self, request: GenerationRequest, latents: torch.Tensor | None) -> Start:
@@ -327,6 +345,8 @@ class StableDiffusion(Tasks, Adapters, Placement):
             noise = torch.stack([request_noise(request, i, seed, g, shape, self.scale, self.device)
                                  for i, (seed, g) in enumerate(zip(seeds, generators))])  # fmt: skip
         start = Start(noise=noise.to(self.device), generators=generators)
+        # the refiner as AUTOMATIC1111 runs it with the hires fix: in the second pass only
+        start.refiner = RefinerStage.of(self, request) if request.hires is None else None
         if request.controls:
             start.controls = prepare_controls(request.controls, request.width, request.height,
                                               unet=self.unet, device=self.device,
@@ -355,7 +375,7 @@ class StableDiffusion(Tasks, Adapters, Placement):
         if self.is_inpainting_model:
             masked = self._encode_image(start.image * (start.mask < 0.5), request.count)
         start.inpainting = Inpainting(
-            mask=self._latent_mask(start.mask, request.count),
+            mask=latent_mask(start.mask, self.scale, request.count).to(self.device),
             init=start.init_latents,
             noise=start.noise,
             masked=masked,
@@ -382,12 +402,14 @@ class StableDiffusion(Tasks, Adapters, Placement):
         n, groups = request.count, [slice(0, request.count)]
         if spec.noise is not None:
             schedule = self.sampling_schedule(request)
-            options.setdefault("noise_sampler", self._row_noise(spec.noise, start, schedule))
+            options.setdefault(
+                "noise_sampler", row_noise(spec.noise, start.noise, start.generators, schedule)
+            )
         elif spec.draws_noise(options):
             groups = [slice(i, i + 1) for i in range(n)]
         self._stopped = False
         outputs = []
-        with self._on_device(self.unet):
+        with self._on_device(self.unet), RefinerStage.on_device(start.refiner):
             for rows in groups:
                 if self._stopped:  # stopped while an earlier image ran
                     outputs.append(self._starting_latents(start, rows))
@@ -402,6 +424,38 @@ class StableDiffusion(Tasks, Adapters, Placement):
 
     def _sample_rows(self, request, conditioning, start: Start, rows: slice, options, callback,
                      progress) -> torch.Tensor:  # fmt: skip
+        model = guided = self._guided_model(request, conditioning, start, rows)
+        if start.refiner is not None:
+            second = start.refiner.pipe._guided_model(request, start.refiner.conditioning,
+                                                      start, rows)  # fmt: skip
+            model = RefinerSwitch(guided, second, request.refiner_switch, len(self.schedule.sigmas))
+        extra = {}
+        if start.init_latents is not None:
+            extra = dict(init=start.init_latents[rows], strength=request.strength)
+        latest = {}
+
+        def on_step(d: dict) -> None:
+            model.step = d["i"] + 1  # the prompt schedules' step counter
+            if start.controls:
+                guided.unet.callback(d)
+            latest["denoised"] = d["denoised"]
+            if callback is not None:
+                callback(d)
+
+        try:
+            x = sample(request.sampler, model, start.noise[rows], guided.schedule, request.steps,
+                       generator=start.generators[rows.start], callback=on_step,
+                       progress=progress, scheduler=request.scheduler, **extra,
+                       **options)  # fmt: skip
+        except StopSampling:
+            self._stopped = True
+            x = latest.get("denoised", self._starting_latents(start, rows))
+        model.check_finite()
+        return x
+
+    def _guided_model(self, request, conditioning, start: Start, rows: slice) -> GuidedModel:
+        """The UNet (with the ControlNet units, SDXL's added conditioning) as the sampler's
+        guided ``model(x_t, t)`` for some images."""
         spec = SAMPLERS[request.sampler]
         unet = self.unet if self._compiled_unet is None else self._compiled_unet
         if start.controls:  # the step a unit acts at counts the steps that run
@@ -409,7 +463,7 @@ class StableDiffusion(Tasks, Adapters, Placement):
             if start.init_latents is not None:
                 run = steps_for_strength(request.steps, request.strength)
             unet = ControlledUNet(unet, start.controls, run)
-        model = GuidedModel(
+        return GuidedModel(
             unet,
             conditioning,
             rows,
@@ -422,30 +476,8 @@ class StableDiffusion(Tasks, Adapters, Placement):
             calls_per_step=2 if spec.second_order else 1,
             warmup_calls=spec.warmup_calls,
             rescale=request.guidance_rescale,
+            added=self.conditioner.added(request),
         )
-        extra = {}
-        if start.init_latents is not None:
-            extra = dict(init=start.init_latents[rows], strength=request.strength)
-        latest = {}
-
-        def on_step(d: dict) -> None:
-            model.step = d["i"] + 1  # the prompt schedules' step counter
-            if start.controls:
-                unet.callback(d)
-            latest["denoised"] = d["denoised"]
-            if callback is not None:
-                callback(d)
-
-        try:
-            x = sample(request.sampler, model, start.noise[rows], model.schedule, request.steps,
-                       generator=start.generators[rows.start], callback=on_step,
-                       progress=progress, scheduler=request.scheduler, **extra,
-                       **options)  # fmt: skip
-        except StopSampling:
-            self._stopped = True
-            x = latest.get("denoised", self._starting_latents(start, rows))
-        model.check_finite()
-        return x
 
     def _starting_latents(self, start: Start, rows: slice) -> torch.Tensor:
         """What an image that was never sampled is: its image's latents, or its noise."""
@@ -458,16 +490,6 @@ class StableDiffusion(Tasks, Adapters, Placement):
         rescaled to zero terminal SNR (``NoiseSchedule.zero_terminal_snr``: a 1000-entry
         table, cheap to make per call)."""
         return self.schedule.zero_terminal_snr() if request.zero_terminal_snr else self.schedule
-
-    def _row_noise(self, kind: str, start: Start, schedule: NoiseSchedule) -> Callable:
-        """noise(sigma, sigma_next) for a batch: row i drawn from image i's generator."""
-        rows = [start.noise[i : i + 1] for i in range(len(start.generators))]
-        if kind == "brownian":  # a Brownian path per image over the schedule's whole range
-            lo, hi = schedule.sigma_min, schedule.sigma_max
-            sources = [BrownianTreeNoise(r, lo, hi, g) for r, g in zip(rows, start.generators)]
-        else:
-            sources = [GaussianNoise(r, g) for r, g in zip(rows, start.generators)]
-        return lambda sigma, sigma_next: torch.cat([s(sigma, sigma_next) for s in sources])
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in about [-1, 1], float32, from scaled latents."""
@@ -500,7 +522,8 @@ class StableDiffusion(Tasks, Adapters, Placement):
     def parameters(self, request: GenerationRequest) -> list[GenerationParameters]:
         """What made each image of a resolved request, as the PNG metadata records it."""
         extra = {**infotext.extra_fields(request), **self._ti_hashes(request),
-                 **infotext.control_fields(request)}  # fmt: skip
+                 **infotext.control_fields(request),
+                 **sdxl_fields(self, request)}  # fmt: skip
         loras = dict(self._loras + self._prompt_loras)
         if loras:
             extra["Lora hashes"] = lora_glue.lora_hashes(loras.items())
@@ -545,16 +568,6 @@ class StableDiffusion(Tasks, Adapters, Placement):
             )
             latents = posterior.mean.float() * self.vae.config.scaling_factor
         return latents.expand(count, -1, -1, -1).contiguous()
-
-    def _latent_mask(self, mask: torch.Tensor, count: int) -> torch.Tensor:
-        """The pixel mask at latent resolution: nearest (as diffusers) when binary, area
-        average when blurred."""
-        h, w = mask.shape[-2] // self.scale, mask.shape[-1] // self.scale
-        binary = bool(((mask == 0) | (mask == 1)).all())
-        small = torch.nn.functional.interpolate(
-            mask, size=(h, w), mode="nearest" if binary else "area"
-        )
-        return small.to(self.device).expand(count, -1, -1, -1).contiguous()
 
     def _tile(self, size) -> int | None:
         tiling = self.vae_tiling

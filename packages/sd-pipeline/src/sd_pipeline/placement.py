@@ -18,7 +18,8 @@ __all__ = ["Placement"]
 
 class Placement:
     def _modules(self) -> list[torch.nn.Module]:
-        return [self.vae, self.text_encoder, self.unet]
+        parts = (self.vae, self.text_encoder, getattr(self, "text_encoder_2", None), self.unet)
+        return [m for m in parts if m is not None]
 
     @contextlib.contextmanager
     def _on_device(self, module: torch.nn.Module):

@@ -169,6 +169,18 @@ class GenerationRequest:
     hires: HiresFix | None = None
     # ControlNet units (sd_pipeline.controlnet.ControlUnit), their residuals summed
     controls: tuple = field(default=(), compare=False, repr=False)
+    # SDXL's added conditioning (sd_pipeline.sdxl): sizes (height, width) as diffusers takes
+    # them (None: the output's size), the crop (top, left) (None: 0, 0); the refiner's aesthetic
+    # scores for the prompt and the negative prompt (diffusers' and AUTOMATIC1111's 6 and 2.5)
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    # AUTOMATIC1111's refiner: a model (a checkpoint path or a StableDiffusion) that takes over
+    # in the same sampler run once refiner_switch (0..1) of the way is done
+    refiner: Any = field(default=None, compare=False)
+    refiner_switch: float = 0.8
 
     # derived facts
 
@@ -271,9 +283,36 @@ class GenerationRequest:
             raise RequestError(
                 "output_type", f"is {self.output_type!r}; choose from: {', '.join(OUTPUT_TYPES)}"
             )
+        self._check_sdxl()
         if self.limits:
             self._check_totals()
         return self
+
+    def _check_sdxl(self) -> None:
+        for name in ("original_size", "crop_top_left", "target_size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, tuple) or len(value) != 2:
+                raise RequestError(
+                    name, f"must be a pair of integers (height, width), got {value!r}"
+                )
+            for v in value:
+                _integer(name, v, low=0 if name == "crop_top_left" else 1, high=LIMITS.side * 4,
+                         limit=False)  # fmt: skip
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            _number(name, getattr(self, name), low=None, high=None)
+        _number("refiner_switch", self.refiner_switch, low=None, high=None)
+        if not 0.0 <= self.refiner_switch <= 1.0:
+            raise RequestError(
+                "refiner_switch", "must be in [0, 1] (the fraction of the way after which the "
+                f"refiner takes over), got {self.refiner_switch:g}"
+            )  # fmt: skip
+        path = isinstance(self.refiner, (str, os.PathLike))
+        if self.refiner is not None and not path and not hasattr(self.refiner, "conditioner"):
+            raise RequestError(
+                "refiner", f"must be a checkpoint path or a StableDiffusion, got {self.refiner!r}"
+            )
 
     def _check_seed_extras(self) -> None:
         if self.subseed is not None and self.subseed != -1:

@@ -31,7 +31,12 @@ class Tasks:
     random numbers' source (``"cpu"``, ``"gpu"``, ``"nv"``: see ``sd_pipeline.noise``).
     ``n_iter`` batches run one after the other, their seeds following on. ``controlnets``: a
     list of ``sd_pipeline.controlnet.ControlUnit`` (a ControlNet, its control image, weight,
-    start/end, control and resize mode, preprocessor), their residuals summed. ``latents``: the
+    start/end, control and resize mode, preprocessor), their residuals summed. ``refiner``
+    (a checkpoint path or a loaded ``StableDiffusion``: SDXL's refiner) takes over in the same
+    sampler run once ``refiner_switch`` of the way is done (AUTOMATIC1111's refiner). SDXL's
+    added conditioning: ``original_size``, ``target_size`` (height, width; default: the output
+    size) and ``crop_top_left`` (top, left; default 0, 0), as diffusers; the refiner's
+    ``aesthetic_score`` and ``negative_aesthetic_score`` (6 and 2.5). ``latents``: the
     standard-normal starting noise (B, 4, h, w), overriding the seed. ``callback`` gets
     sd-samplers' per-step dict (``x``, ``i``, ``sigma``, ``denoised``); it may raise
     ``sd_pipeline.StopSampling`` to stop early and get what there is. ``clip_skip=2``
@@ -67,6 +72,13 @@ class Tasks:
         seed_resize_from: tuple[int, int] | None = None,
         rng: str = "cpu",
         controlnets: Sequence | None = None,
+        refiner=None,
+        refiner_switch: float = 0.8,
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
         hires: HiresFix | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[dict], None] | None = None,
@@ -97,6 +109,13 @@ class Tasks:
             seed_resize_from=seed_resize_from,
             rng=rng,
             controls=tuple(controlnets or ()),
+            refiner=refiner,
+            refiner_switch=refiner_switch,
+            original_size=original_size,
+            crop_top_left=crop_top_left,
+            target_size=target_size,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
             hires=hires,
             clip_skip=clip_skip,
             output_type=output_type,
@@ -128,6 +147,13 @@ class Tasks:
         seed_resize_from: tuple[int, int] | None = None,
         rng: str = "cpu",
         controlnets: Sequence | None = None,
+        refiner=None,
+        refiner_switch: float = 0.8,
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
         init_latents: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         callback: Callable[[dict], None] | None = None,
@@ -163,6 +189,13 @@ class Tasks:
             seed_resize_from=seed_resize_from,
             rng=rng,
             controls=tuple(controlnets or ()),
+            refiner=refiner,
+            refiner_switch=refiner_switch,
+            original_size=original_size,
+            crop_top_left=crop_top_left,
+            target_size=target_size,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
             strength=strength,
             clip_skip=clip_skip,
             output_type=output_type,
@@ -199,6 +232,13 @@ class Tasks:
         seed_resize_from: tuple[int, int] | None = None,
         rng: str = "cpu",
         controlnets: Sequence | None = None,
+        refiner=None,
+        refiner_switch: float = 0.8,
+        original_size: tuple[int, int] | None = None,
+        crop_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
         latents: torch.Tensor | None = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = True,
@@ -238,6 +278,13 @@ class Tasks:
             seed_resize_from=seed_resize_from,
             rng=rng,
             controls=tuple(controlnets or ()),
+            refiner=refiner,
+            refiner_switch=refiner_switch,
+            original_size=original_size,
+            crop_top_left=crop_top_left,
+            target_size=target_size,
+            aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
             strength=strength,
             mask_blur=mask_blur,
             keep_unmasked=keep_unmasked,
