@@ -10,6 +10,9 @@ applies them (weight, guidance start/end, control mode, resize mode, several uni
 Rows: with classifier-free guidance the context holds [unconditional; conditional] rows for
 latents of one row per image (sd-unet's shared latents); the residuals then have both halves,
 and "ControlNet is more important" (guess mode) leaves the unconditional half without them.
+SDXL: an SDXL ControlNet (``label_emb``) gets the UNet's added conditioning ``y``, row for row;
+a ControlNet of the other family is refused. A refiner stage runs without the units (they were
+trained on the base model's UNet; the extension hooks only the base model, too).
 """
 
 from __future__ import annotations
@@ -123,15 +126,23 @@ def prepare_controls(
 
 def _check_fits(controlnet: ControlNet, unet, index: int) -> None:
     c, u = controlnet.config, unet.config
-    ours = (c.context_dim, c.model_channels, tuple(c.channel_mult), c.num_res_blocks)
-    theirs = (u.context_dim, u.model_channels, tuple(u.channel_mult), u.num_res_blocks)
-    if ours != theirs or c.adm_in_channels is not None:
+    xl, unet_xl = c.adm_in_channels is not None, bool(getattr(u, "adm_in_channels", 0))
+    if xl != unet_xl:  # SDXL's label_emb needs the UNet's added conditioning y, and only it
+        raise ValueError(
+            f"ControlNet {index} is for {'SDXL' if xl else 'SD 1.x/2.x'}; this model is "
+            f"{'SDXL' if unet_xl else 'SD 1.x/2.x'}. Use a ControlNet trained for this model"
+        )
+    ours = (c.context_dim, c.model_channels, tuple(c.channel_mult), c.num_res_blocks,
+            c.adm_in_channels or 0)  # fmt: skip
+    theirs = (u.context_dim, u.model_channels, tuple(u.channel_mult), u.num_res_blocks,
+              getattr(u, "adm_in_channels", 0))  # fmt: skip
+    if ours != theirs:
         raise ValueError(
             f"ControlNet {index} is for another base model: text width {c.context_dim}, "
             f"channels {c.model_channels} x {c.channel_mult}, {c.num_res_blocks} blocks per level"
-            f"{', SDXL' if c.adm_in_channels else ''}; this UNet has {u.context_dim}, "
-            f"{u.model_channels} x {u.channel_mult}, {u.num_res_blocks}. Use a ControlNet "
-            "trained for this model"
+            f"{f', added conditioning {ours[-1]} wide' if xl else ''}; this UNet has "
+            f"{u.context_dim}, {u.model_channels} x {u.channel_mult}, {u.num_res_blocks}"
+            f"{f', {theirs[-1]}' if xl else ''}. Use a ControlNet trained for this model"
         )
 
 
@@ -143,17 +154,20 @@ def control_residuals(
     *,
     step: int,
     steps: int,
+    y: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
     """The summed, weighted residuals of the units active at ``step`` of ``steps`` for a UNet
-    call ``unet(x, t, context)``; (None, None) when none is. ``context`` has the latents' rows
-    (no guidance: all conditional) or twice as many, [unconditional; conditional]."""
+    call ``unet(x, t, context, y=y)``; (None, None) when none is. ``context`` has the latents'
+    rows (no guidance: all conditional) or twice as many, [unconditional; conditional]; SDXL's
+    added conditioning ``y`` one row per context row, which an SDXL ControlNet gets as the UNet
+    does (as diffusers' StableDiffusionXLControlNetPipeline and the extension give it)."""
     down_sum: list[torch.Tensor] | None = None
     mid_sum: torch.Tensor | None = None
     guided = context.shape[0] == 2 * x.shape[0]
     for control in controls:
         if not control.active(step, steps):
             continue
-        down, mid = _unit_residuals(control, x, t, context, guided)
+        down, mid = _unit_residuals(control, x, t, context, y, guided)
         if down_sum is None:
             down_sum, mid_sum = down, mid
         else:
@@ -162,7 +176,7 @@ def control_residuals(
     return down_sum, mid_sum
 
 
-def _unit_residuals(control: PreparedControl, x, t, context, guided: bool):
+def _unit_residuals(control: PreparedControl, x, t, context, y, guided: bool):
     model = control.model
     param = next(model.parameters())
     x = x[:, : model.config.in_channels].to(param.dtype)  # inpainting UNets: the latents only
@@ -171,7 +185,10 @@ def _unit_residuals(control: PreparedControl, x, t, context, guided: bool):
         uses_conditional_only(control.mode) or model.config.global_average_pooling
     )
     rows = context if not conditional_only else context[x.shape[0] :]
-    down, mid = model(x, t, rows.to(param.dtype), hint)
+    if y is not None:
+        y = (y if not conditional_only else y[x.shape[0] :]).to(param.dtype)
+    down, mid = model(x, t, rows.to(param.dtype), hint, y=y)
+    # SDXL's 10 residuals: the extension's soft weights are SD 1.x's first 10 of 13
     scales = control_scales(control.weight, control.mode, len(down) + 1)
     residuals = [r * s for r, s in zip([*down, mid], scales)]
     if model.config.global_average_pooling:
@@ -205,12 +222,13 @@ class ControlledUNet:
     def config(self):
         return self.unet.config
 
-    def __call__(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t, context: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``kwargs``: the UNet's own (SDXL's ``y``, which the ControlNets get too)."""
         down, mid = control_residuals(self.controls, x, t, context, step=self.step,
-                                      steps=self.steps)  # fmt: skip
+                                      steps=self.steps, y=kwargs.get("y"))  # fmt: skip
         if down is None:
-            return self.unet(x, t, context)
-        return self.unet(x, t, context, down_residuals=down, mid_residual=mid)
+            return self.unet(x, t, context, **kwargs)
+        return self.unet(x, t, context, down_residuals=down, mid_residual=mid, **kwargs)
 
     def callback(self, info: Mapping) -> None:
         self.step = int(info["i"]) + 1

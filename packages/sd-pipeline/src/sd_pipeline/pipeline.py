@@ -426,8 +426,9 @@ class StableDiffusion(Tasks, Adapters, Placement):
                      progress) -> torch.Tensor:  # fmt: skip
         model = guided = self._guided_model(request, conditioning, start, rows)
         if start.refiner is not None:
-            second = start.refiner.pipe._guided_model(request, start.refiner.conditioning,
-                                                      start, rows)  # fmt: skip
+            second = start.refiner.pipe._guided_model(  # (the ControlNets fit the base only)
+                request, start.refiner.conditioning, dataclasses.replace(start, controls=[]), rows
+            )
             model = RefinerSwitch(guided, second, request.refiner_switch, len(self.schedule.sigmas))
         extra = {}
         if start.init_latents is not None:

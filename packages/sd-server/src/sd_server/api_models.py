@@ -32,6 +32,13 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
+def _bool_only(value: Any) -> Any:
+    """A switch is true or false, not "yes" or 1 (pydantic would take those)."""
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
 Int = Annotated[int, BeforeValidator(_not_bool)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 
@@ -58,6 +65,15 @@ class Txt2ImgRequest(BaseModel):
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
     save_images: bool = False
+    # AUTOMATIC1111 1.6+'s refiner: a checkpoint of /sd-models (title, name or file name) that
+    # takes over once refiner_switch_at of the way is done (None: 0.8, its UI's default);
+    # None, "" or "None": no refiner
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: Float | None = None
+    # sd-pipeline's own, which AUTOMATIC1111 has no fields for (extensions, under these names):
+    # CFG rescale's phi, and sampling on the zero-terminal-SNR schedule
+    guidance_rescale: Float = 0.0
+    zero_terminal_snr: Annotated[bool, BeforeValidator(_bool_only)] = False
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -119,8 +135,6 @@ TXT2IMG_NOOP: dict[str, Any] = {
     "script_name": (None, ""),
     "script_args": ([], None),
     "alwayson_scripts": ({}, None),
-    "refiner_checkpoint": (None, ""),
-    "refiner_switch_at": ANY,
     "disable_extra_networks": ANY,
     "comments": ANY,
     "infotext": (None, ""),

@@ -171,9 +171,8 @@ class Server:
     # generation
 
     async def generate(self, body, task: str, request: Request) -> JSONResponse:
-        gen = await run_in_threadpool(
-            generation.build, body, task, self.worker.info, self.clip_skip, self.controlnets
-        )
+        args = (body, task, self.worker.info, self.clip_skip, self.controlnets, self.catalog)
+        gen = await run_in_threadpool(generation.build, *args)
         if gen.warnings:
             log.warning("%s: %s", task, "; ".join(gen.warnings))
         job = Job(kind=task, iterations=gen.n_iter, payload=gen,

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from sd_pipeline import LIMITS, GenerationParameters, GenerationRequest, RequestError, to_mask
+from sd_pipeline.sdxl import load_refiner
 from sd_samplers import SAMPLERS, sampler_from_label, sampler_label, steps_for_strength
 from sd_server._version import __version__
 from sd_server.api_models import IMG2IMG_NOOP, TXT2IMG_NOOP, Img2ImgRequest, ignored_fields
@@ -35,6 +36,8 @@ FIELDS = {
     "clip_skip": "override_settings.CLIP_stop_at_last_layers",
     "image": "init_images",
     "task": "init_images",
+    "refiner": "refiner_checkpoint",
+    "refiner_switch": "refiner_switch_at",
 }
 MAX_PROMPT = 100_000  # characters: far past CLIP's 77 tokens, short of a tokenizer stall
 LORA_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
@@ -42,6 +45,9 @@ LORA_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^>]*>", re.IGNORECASE)
 FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 # Model-independent settings AUTOMATIC1111 takes per request in override_settings.
 CLIP_SKIP = "CLIP_stop_at_last_layers"
+# AUTOMATIC1111's spellings of "no refiner", and its UI's switch point
+NO_REFINER = (None, "", "None", "none")
+REFINER_SWITCH = 0.8
 
 
 def api_error(e: RequestError) -> BadInput:
@@ -75,9 +81,12 @@ class Result:
     started: float = field(default_factory=time.time)
 
 
-def build(body, task: str, model, clip_skip: int | None, controlnets=None) -> Generation:
+def build(
+    body, task: str, model, clip_skip: int | None, controlnets=None, catalog=None
+) -> Generation:
     """Check a txt2img or img2img body against the current model (its
-    :class:`~sd_server.models.ModelInfo`); raises BadInput."""
+    :class:`~sd_server.models.ModelInfo`); raises BadInput. ``catalog``: the checkpoints a
+    ``refiner_checkpoint`` may name."""
     noop = IMG2IMG_NOOP if task == "img2img" else TXT2IMG_NOOP
     extra = dict(body.model_extra or {})
     scripts = extra.get("alwayson_scripts")
@@ -99,6 +108,9 @@ def build(body, task: str, model, clip_skip: int | None, controlnets=None) -> Ge
         height=body.height,
         batch_size=body.batch_size,
         clip_skip=clip_skip,
+        guidance_rescale=body.guidance_rescale,
+        zero_terminal_snr=body.zero_terminal_snr,
+        **_refiner(body, catalog),
     )
     if controlnets is not None:
         fields["controls"] = controlnets.units(scripts, model, warnings)
@@ -159,6 +171,23 @@ def _usable_tags(text: str, name: str, warnings: list[str], lora_dir) -> str:
         return tag
 
     return LORA_TAG.sub(usable, text)
+
+
+def _refiner(body, catalog) -> dict[str, Any]:
+    """``refiner_checkpoint`` as the pipeline's ``refiner`` (the file's path: each worker loads
+    it once and keeps it) and ``refiner_switch``; an unknown name is a 422, as a model switch's."""
+    name = body.refiner_checkpoint
+    if name in NO_REFINER:
+        return {}
+    checkpoint = catalog.find(name) if catalog is not None else None
+    if checkpoint is None or checkpoint.path is None:  # (the bundled model is no refiner)
+        files = [c.title for c in catalog.checkpoints if c.path is not None] if catalog else []
+        raise BadInput(
+            "refiner_checkpoint", f"{name!r} is not a known model; one of: "
+            f"{', '.join(files) or 'none (no --checkpoint or --models-dir)'}",
+        )  # fmt: skip
+    switch = REFINER_SWITCH if body.refiner_switch_at is None else body.refiner_switch_at
+    return {"refiner": str(checkpoint.path), "refiner_switch": switch}
 
 
 def _overrides(settings: dict[str, Any], clip_skip: int | None, warnings: list[str]):
@@ -248,6 +277,11 @@ def run(job: Job, pipe, generation: Generation) -> Result:
     there, skip moves on to the next iteration."""
     request = generation.request
     job.preview_vae = pipe.vae
+    if request.refiner is not None:  # loaded (once) before the first step, or a clear 422
+        try:
+            load_refiner(pipe, request.refiner)
+        except (ValueError, OSError) as e:
+            raise BadInput("refiner_checkpoint", f"does not load as a refiner: {e}") from None
     images, requests, parameters = [], [], []
     for k in range(generation.n_iter):
         if job.interrupted or job.gone.is_set():
