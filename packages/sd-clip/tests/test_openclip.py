@@ -426,3 +426,21 @@ def test_encode_prompt_sdxl_emphasis_as_automatic1111(sdxl):
         parts.append(weighted * (z.mean() / weighted.mean()))
     assert max_err(context, torch.cat(parts, dim=-1)) <= 1e-5
     assert max(chunk.weights) > 1.3  # the emphasis is there
+
+
+def test_to_openclip_is_the_layout_sdxl_files_use(sdxl):
+    """Our model written back in OpenCLIP's names equals the layout written here (the one
+    diffusers' converter reads), tensor for tensor, and loads back to the same weights."""
+    from sd_clip.weights import from_openclip, to_openclip
+
+    _, clip_g, _ = sdxl
+    ours = CLIPTextModel(TINY_G)
+    ours.load_state_dict(hf_state(clip_g))
+    written = to_openclip(ours.state_dict())
+    want = {k: v for k, v in openclip_layout(clip_g, "").items() if k != "logit_scale"}
+    assert set(written) == set(want)
+    assert all(torch.equal(written[k], want[k]) for k in want)
+    back = from_openclip(written)
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+    with pytest.raises(ValueError, match=r"unknown\.weight has no place"):
+        to_openclip({"unknown.weight": torch.zeros(1)})

@@ -483,7 +483,7 @@ def test_inpaint_on_sdxl_keeps_the_unmasked_latents(pipes):
     assert (out - init).abs().max() > 0.1  # the masked part was repainted
 
 
-def test_hires_fix_with_the_refiner_and_what_sdxl_cannot_save(pipes, tmp_path):
+def test_hires_fix_with_the_refiner(pipes):
     from sd_pipeline import GenerationParameters
     from sd_pipeline.request import HiresFix
 
@@ -495,8 +495,6 @@ def test_hires_fix_with_the_refiner_and_what_sdxl_cannot_save(pipes, tmp_path):
     assert picture.size == (96, 96)
     extra = GenerationParameters.from_text(picture.info["parameters"]).extra
     assert extra["Refiner"].startswith("sdxl-refiner [") and extra["Hires upscale"] == "1.5"
-    with pytest.raises(ValueError, match="SDXL"):
-        pipe.save(tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="refiner_switch"):
         pipe.txt2img("x", steps=2, refiner=refiner, refiner_switch=1.5, progress=False)
     with pytest.raises(ValueError, match="original_size"):
@@ -552,3 +550,20 @@ def test_a_tokenizer_2_folder_without_special_tokens_pads_as_bigg(tmp_path):
     assert tok.pad_id == tok.end_id  # what the folder says wins
     (tmp_path / "text_encoder").rmdir()  # a refiner's root: its one tokenizer is the first
     assert set(sdxl_tokenizer_options(tmp_path)) == {"tokenizer"}
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sdxl-refiner"])
+def test_save_writes_the_sgm_layout_and_loads_back(files, pipes, kind, tmp_path):
+    """save() writes what the SGM file written by this test's own layout holds, tensor for
+    tensor (less OpenCLIP's unused logit_scale), and the file generates the same picture."""
+    from safetensors.torch import load_file
+
+    path = pipes[kind].save(tmp_path / f"{kind}.safetensors")
+    written, (_, state) = load_file(str(path)), files[kind]
+    assert set(written) == {k for k in state if not k.endswith("logit_scale")}
+    assert all(torch.equal(written[k], state[k]) for k in written)
+    again = StableDiffusion.from_checkpoint(path, device="cpu")
+    assert again.unet.config.family == kind and again.native_size == 1024
+    args = dict(steps=2, sampler="euler", seed=3, width=SIZE, height=SIZE, progress=False,
+                output_type="latent")  # fmt: skip
+    assert torch.equal(again.txt2img("a cat", **args), pipes[kind].txt2img("a cat", **args))

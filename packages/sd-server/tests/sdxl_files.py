@@ -1,9 +1,8 @@
 """Tiny random SDXL base and refiner single files in the SGM layout, for the refiner fields.
 
-A small copy of sd-pipeline's tests/sdxl_checkpoints.py (importing it would need sd-pipeline's
-own conftest): CLIP-L under ``conditioner.embedders.0.transformer.`` in transformers' names,
-OpenCLIP bigG (the refiner's only encoder) in OpenCLIP's (fused q/k/v, ``text_projection`` a
-matrix), the UNet with ``label_emb``, the tiny VAE of sd-pipeline's ``random_tiny``.
+Random tiny parts (CLIP-L, OpenCLIP bigG, the refiner's only encoder, the UNet with
+``label_emb``, the tiny VAE of sd-pipeline's ``random_tiny``), written by sd-pipeline's
+``single_file.save``.
 """
 
 from __future__ import annotations
@@ -12,9 +11,9 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from sd_clip import CLIPTextConfig, CLIPTextModel
+from sd_pipeline import single_file
 from sd_pipeline.pipeline import random_tiny
 from sd_unet import UNet, UNetConfig
 
@@ -44,41 +43,13 @@ def _random(module: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
     return module
 
 
-def _openclip(encoder: CLIPTextModel, prefix: str) -> dict[str, torch.Tensor]:
-    """bigG as OpenCLIP's TextTransformer names it in SDXL's files."""
-    s = encoder.state_dict()
-    m = "text_model."
-    out = {
-        "token_embedding.weight": s[f"{m}embeddings.token_embedding.weight"],
-        "positional_embedding": s[f"{m}embeddings.position_embedding.weight"],
-        "ln_final.weight": s[f"{m}final_layer_norm.weight"],
-        "ln_final.bias": s[f"{m}final_layer_norm.bias"],
-        "text_projection": s["text_projection.weight"].T,
-    }
-    renamed = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
-               "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}  # fmt: skip
-    for i in range(encoder.config.layers):
-        ours, theirs = f"{m}encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat(
-                [s[f"{ours}self_attn.{p}_proj.{kind}"] for p in "qkv"]
-            )
-            for a, b in renamed.items():
-                out[f"{theirs}{b}.{kind}"] = s[f"{ours}{a}.{kind}"]
-    return {prefix + k: v for k, v in out.items()}
-
-
 def write_sdxl(path: Path, kind: str = "base", seed: int = 0) -> Path:
-    """An SDXL ``kind`` ("base" or "refiner") single file at ``path``."""
+    """An SDXL ``kind`` ("base" or "refiner") single file at ``path``, in SGM's layout (as
+    sd-pipeline writes it; its own tests check that layout against diffusers')."""
     g = torch.Generator().manual_seed(seed)
     unet = _random(UNet(UNETS[kind]), g)
-    state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    vae = random_tiny(seed=seed).vae
-    state |= {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
-    g_prefix = f"conditioner.embedders.{1 if kind == 'base' else 0}.model."
-    state |= _openclip(_random(CLIPTextModel(CLIP_G), g), g_prefix)
+    clip_g = _random(CLIPTextModel(CLIP_G), g)
+    parts = {"vae": random_tiny(seed=seed).vae, "unet": unet, "text_encoder": clip_g}
     if kind == "base":
-        clip_l = _random(CLIPTextModel(CLIP_L), g).state_dict()
-        state |= {"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
+        parts |= {"text_encoder": _random(CLIPTextModel(CLIP_L), g), "text_encoder_2": clip_g}
+    return single_file.save(path, parts)

@@ -323,6 +323,35 @@ def from_openclip(
     return out
 
 
+def to_openclip(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`from_openclip`: this package's tensors (a ``CLIPTextModel``'s
+    state dict) in OpenCLIP's TextTransformer names, as SD 2.x and SDXL files keep them: q/k/v
+    fused into ``attn.in_proj_*``, the projection as the matrix OpenCLIP applies as x @ P."""
+    names = {v: k for k, v in OPENCLIP_NAMES.items()}
+    parts = {v: k for k, v in OPENCLIP_PARTS.items()}
+    out = {}
+    for key, value in tensors.items():
+        if key in names:
+            out[names[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+        elif key.startswith("text_model.encoder.layers."):
+            index, rest = key.split(".", 4)[3:]
+            block = f"transformer.resblocks.{index}."
+            if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+                if rest.startswith("self_attn.q_proj."):  # each fused tensor made once, at q
+                    kind = rest.rsplit(".", 1)[1]
+                    layer = f"text_model.encoder.layers.{index}.self_attn."
+                    qkv = [tensors[f"{layer}{p}_proj.{kind}"] for p in "qkv"]
+                    out[f"{block}attn.in_proj_{kind}"] = torch.cat(qkv)
+                continue
+            ours = next((old for old in parts if rest.startswith(old)), "")
+            out[block + parts.get(ours, "") + rest[len(ours) :]] = value
+        else:
+            raise ValueError(f"{key} has no place in OpenCLIP's text layout")
+    return out
+
+
 def _resblock_entry(layer: str, rest: str, value: torch.Tensor, key: str, source: str) -> dict:
     if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
         if value.shape[0] % 3:

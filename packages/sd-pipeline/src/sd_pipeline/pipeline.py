@@ -243,16 +243,16 @@ class StableDiffusion(Tasks, Adapters, Placement):
     def save(self, path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
         """Write the model as one SD single file (``.safetensors``, original layout), each
         part's config and the pipeline's settings in its metadata, atomically; it loads back
-        with :meth:`from_checkpoint` (and its parts with each package's own loader). SD 1.x/2.x
-        only (SDXL's bigG would need OpenCLIP's layout written)."""
-        if self.conditioner.pooled:
-            raise ValueError("save() writes SD 1.x/2.x single files; this is an SDXL model")
+        with :meth:`from_checkpoint` (and its parts with each package's own loader); SDXL
+        models in SGM's layout (``single_file.text_layouts``)."""
         settings = {
             "resolution": self.native_size,
             "prediction": self.prediction,
             **{k: self.defaults[k] for k in GENERATION_DEFAULTS},
         }
         parts = {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
+        if self.text_encoder_2 is not None:
+            parts["text_encoder_2"] = self.text_encoder_2
         return single_file.save(path, parts, settings, dtype=resolve_dtype(dtype))
 
     # the named steps

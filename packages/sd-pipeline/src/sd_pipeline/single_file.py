@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -48,23 +48,56 @@ def state_dict(
     *,
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The parts' tensors under their SD prefixes (``parts`` keyed as :data:`PREFIXES`), on the
-    CPU, cast to ``dtype`` when given; ``overrides`` replace tensors by (part, key), as training
-    does with its EMA weights."""
+    """The parts' tensors under their prefixes (``parts`` keyed as :data:`PREFIXES`, SDXL's
+    second encoder as ``text_encoder_2``) in the layout of the UNet's family (SGM's for SDXL:
+    see :func:`text_layouts`), on the CPU, cast to ``dtype`` when given; ``overrides`` replace
+    tensors by (part, key), as training does with its EMA weights."""
+    layouts = text_layouts(parts)
     out = {}
     for name, model in parts.items():
+        tensors = {}
         for key, value in model.state_dict().items():
             value = (overrides or {}).get((name, key), value).detach().cpu()
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
-            out[PREFIXES[name] + key] = value.contiguous()
+            tensors[key] = value.contiguous()
+        prefix, convert = layouts.get(name, (PREFIXES.get(name), None))
+        if prefix is None:
+            raise ValueError(f"no place for a part named {name!r} in a {_family(parts)} file")
+        out.update({prefix + k: v for k, v in (convert or dict)(tensors).items()})
     return out
 
 
+def _family(parts: Mapping[str, nn.Module]) -> str:
+    return parts["unet"].config.family if "unet" in parts else "sd1"
+
+
+def text_layouts(parts: Mapping[str, nn.Module]) -> dict[str, tuple[str, Callable | None]]:
+    """Where SDXL's text encoders go, and in which names (SGM's layout, as Stability's files
+    and every loader of them expect): base, CLIP-L in transformers' names under
+    ``conditioner.embedders.0.transformer.`` and bigG in OpenCLIP's under
+    ``conditioner.embedders.1.model.``; the refiner, its bigG under ``.embedders.0.model.``.
+    SD 1.x and 2.x files: {} (every part under :data:`PREFIXES`)."""
+    family = _family(parts)
+    if family == "sdxl":
+        return {
+            "text_encoder": (clip_weights.SDXL_PREFIXES[0], None),
+            "text_encoder_2": (clip_weights.SDXL_PREFIXES[1], clip_weights.to_openclip),
+        }
+    if family == "sdxl-refiner":
+        return {"text_encoder": (clip_weights.REFINER_PREFIX, clip_weights.to_openclip)}
+    return {}
+
+
 def metadata(parts: Mapping[str, nn.Module], settings: Mapping | None = None) -> dict[str, str]:
-    """The file's metadata: each part's config (as its own loader reads it) and the pipeline's."""
+    """The file's metadata: each part's config (as its own loader reads it) and the pipeline's.
+    An SDXL file's text encoders have none: sd-clip's one config key could not say which
+    encoder it is for, and their shapes tell their configs, as for Stability's files."""
     meta = {"format": "pt"}
+    sdxl = bool(text_layouts(parts))
     for name, model in parts.items():
+        if sdxl and name.startswith("text_encoder"):
+            continue
         meta[CONFIG_METADATA[name]] = json.dumps(dataclasses.asdict(model.config))
     if settings:
         meta[PIPELINE_METADATA] = json.dumps(dict(settings))
