@@ -130,3 +130,27 @@ def test_twice_and_not_a_model():
         inject(unet, network=network)
     with pytest.raises(LoRAError, match="neither a UNet"):
         inject(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_a_merge_after_an_unmerge_reuses_its_memory_and_gives_the_same_weights():
+    from conftest import adaptable, kohya_lora
+
+    from sd_lora import remove_all
+    from sd_lora.lora import _STATES
+
+    text = randomize(TinyTextEncoder())
+    lora = LoRA.from_state_dict(kohya_lora(adaptable(text), "lora_te_"), name="x")
+    layers = list(adaptable(text).values())
+    originals = [m.weight.data for m in layers]
+    lora.merge(text, 0.7)
+    first = [m.weight.detach().clone() for m in layers]
+    merged_memory = {m.weight.data_ptr() for m in layers}
+    lora.unmerge(text)
+    assert [m.weight.data_ptr() for m in layers] == [o.data_ptr() for o in originals]
+    lora.merge(text, 0.7)
+    # written into the memory the unmerge freed (a tensor of the same shape, not always its own)
+    assert {m.weight.data_ptr() for m in layers} == merged_memory
+    assert all(torch.equal(m.weight, f) for m, f in zip(layers, first))
+    remove_all(text)
+    assert all(torch.equal(m.weight, o) for m, o in zip(layers, originals))
+    assert not _STATES[text].spare  # remove_all lets the memory go
