@@ -154,3 +154,20 @@ def test_a_merge_after_an_unmerge_reuses_its_memory_and_gives_the_same_weights()
     remove_all(text)
     assert all(torch.equal(m.weight, o) for m, o in zip(layers, originals))
     assert not _STATES[text].spare  # remove_all lets the memory go
+
+
+def test_memory_kept_under_inference_mode_is_reused_there_only():
+    from conftest import adaptable, kohya_lora
+
+    text = randomize(TinyTextEncoder())
+    lora = LoRA.from_state_dict(kohya_lora(adaptable(text), "lora_te_"), name="x")
+    with torch.inference_mode():
+        lora.merge(text, 0.5)
+        expected = [m.weight.clone() for m in adaptable(text).values()]
+        lora.unmerge(text)
+    lora.merge(text, 0.5)  # outside: new tensors, not the inference ones kept
+    lora.unmerge(text)
+    with torch.inference_mode():
+        lora.merge(text, 0.5)
+        assert all(torch.equal(m.weight, e) for m, e in zip(adaptable(text).values(), expected))
+        lora.unmerge(text)

@@ -64,15 +64,18 @@ class _State:
     spare: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
 
     def take_spare(self, like: torch.Tensor) -> torch.Tensor | None:
-        found = self.spare.get(_spare_key(like))
+        found = self.spare.get(_spare_key(like, torch.is_inference_mode_enabled()))
         return found.pop() if found else None
 
     def keep_spare(self, t: torch.Tensor) -> None:
         self.spare.setdefault(_spare_key(t), []).append(t)
 
 
-def _spare_key(t: torch.Tensor) -> tuple:
-    return tuple(t.shape), t.stride(), t.dtype, t.device
+def _spare_key(t: torch.Tensor, inference: bool | None = None) -> tuple:
+    # a tensor made under torch.inference_mode can be written in place only there (and a
+    # tensor written there is one, outside it): each kind is kept for its own mode
+    inference = t.is_inference() if inference is None else inference
+    return tuple(t.shape), t.stride(), t.dtype, t.device, inference
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
