@@ -204,7 +204,7 @@ def score(lora_path: Path, seeds: int = 2) -> None:
     data = lora_path.parent.parent / "data"
     rows = {"training pictures through the VAE (the ceiling)": measures(vae_round_trip(pipe, data))}
     grids = []
-    for label, weight in (("without LoRA", None), ("with LoRA", 1.0)):
+    for label, weight in (("without LoRA", None), ("LoRA at 0.6", 0.6), ("LoRA at 1.0", 1.0)):
         pipe.unload_loras()
         if weight is not None:
             pipe.load_lora(lora_path, weight=weight)
@@ -235,7 +235,7 @@ def score(lora_path: Path, seeds: int = 2) -> None:
         f"`python benchmarks/lora_star.py score {lora_path}`: {len(prompts)} star prompts (colour "
         f"pairs not in the training pictures) x {seeds} seeds, the bundled model's defaults; "
         f"{len(others)} prompts of its own shapes for what the LoRA costs them.\n\n{text}\n\n"
-        "![top: without the LoRA, bottom: with it](lora_star.png)\n"
+        "![rows: without the LoRA, at 0.6, at 1.0](lora_star.png)\n"
     )
 
 
