@@ -222,9 +222,10 @@ def score(lora_path: Path, seeds: int = 2) -> None:
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(RESULTS / "lora_star.png")
     columns = ["star IoU", "solidity", "reads as a star", "colour right", "others right"]
     lines = [
-        "| | star IoU (mean) | solidity (mean) | reads as a star | star colour right | circles, squares, triangles read right |",
+        "| | star IoU (mean) | solidity (mean) | reads as a star | star colour right "
+        "| circles, squares, triangles read right |",
         "|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for label, r in rows.items():
         cells = [f"{r[c]:.3f}" if c in ("star IoU", "solidity") else f"{r[c]:.0%}" if c in r
                  else "" for c in columns]  # fmt: skip

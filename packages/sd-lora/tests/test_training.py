@@ -31,8 +31,10 @@ def test_targets_and_kohya_names():
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2" in transformer
     assert not any("resnets" in n for n in transformer)
     every = inject(TinyUNet(), 2, 1.0, "all").layer_names()
-    for name in ("lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_downsamplers_0_conv",
-                 "lora_unet_up_blocks_0_upsamplers_0_conv", "lora_unet_down_blocks_1_resnets_0_conv_shortcut",
+    for name in ("lora_unet_down_blocks_0_resnets_0_conv1",
+                 "lora_unet_down_blocks_0_downsamplers_0_conv",
+                 "lora_unet_up_blocks_0_upsamplers_0_conv",
+                 "lora_unet_down_blocks_1_resnets_0_conv_shortcut",
                  "lora_unet_mid_block_resnets_1_time_emb_proj"):  # fmt: skip
         assert name in every
     assert not any(n.endswith(("conv_in", "conv_out", "time_embedding_linear_1")) for n in every)

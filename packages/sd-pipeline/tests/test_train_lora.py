@@ -119,8 +119,9 @@ def test_trained_lora_loads_in_diffusers_as_in_ours(trained):
             return eps, their_text(ids).last_hidden_state
 
     base = theirs()
-    pipe = StableDiffusionPipeline(vae=None, text_encoder=their_text, tokenizer=None, unet=their_unet,
-                                   scheduler=None, safety_checker=None, feature_extractor=None,
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=their_text, tokenizer=None,
+                                   unet=their_unet, scheduler=None, safety_checker=None,
+                                   feature_extractor=None,
                                    requires_safety_checker=False)  # fmt: skip
     pipe.load_lora_weights(str(path), adapter_name="trained")
     pipe.fuse_lora(components=["unet"], lora_scale=0.8, adapter_names=["trained"])

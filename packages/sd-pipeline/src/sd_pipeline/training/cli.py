@@ -106,7 +106,8 @@ def _mode_parser(sub, mode: str, summary: str) -> None:
                        help="train the text encoder too (default: the UNet only)")  # fmt: skip
     if mode == "lora":
         s.add_argument("--no-train-unet", action="store_false", dest="train_unet", default=None,
-                       help="no adapters on the UNet (with --train-text-encoder: its only)")  # fmt: skip
+                       help="no adapters on the UNet (with --train-text-encoder: the text "
+                       "encoder's only)")  # fmt: skip
     extra = {"scratch": SCRATCH_FLAGS, "lora": LORA_FLAGS}.get(mode, [])
     for name, kind, text in COMMON_FLAGS + extra:
         s.add_argument(f"--{name}", type=kind, help=text, metavar=METAVARS[kind])

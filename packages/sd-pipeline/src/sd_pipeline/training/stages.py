@@ -1,10 +1,10 @@
 """The stages of a run, each a frozen record of what it builds, trains and optimises.
 
-``finetune``: one ``diffusion`` stage on a checkpoint's models. ``lora``: one ``lora`` stage that
-trains LoRA adapters (sd-lora) on the checkpoint's frozen UNet and/or text encoder. ``scratch``: the latent
-diffusion recipe, ``vae`` (reconstruction), then ``diffusion`` on the frozen VAE's latents, then
-optionally ``decoder`` (the VAE's decoder alone). The trainer reads everything stage-specific
-from the record; nothing branches on a stage's name.
+``finetune``: one ``diffusion`` stage on a checkpoint's models. ``lora``: one ``lora`` stage
+that trains LoRA adapters (sd-lora) on the checkpoint's frozen UNet and/or text encoder.
+``scratch``: the latent diffusion recipe, ``vae`` (reconstruction), then ``diffusion`` on the
+frozen VAE's latents, then optionally ``decoder`` (the VAE's decoder alone). The trainer reads
+everything stage-specific from the record; nothing branches on a stage's name.
 
 The randomness of a step (which images, crops, flips, noise, timesteps, caption dropout) is
 drawn from generators seeded by (seed, stage, step, sample): a resumed run, or a data-parallel
