@@ -217,6 +217,22 @@ def test_lora_ddp_two_ranks_match_single_process(tmp_path, setup, trained):
     assert diffs.median() < 1e-6 and diffs.max() < BASE["lr"]
 
 
+def test_text_encoder_only_and_attention_only(tmp_path, setup):
+    """--no-train-unet --train-text-encoder: the text encoder's adapters alone; the default
+    targets: its attention projections only."""
+    _, base = setup
+    changes = {"train_unet": False, "network_targets": "attention", "steps": 1}
+    path = tr.train(tr.TrainConfig(**{**base, **changes, "out": str(tmp_path / "te")}))
+    layers = {k.split(".")[0] for k in load_file(str(path))}
+    assert layers and all(k.startswith("lora_te_text_model_encoder_layers_") for k in layers)
+    assert {k.rsplit("_", 2)[-2] + "_" + k.rsplit("_", 1)[-1] for k in layers} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+    }
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
