@@ -132,6 +132,10 @@ def test_trained_lora_loads_in_diffusers_as_in_ours(trained):
     ours = _ours(unet, text, latents, t, context, ids)
     remove_loras(unet, text)
     for label, o, th, b in zip(("UNet", "text encoder"), ours, fused, base):
+        print(
+            f"{label}: LoRA changes the output by {_rel(th, b):.2e}, ours vs diffusers "
+            f"{_rel(o, th):.2e}"
+        )  # fmt: skip (shown with pytest -s: the parity figures)
         assert _rel(th, b) > 1e-3, f"{label}: the trained LoRA should change the output"
         assert _rel(o, th) < 1e-5, f"{label}: relative error {_rel(o, th):.2e}"
 
@@ -154,6 +158,7 @@ def test_merged_file_equals_the_adapters_as_trained(trained):
     merged = _ours(unet, text, *inputs)
     remove_loras(unet, text)
     for a, m, p in zip(attached, merged, plain):
+        print(f"attached changes {_rel(a, p):.2e}, merged vs attached {_rel(m, a):.2e}")
         assert _rel(a, p) > 1e-3
         assert _rel(m, a) < 1e-5
 
