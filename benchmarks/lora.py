@@ -64,6 +64,22 @@ def make_lora(unet: UNet, rank: int, conv: bool) -> LoRA:
     return LoRA.from_state_dict(state, name=f"rank{rank}")
 
 
+def arithmetic_floor(lora: LoRA, unet: UNet):
+    """The merge's matrix products alone, float32 factors ready, written into outputs whose
+    memory is touched already: what no merge can beat on this machine at this moment."""
+    pairs = [(layer.tensors, m.weight) for layer, m in lora.targets(unet)]
+    factors = [(t["lora_up.weight"].flatten(1).float().to(w.device),
+                t["lora_down.weight"].flatten(1).float().to(w.device),
+                w.detach().reshape(w.shape[0], -1)) for t, w in pairs]  # fmt: skip
+    outs = [torch.zeros_like(w) for _, _, w in factors]
+
+    def run():
+        for (up, down, w), out in zip(factors, outs):
+            torch.addmm(w, up, down, out=out)
+
+    return run
+
+
 def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -84,6 +100,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--latent", type=int, default=64, help="latent side (64: 512 px)")
     parser.add_argument("--rounds", type=int, default=3, help="0: time the merge only")
+    parser.add_argument("--merges", type=int, default=3, help="merge / unmerge cycles timed")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -98,16 +115,21 @@ def main(argv=None):
     print(f"{lora!r} on an SD 1.5 UNet ({opts.dtype}, {device}, {torch.get_num_threads()} threads)")
 
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    merges, unmerges, cpu = [], [], []
-    for _ in range(3):
+    floor = arithmetic_floor(lora, unet)
+    merges, unmerges, cpu, floors = [], [], [], []
+    for _ in range(opts.merges):  # alternating with the floor: the same load weighs on both
         start = time.process_time()
         merges.append(timed(lambda: lora.merge(unet), device))
         cpu.append(time.process_time() - start)
         unmerges.append(timed(lambda: lora.unmerge(unet), device))
+        floors.append(timed(floor, device))
     merge, unmerge = statistics.median(merges), statistics.median(unmerges)
     print(f"merge {merge:.3f} s ({merge / layers * 100:.3f} s per 100 layers; goal < 1; "
           f"first {merges[0]:.3f} s; CPU time {statistics.median(cpu):.3f} s), "
           f"unmerge {unmerge:.4f} s, {layers} layers")  # fmt: skip
+    print(f"the merge's arithmetic alone (each layer's addmm into memory written before): "
+          f"{statistics.median(floors):.3f} s; merge / that: "
+          f"{statistics.median(m / f for m, f in zip(merges, floors)):.2f}")  # fmt: skip
     # The merge is matrix products (rank x out x in multiply-adds a layer): beside it, one
     # product of as many FLOPs, to tell the merge's overhead from a busy or slow machine
     flops = sum(2 * layer.rank * layer.tensors["lora_up.weight"].shape[0]

@@ -152,20 +152,35 @@ class Layer:
     # -----------------------------------------------------------------------------------------
     # The update, as a full weight-shaped tensor
 
-    def merged(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
-        """``weight + multiplier * update``: a new tensor in the weight's dtype and memory
-        layout, computed in float32 and rounded once. A plain LoRA's goes through one fused
-        multiply-add (``addmm``) into one new tensor: no full-size temporaries."""
+    def merged(self, weight: torch.Tensor, multiplier: float, out: torch.Tensor | None = None,
+               scratch: Scratch | None = None) -> torch.Tensor:  # fmt: skip
+        """``weight + multiplier * update``: a tensor in the weight's dtype and memory layout,
+        computed in float32 and rounded once. A plain LoRA's goes through one fused
+        multiply-add (``addmm``) with no full-size temporaries, written into ``out`` (a spare
+        tensor like ``weight``, whose memory is already touched: fresh memory costs a page
+        fault per 4 KiB, which can take as long as the arithmetic) when given, else a new one.
+        ``scratch``: reusable memory for the factors in float32, from one layer to the next."""
         t = self.tensors
         if self.kind == "lora" and not {"lora_mid.weight", "dora_scale"} & t.keys():
-            up, down = self._t("lora_up.weight").flatten(1), self._t("lora_down.weight").flatten(1)
-            if up.shape[0] == weight.shape[0] and up.shape[0] * down.shape[1] == weight.numel():
+            scratch = scratch or Scratch()
+            up = scratch.float32(t["lora_up.weight"], weight.device, 0).flatten(1)
+            down = scratch.float32(t["lora_down.weight"], weight.device, 1).flatten(1)
+            rows = up.shape[0]
+            if rows == weight.shape[0] and rows * down.shape[1] == weight.numel():
                 if up.shape[1] != down.shape[0]:
                     self._lora()  # raises the error that names the shapes
-                base = weight.float().reshape(up.shape[0], -1)  # a view where the layout allows
-                new = torch.addmm(base, up.to(base.device), down.to(base.device),
-                                  alpha=self.scale * multiplier)  # fmt: skip
-                return _layout(new.reshape(weight.shape).to(weight.dtype), weight)
+                alpha = self.scale * multiplier
+                target = None if out is None else _rows(out, rows)
+                base = _rows(weight, rows)
+                if target is not None and base is not None and weight.dtype == torch.float32:
+                    torch.addmm(base, up, down, alpha=alpha, out=target)
+                    return out
+                base = weight.float().reshape(rows, -1)  # a view where the layout allows
+                new = torch.addmm(base, up, down, alpha=alpha).to(weight.dtype)
+                if target is not None:
+                    target.copy_(new)
+                    return out
+                return _layout(new.reshape(weight.shape), weight)
         new = weight.float() + self.delta(weight) * multiplier
         return _layout(new.to(weight.dtype), weight)
 
@@ -272,10 +287,45 @@ class Layer:
         return merged * (magnitude / (norm + eps)) - weight
 
 
+class Scratch:
+    """Float32 copies of a LoRA's factors made in buffers that are reused from layer to layer
+    (two slots: up and down), so that converting a float16 file's factors touches no fresh
+    memory after the first layers."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def float32(self, t: torch.Tensor, device: torch.device, slot: int) -> torch.Tensor:
+        if t.dtype == torch.float32 and t.device == device:
+            return t
+        key = (slot, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < t.numel():
+            buf = self.buffers[key] = torch.empty(max(t.numel(), 1 << 20), device=device)
+        return buf[: t.numel()].view(t.shape).copy_(t)
+
+
+def _rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """``t`` as a (rows, -1) matrix without copying, or None where its layout does not allow
+    (a channels_last 3x3 conv weight; a 1x1 one is row-major already)."""
+    try:
+        return t.view(rows, -1)
+    except RuntimeError:
+        return None
+
+
+def _same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape lay their elements out in the same order (strides of
+    dimensions of size 1 do not matter: a 1x1 conv weight is the same memory either way)."""
+    return all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
 def _layout(new: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``new`` with the strides of ``like``: a channels_last conv weight stays one, exactly."""
     if new.stride() == like.stride():
         return new
+    if _same_order(new, like):  # e.g. a 1x1 conv weight, channels_last or not: no copy
+        return new.as_strided(like.shape, like.stride())
     out = torch.empty_like(like, dtype=new.dtype)  # like's strides (it is dense)
     if out.stride() == new.stride():
         return new

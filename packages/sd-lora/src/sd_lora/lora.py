@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from sd_lora import names
-from sd_lora.layers import ALIASES, PARAMS, Layer, LoRAError
+from sd_lora.layers import ALIASES, PARAMS, Layer, LoRAError, Scratch
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,24 @@ class _State:
     )
     merged: list[tuple[LoRA, float]] = field(default_factory=list)
     attached: dict[int, tuple[LoRA, float, list]] = field(default_factory=dict)
+    # merged weights taken out again, kept for the next merge to write into: their memory is
+    # touched already, where a fresh tensor's first write page-faults (as slow as the merge's
+    # arithmetic on a CPU). Released by remove_all.
+    spare: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
+
+    def take_spare(self, like: torch.Tensor) -> torch.Tensor | None:
+        found = self.spare.get(_spare_key(like, torch.is_inference_mode_enabled()))
+        return found.pop() if found else None
+
+    def keep_spare(self, t: torch.Tensor) -> None:
+        self.spare.setdefault(_spare_key(t), []).append(t)
+
+
+def _spare_key(t: torch.Tensor, inference: bool | None = None) -> tuple:
+    # a tensor made under torch.inference_mode can be written in place only there (and a
+    # tensor written there is one, outside it): each kind is kept for its own mode
+    inference = t.is_inference() if inference is None else inference
+    return tuple(t.shape), t.stride(), t.dtype, t.device, inference
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
@@ -268,6 +286,7 @@ def remove_all(module: nn.Module) -> None:
         lora.detach(module)
     state.merged = []
     _rebuild(module, state)
+    state.spare.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,9 +295,11 @@ def remove_all(module: nn.Module) -> None:
 
 @torch.no_grad()
 def _merge(pairs: list[tuple[Layer, nn.Module]], weight: float, state: _State) -> None:
-    updates = []
+    updates, scratch = [], Scratch()
     for layer, target in pairs:  # compute every update before writing any
-        updates.append((layer, target, "weight", layer.merged(target.weight, weight)))
+        w = target.weight
+        new = layer.merged(w, weight, state.take_spare(w), scratch)
+        updates.append((layer, target, "weight", new))
         bias = layer.bias_delta()
         if bias is not None:
             b = getattr(target, "bias", None)
@@ -303,6 +324,8 @@ def _merge(pairs: list[tuple[Layer, nn.Module]], weight: float, state: _State) -
 def _rebuild(root: nn.Module, state: _State) -> None:
     """The original weights, then each still-merged LoRA merged again in its order."""
     for param, original in state.originals.values():
+        if param.data.data_ptr() != original.data_ptr():  # a merged tensor: its memory is reused
+            state.keep_spare(param.data)
         same = original.device == param.device and original.dtype == param.dtype
         param.data = original if same else original.to(param.device, param.dtype)
     state.originals.clear()

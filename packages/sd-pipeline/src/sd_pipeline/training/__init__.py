@@ -2,7 +2,9 @@
 
 ``sd-train finetune``: the UNet (optionally the text encoder) of a checkpoint, on a folder of
 captioned images (:mod:`~sd_pipeline.training.data`), with the noise-prediction loss
-(v-prediction with ``prediction="v"``). ``sd-train scratch``: the latent-diffusion recipe at a
+(v-prediction with ``prediction="v"``). ``sd-train lora``: LoRA adapters (sd-lora's
+``sd_lora.training``) on a checkpoint's frozen UNet and/or text encoder, written as a kohya
+``.safetensors``. ``sd-train scratch``: the latent-diffusion recipe at a
 small size (:mod:`~sd_pipeline.training.stages`). Settings: :class:`TrainConfig`, from a JSON
 recipe (:func:`load_recipe`) and flags (:mod:`~sd_pipeline.training.cli`).
 

@@ -1,8 +1,9 @@
-"""``sd-train``: fine-tune a Stable Diffusion checkpoint, train a small one from scratch, or
-export a model file in another precision.
+"""``sd-train``: fine-tune a Stable Diffusion checkpoint, train a LoRA for one, train a small
+one from scratch, or export a model file in another precision.
 
     sd-train finetune --checkpoint model.safetensors --data my_images/ --steps 1000
     sd-train scratch --recipe recipes/shapes.json
+    sd-train lora --checkpoint model.safetensors --data my_images/ --network-dim 8 --lr 1e-4
     torchrun --nproc_per_node 2 -m sd_pipeline.training scratch --recipe ...
     torchrun --nproc_per_node 8 -m sd_pipeline.training finetune --fsdp --checkpoint ...
     torchrun --nnodes 2 --node-rank 0 --nproc_per_node 8 --rdzv-backend c10d \
@@ -76,6 +77,16 @@ SWITCHES = [
     ("fused-adam", "torch's fused AdamW kernel (same maths, fewer kernel launches)"),
     ("enable-bucket", "aspect-ratio bucketing: train each image near its own aspect ratio"),
 ]
+LORA_FLAGS = [
+    ("network-dim", int, "LoRA rank (kohya's network_dim; default 4)"),
+    ("network-alpha", float, "LoRA alpha: the update is scaled by alpha / rank (default 1)"),
+    (
+        "network-targets",
+        str,
+        "attention (default), transformer (kohya's default: every linear "
+        "layer of the transformers) or all (LoCon: the ResBlocks' convolutions too)",
+    ),
+]
 FINETUNE_SWITCHES = [
     ("fsdp", "shard weights, gradients and optimizer state over the processes (FSDP2)"),
     ("cache-text-encoder-outputs", "encode each caption once (the text encoder stays frozen)"),
@@ -89,15 +100,21 @@ def _mode_parser(sub, mode: str, summary: str) -> None:
     s.add_argument("--data", metavar="FOLDER",
                    help="captioned images: name.png + name.txt, or a metadata.jsonl")  # fmt: skip
     s.add_argument("--out", metavar="FOLDER", help="where to write (default sd-train-out)")
-    if mode == "finetune":
+    if mode in ("finetune", "lora"):
         s.add_argument("--checkpoint", metavar="FILE", help="the model to fine-tune")
         s.add_argument("--train-text-encoder", action="store_true", default=None,
                        help="train the text encoder too (default: the UNet only)")  # fmt: skip
-    for name, kind, text in COMMON_FLAGS + (SCRATCH_FLAGS if mode == "scratch" else []):
+    if mode == "lora":
+        s.add_argument("--no-train-unet", action="store_false", dest="train_unet", default=None,
+                       help="no adapters on the UNet (with --train-text-encoder: the text "
+                       "encoder's only)")  # fmt: skip
+    extra = {"scratch": SCRATCH_FLAGS, "lora": LORA_FLAGS}.get(mode, [])
+    for name, kind, text in COMMON_FLAGS + extra:
         s.add_argument(f"--{name}", type=kind, help=text, metavar=METAVARS[kind])
     s.add_argument("--sample-prompt", action="append", dest="sample_prompts", metavar="TEXT",
                    help="a prompt of the sample grids (repeat for more)")  # fmt: skip
-    for name, text in SWITCHES + (FINETUNE_SWITCHES if mode == "finetune" else []):
+    extra = {"finetune": FINETUNE_SWITCHES, "lora": FINETUNE_SWITCHES[1:]}.get(mode, [])
+    for name, text in SWITCHES + extra:
         s.add_argument(f"--{name}", action="store_true", default=None, help=text)
     s.add_argument("--no-cache-latents", action="store_false", dest="cache_latents", default=None,
                    help="encode the images with the VAE every step, not once")  # fmt: skip
@@ -114,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _mode_parser(sub, "finetune", "fine-tune the UNet (and text encoder) of a checkpoint")
     _mode_parser(sub, "scratch", "train VAE, text encoder and UNet from nothing")
+    _mode_parser(sub, "lora", "train a LoRA (kohya .safetensors) on a checkpoint's frozen models")
     e = sub.add_parser("export", help="copy a model file with its weights cast")
     e.add_argument("src", help="the .safetensors model file to read")
     e.add_argument("dst", help="the .safetensors file to write")

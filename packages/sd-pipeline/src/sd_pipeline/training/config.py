@@ -29,10 +29,10 @@ class TrainingError(ValueError):
 class TrainConfig:
     """Every setting of a run; a recipe JSON holds any subset of these fields."""
 
-    mode: str = "finetune"  # finetune | scratch
+    mode: str = "finetune"  # finetune | scratch | lora
     data: str = ""
     out: str = "sd-train-out"
-    checkpoint: str | None = None  # finetune: the model to start from
+    checkpoint: str | None = None  # finetune and lora: the model to start from
     resolution: int = 512
     random_crop: bool = False
     random_flip: bool = False
@@ -59,7 +59,14 @@ class TrainConfig:
     enable_bucket: bool = False
     min_bucket_reso: int | None = None  # default resolution / 2
     max_bucket_reso: int | None = None  # default resolution * 2
-    train_text_encoder: bool = False  # finetune only; scratch always trains it
+    train_text_encoder: bool = False  # finetune and lora (its adapters); scratch always trains it
+    # lora: adapters on the frozen checkpoint (kohya's network_dim, network_alpha); targets:
+    # attention (the attention projections), transformer (kohya's default: every linear layer
+    # of the transformers) or all (LoCon: the ResBlocks' convolutions too)
+    network_dim: int = 4
+    network_alpha: float = 1.0
+    network_targets: str = "attention"
+    train_unet: bool = True  # lora: adapt the UNet (off: the text encoder's adapters only)
     cond_dropout: float = 0.1  # chance of an empty caption, for classifier-free guidance
     prediction: str = "epsilon"  # epsilon | v
     schedule: dict = field(
@@ -106,7 +113,8 @@ class TrainConfig:
 
     def _check_choices(self) -> None:
         for name, options in (
-            ("mode", ("finetune", "scratch")),
+            ("mode", ("finetune", "scratch", "lora")),
+            ("network_targets", ("attention", "transformer", "all")),
             ("lr_schedule", ("constant", "cosine", "linear")),
             ("mixed_precision", ("no", "bf16", "fp16")),
             ("prediction", ("epsilon", "v")),
@@ -118,24 +126,30 @@ class TrainConfig:
                 )
         if not self.data:
             raise TrainingError("no training data: pass --data FOLDER (or 'data' in the recipe)")
-        if self.mode == "finetune" and not self.checkpoint:
-            raise TrainingError("finetune needs --checkpoint (the model to fine-tune)")
+        if self.mode in ("finetune", "lora") and not self.checkpoint:
+            raise TrainingError(f"{self.mode} needs --checkpoint (the model to fine-tune)")
+        if self.mode == "lora" and not (self.train_unet or self.train_text_encoder):
+            raise TrainingError("a LoRA of nothing: keep the UNet's (drop --no-train-unet) or "
+                                "add --train-text-encoder")  # fmt: skip
         if self.decoder_steps and self.mode != "scratch":
             raise TrainingError("decoder_steps refines a VAE trained by `sd-train scratch` only")
         if self.fsdp and self.mode != "finetune":
             raise TrainingError(
-                "fsdp shards the fine-tuning of a checkpoint (sd-train finetune); a scratch model "
-                "is small enough for the default data parallelism (DDP): drop --fsdp"
+                f"fsdp shards the fine-tuning of a whole checkpoint (sd-train finetune); a "
+                f"{self.mode} run's trained weights are small enough for the default data "
+                "parallelism (DDP): drop --fsdp"
             )
-        if self.cache_text_encoder_outputs and (self.mode != "finetune" or self.train_text_encoder):
+        frozen_text = self.mode in ("finetune", "lora") and not self.train_text_encoder
+        if self.cache_text_encoder_outputs and not frozen_text:
             raise TrainingError(
-                "cache_text_encoder_outputs needs a frozen text encoder: finetune without "
-                "--train-text-encoder"
+                "cache_text_encoder_outputs needs a frozen text encoder: finetune or lora "
+                "without --train-text-encoder"
             )
 
     def _check_ranges(self) -> None:
         check_resolution(self.resolution)
-        for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every", "sample_steps"):
+        for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every", "sample_steps",
+                     "network_dim"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.vae_batch_size is not None and self.vae_batch_size < 1:
@@ -143,7 +157,7 @@ class TrainConfig:
         for name in ("steps", "vae_steps", "decoder_steps", "warmup_steps", "sample_every"):
             if getattr(self, name) < 0:
                 raise TrainingError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("lr", "vae_lr"):
+        for name in ("lr", "vae_lr", "network_alpha"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise TrainingError(f"{name} must be a positive number, got {value}")

@@ -2,6 +2,7 @@
 
 OUT/<stage>/...                 each stage's files (see :mod:`sd_pipeline.training.state`)
 OUT/model.safetensors           the finished model (``StableDiffusion.from_checkpoint``)
+OUT/lora.safetensors            or, for ``lora``, the kohya LoRA file (``--lora``, ``load_lora``)
 """
 
 from __future__ import annotations
@@ -48,11 +49,19 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         if stage.rescales_latents and dist.main:
             finish_vae_stage(out / stage.name / "model.safetensors", data)
         dist.barrier()
-    if dist.main:
+    final = out / "model.safetensors"
+    if stages[-1].adapts:  # a LoRA run's result is its adapter file, as kohya_ss names it
+        final = out / "lora.safetensors"
+        if dist.main:
+            tensors, meta = state.read_safetensors(
+                out / stages[-1].name / "model.safetensors", "LoRA stage file", STAGE_FILE_REMEDY
+            )
+            save_safetensors(tensors, final, meta)
+    elif dist.main:
         refined = [s.name for s in stages if s.standalone and not s.rescales_latents]
         assemble_model(out, refined[0] if refined else None)
     dist.barrier()
-    return out / "model.safetensors"
+    return final
 
 
 def prepare_data(config: TrainConfig, dist: Dist) -> ImageFolder:

@@ -1,9 +1,10 @@
 """The stages of a run, each a frozen record of what it builds, trains and optimises.
 
-``finetune``: one ``diffusion`` stage on a checkpoint's models. ``scratch``: the latent
-diffusion recipe, ``vae`` (reconstruction), then ``diffusion`` on the frozen VAE's latents, then
-optionally ``decoder`` (the VAE's decoder alone). The trainer reads everything stage-specific
-from the record; nothing branches on a stage's name.
+``finetune``: one ``diffusion`` stage on a checkpoint's models. ``lora``: one ``lora`` stage
+that trains LoRA adapters (sd-lora) on the checkpoint's frozen UNet and/or text encoder.
+``scratch``: the latent diffusion recipe, ``vae`` (reconstruction), then ``diffusion`` on the
+frozen VAE's latents, then optionally ``decoder`` (the VAE's decoder alone). The trainer reads
+everything stage-specific from the record; nothing branches on a stage's name.
 
 The randomness of a step (which images, crops, flips, noise, timesteps, caption dropout) is
 drawn from generators seeded by (seed, stage, step, sample): a resumed run, or a data-parallel
@@ -29,6 +30,7 @@ __all__ = ["Stage", "batch_indices", "build_models", "lr_factor", "plan", "sampl
 CHECKPOINT = "checkpoint"  # the finetune checkpoint
 FRESH = "fresh"  # a new model at the recipe's size, seeded
 VAE_STAGE = "vae-stage"  # OUT/vae/model.safetensors, the VAE stage's result
+ADAPTER = "adapter"  # LoRA adapters injected into the parts the stage adapts (sd_lora.training)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Stage:
     frozen: tuple[str, ...] = ()  # submodules of trained parts kept fixed ("encoder", ...)
     rescales_latents: bool = False  # afterwards, scale its VAE's latents to unit variance
     on_latents: bool = False  # trains on a frozen VAE's latents (cached when it can be)
+    adapts: tuple[str, ...] = ()  # frozen parts that carry the trained adapter (its file: kohya)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -65,10 +68,14 @@ def plan(config: TrainConfig) -> list[Stage]:
     """The stages ``config`` runs, in order."""
     c = config
     vae_batch = c.vae_batch_size or c.batch_size
+    sources = dict.fromkeys(("vae", "text_encoder", "unet"), CHECKPOINT)
     if c.mode == "finetune":
         trains = ("text_encoder", "unet") if c.train_text_encoder else ("unet",)
-        sources = dict.fromkeys(("vae", "text_encoder", "unet"), CHECKPOINT)
         return [_diffusion(c, sources, trains)]
+    if c.mode == "lora":
+        adapts = ("text_encoder",) * c.train_text_encoder + ("unet",) * c.train_unet
+        return [Stage("lora", 4, {**sources, "lora": ADAPTER}, ("lora",), losses.diffusion,
+                      c.steps, c.batch_size, c.lr, on_latents=True, adapts=adapts)]  # fmt: skip
     stages = [
         Stage("vae", 1, {"vae": FRESH}, ("vae",), losses.reconstruction, c.vae_steps,
               vae_batch, c.vae_lr, VAE_SETTINGS, rescales_latents=True),
@@ -102,6 +109,8 @@ def build_models(config: TrainConfig, stage: Stage) -> dict[str, nn.Module]:
     for part, source in stage.sources.items():
         if source == CHECKPOINT:
             models[part] = classes[part].from_checkpoint(config.checkpoint, dtype=torch.float32)
+        elif source == ADAPTER:
+            models[part] = _adapter(config, stage, models)
         elif source == VAE_STAGE:
             path = Path(config.out) / "vae" / "model.safetensors"
             models[part] = classes[part].from_checkpoint(path, dtype=torch.float32)
@@ -111,6 +120,18 @@ def build_models(config: TrainConfig, stage: Stage) -> dict[str, nn.Module]:
                 torch.manual_seed(config.seed + (part != "vae"))
             models[part] = classes[part](configs[part])
     return models
+
+
+def _adapter(config: TrainConfig, stage: Stage, models: dict[str, nn.Module]) -> nn.Module:
+    """One LoRA network over the parts the stage adapts, its initial weights seeded."""
+    from sd_lora.training import inject
+
+    g = torch.Generator().manual_seed(config.seed * 7919 + stage.seed_id)
+    network = None
+    for part in stage.adapts:
+        network = inject(models[part], config.network_dim, config.network_alpha,
+                         config.network_targets, network=network, generator=g)  # fmt: skip
+    return network
 
 
 def sample_generator(seed: int, stage: Stage, step: int, index: int) -> torch.Generator:

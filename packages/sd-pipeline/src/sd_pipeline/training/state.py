@@ -106,6 +106,28 @@ def pipeline_settings(config) -> dict:
     }
 
 
+def lora_metadata(trainer) -> dict[str, str]:
+    """kohya's ``ss_*`` training metadata that is cheap to know (AUTOMATIC1111 shows it)."""
+    c = trainer.config
+    return {
+        "ss_output_name": Path(c.out).name,
+        "ss_sd_model_name": Path(c.checkpoint or "").name,
+        "ss_learning_rate": str(c.lr),
+        "ss_unet_lr": str(c.lr) if c.train_unet else "0",
+        "ss_text_encoder_lr": str(c.lr) if c.train_text_encoder else "0",
+        "ss_max_train_steps": str(trainer.stage.steps),
+        "ss_steps": str(trainer.step),
+        "ss_resolution": f"({c.resolution}, {c.resolution})",
+        "ss_num_train_images": str(len(trainer.data)),
+        "ss_batch_size_per_device": str(trainer.stage.batch_size),
+        "ss_gradient_accumulation_steps": str(c.grad_accum),
+        "ss_mixed_precision": c.mixed_precision,
+        "ss_seed": str(c.seed),
+        "ss_network_train_unet_only": str(not c.train_text_encoder),
+        "ss_network_train_text_encoder_only": str(not c.train_unet),
+    }
+
+
 def write_model(trainer) -> None:
     """OUT/<stage>/model.safetensors: the inference weights (EMA ones where kept)."""
     overrides = {}
@@ -116,6 +138,11 @@ def write_model(trainer) -> None:
     elif trainer.ema is not None:
         overrides = {tuple(k.split(".", 1)): v for k, v in trainer.ema.shadow.items()}
     path = trainer.dir / "model.safetensors"
+    if trainer.stage.adapts:  # a LoRA: the kohya file of the adapters alone
+        network = trainer.models["lora"]
+        tensors = network.kohya_state_dict({k: v for (part, k), v in overrides.items()})
+        save_safetensors(tensors, path, {**network.metadata(), **lora_metadata(trainer)})
+        return
     if not trainer.stage.standalone:
         single_file.save(path, trainer.models, pipeline_settings(trainer.config),
                          overrides=overrides)  # fmt: skip
@@ -321,7 +348,7 @@ def _compare_settings(trainer, meta: dict, path: Path) -> None:
             values["global_batch"] = int(per) * int(values["grad_accum"]) * int(values["world"])
         except (KeyError, TypeError, ValueError):
             values["global_batch"] = None
-    for k in ("seed", lr_name, "global_batch"):
+    for k in ("seed", lr_name, "global_batch", "network_alpha"):
         if k in saved and str(saved[k]) != str(now[k]):
             log.warning(
                 "%s: resuming with %s=%s, but the run was started with %s=%s: the remaining "

@@ -151,7 +151,8 @@ class Trainer:
         for name, m in self.models.items():
             trained = name in self.stage.trains
             m.to(self.device, torch.float32).requires_grad_(trained).train(trained)
-            if self.config.gradient_checkpointing and trained:
+            # an adapted part is frozen, but the adapter's gradients run back through it
+            if self.config.gradient_checkpointing and (trained or name in self.stage.adapts):
                 enable_block_checkpointing(m)
             for sub in self.stage.frozen if trained else ():
                 getattr(m, sub).requires_grad_(False)
