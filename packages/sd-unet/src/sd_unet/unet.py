@@ -280,7 +280,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
+    tome = None  # token merging's shared state, where sd_unet.tome.apply put it
+
     def forward(self, x, context):
+        if self.tome is not None:
+            from sd_unet.tome import block_forward
+
+            return block_forward(self, self.tome, x, context)
         x = self.attn1(self.norm1(x)).add_(x)
         h = self.attn2(self.norm2(x), context)
         x = h.add_(_grow(x, h.shape[0]))
