@@ -4,7 +4,7 @@ UNet (tomesd on diffusers' UNet2DConditionModel, same weights) reproduced."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import inputs, random_unet
+from conftest import inputs
 
 from sd_unet import UNet, UNetConfig, tome
 
@@ -42,7 +42,7 @@ def test_only_the_first_level_by_default(tiny):
 
 @pytest.mark.parametrize("bad", [-0.1, 0.8, float("nan"), "half"])
 def test_bad_ratio(tiny, bad):
-    with pytest.raises(ValueError, match="ToMe ratio must be a number from 0 to 0.75"):
+    with pytest.raises(ValueError, match=r"ToMe ratio must be a number from 0 to 0\.75"):
         tome.apply(tiny, ratio=bad)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sd_unet.unet import Downsample, SpatialTransformer, Upsample, UNet
+from sd_unet.unet import Downsample, SpatialTransformer, UNet, Upsample
 
 MAX_RATIO = 0.75  # with one destination per 2x2 cell, at most 3 of 4 tokens can merge
 
