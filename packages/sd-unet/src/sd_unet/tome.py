@@ -104,10 +104,12 @@ def bipartite_merge(metric: torch.Tensor, dst_mask: torch.Tensor, r: int):
 
 @dataclass
 class ToMe:
-    """What a patched UNet's blocks share: the settings, the generator, and the token grid and
-    batch of the transformer running now (set by a hook on each patched SpatialTransformer)."""
+    """Token merging's settings and generator, and what a patched UNet's blocks share while it
+    runs: the token grid and batch of the transformer running now (set by a hook on each
+    patched SpatialTransformer). ``prepare`` makes one, ``attach``/``detach`` patch a UNet."""
 
     ratio: float
+    max_downsample: int = 1
     stride: tuple[int, int] = (2, 2)
     random: bool = True
     generator: torch.Generator | None = None
@@ -127,6 +129,31 @@ class ToMe:
         generator = self.generator if self.random and self.rows % 2 == 0 else None
         mask = destinations(h, w, self.stride, generator, x.device)
         return bipartite_merge(x, mask, r)
+
+    def attach(self, unet: UNet) -> None:
+        """Patch the transformer blocks of the levels downsampled at most ``max_downsample``
+        times (``remove`` or ``detach`` undoes it)."""
+        remove(unet)
+
+        def record(module, args, kwargs):
+            x = args[0] if args else kwargs["x"]
+            context = args[1] if len(args) > 1 else kwargs["context"]
+            self.grid, self.rows = tuple(x.shape[-2:]), context.shape[0]
+
+        for transformer, ds in transformer_levels(unet).items():
+            if ds <= self.max_downsample:
+                self.hooks.append(transformer.register_forward_pre_hook(record, with_kwargs=True))
+                for block in transformer.transformer_blocks:
+                    block.tome = self
+        unet.tome = self
+
+    def detach(self, unet: UNet) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        for module in unet.modules():
+            if getattr(module, "tome", None) is self:
+                module.tome = None
 
 
 def block_forward(block: nn.Module, state: ToMe, x: torch.Tensor, context: torch.Tensor):
@@ -154,6 +181,21 @@ def transformer_levels(unet: UNet) -> dict[SpatialTransformer, int]:
     return levels
 
 
+def prepare(ratio: float = 0.5, *, max_downsample: int = 1, stride=(2, 2), random: bool = True,
+            seed: int | None = None) -> ToMe:  # fmt: skip
+    """Token merging's state, checked, not yet attached (``ToMe.attach``): ``apply``'s
+    arguments."""
+    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and 0 <= ratio <= MAX_RATIO):
+        raise ValueError(f"ToMe ratio must be a number from 0 to {MAX_RATIO}, got {ratio!r}")
+    if not (isinstance(max_downsample, int) and max_downsample >= 1):
+        raise ValueError(f"max_downsample must be 1, 2, 4 or 8, got {max_downsample!r}")
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    else:
+        generator = torch.Generator().set_state(torch.get_rng_state())
+    return ToMe(float(ratio), max_downsample, tuple(stride), random, generator)
+
+
 def apply(unet: UNet, ratio: float = 0.5, *, max_downsample: int = 1, stride=(2, 2),
           random: bool = True, seed: int | None = None) -> ToMe:  # fmt: skip
     """Merge ``ratio`` of the tokens before self-attention in the transformer blocks of the
@@ -161,39 +203,14 @@ def apply(unet: UNet, ratio: float = 0.5, *, max_downsample: int = 1, stride=(2,
     random destination per 2x2 cell, drawn from a generator seeded with ``seed`` (None: forked
     from torch's global generator, as tomesd does). Replaces an earlier ``apply``; returns the
     shared state. ``remove`` undoes it."""
-    if not (isinstance(ratio, int | float) and math.isfinite(ratio) and 0 <= ratio <= MAX_RATIO):
-        raise ValueError(f"ToMe ratio must be a number from 0 to {MAX_RATIO}, got {ratio!r}")
-    if not (isinstance(max_downsample, int) and max_downsample >= 1):
-        raise ValueError(f"max_downsample must be 1, 2, 4 or 8, got {max_downsample!r}")
-    remove(unet)
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-    else:
-        generator = torch.Generator().set_state(torch.get_rng_state())
-    state = ToMe(float(ratio), tuple(stride), random, generator)
-
-    def record(module, args, kwargs):
-        x = args[0] if args else kwargs["x"]
-        context = args[1] if len(args) > 1 else kwargs["context"]
-        state.grid, state.rows = tuple(x.shape[-2:]), context.shape[0]
-
-    for transformer, ds in transformer_levels(unet).items():
-        if ds <= max_downsample:
-            state.hooks.append(transformer.register_forward_pre_hook(record, with_kwargs=True))
-            for block in transformer.transformer_blocks:
-                block.tome = state
-    unet.tome = state
+    state = prepare(ratio, max_downsample=max_downsample, stride=stride, random=random,
+                    seed=seed)  # fmt: skip
+    state.attach(unet)
     return state
 
 
 def remove(unet: UNet) -> None:
     """Undo ``apply``: the exact UNet again (a no-op on a UNet without ToMe)."""
     state = getattr(unet, "tome", None)
-    if state is None:
-        return
-    for hook in state.hooks:
-        hook.remove()
-    for module in unet.modules():
-        if getattr(module, "tome", None) is state:
-            module.tome = None
-    unet.tome = None
+    if state is not None:
+        state.detach(unet)
