@@ -65,18 +65,20 @@ def test_shared_latents_and_residuals(tiny):
         assert cached.full_calls == 1
 
 
-def test_another_size_or_batch_is_a_full_call(tiny):
-    cached = DeepCache(tiny, interval=10)
+def test_each_shape_keeps_its_own(tiny):
+    """Another size, batch or context length is a full call the first time, then runs its
+    own interval on its own kept feature (a pipeline calls once per context length a step)."""
+    cached = DeepCache(tiny, interval=2)
+    shapes = [dict(size=16), dict(size=8), dict(batch=1, size=8), dict(size=8, tokens=5)]
     with torch.no_grad():
-        cached(*inputs(tiny.config, size=16))
-        for size, batch in [(8, 2), (8, 1)]:
-            x, t, c = inputs(tiny.config, batch=batch, size=size)
-            assert cached(x, t, c).equal(tiny(x, t, c))
-    assert cached.full_calls == 3
-    cached.reset()
-    with torch.no_grad():
-        cached(*inputs(tiny.config, batch=1, size=8))
-    assert cached.full_calls == 4
+        for _ in range(2):  # full, then shallow, for each shape
+            for shape in shapes:
+                x, t, c = inputs(tiny.config, **shape)
+                torch.testing.assert_close(cached(x, t, c), tiny(x, t, c), rtol=1e-5, atol=1e-6)
+        assert cached.full_calls == 4
+        cached.reset()
+        cached(*inputs(tiny.config, size=8))
+    assert cached.full_calls == 5
 
 
 @pytest.mark.parametrize("interval, branch, match", [

@@ -16,10 +16,10 @@ the one that takes skip ``branch`` onwards, fed the kept deep feature where the 
 output would come in. For SD 1.5 (12 input and 12 output blocks) ``branch=1`` runs 2 + 2 of
 them at the 64x64 level.
 
-``interval`` counts the calls made through this object (one per step for first-order samplers
-with classifier-free guidance in one batch; a second-order sampler calls twice a step). The
-first call, and any call whose inputs do not fit the kept feature (another size or batch), is
-a full one. A full call is ``unet(...)`` itself: its result is the UNet's exactly, and
+``interval`` counts the calls made through this object with inputs of one shape (one per step
+for first-order samplers with classifier-free guidance in one batch; a second-order sampler
+calls twice a step), and each shape of latents and context keeps its own feature: the first
+call of a shape is a full one. A full call is ``unet(...)`` itself: its result is the UNet's exactly, and
 ``interval=1`` is the exact UNet at every call. The images of the others move (see
 benchmarks/approx.py for how far, and the speed).
 """
@@ -43,28 +43,31 @@ class DeepCache:
             raise ValueError(f"DeepCache branch must be 0 to {blocks - 2} (the input blocks "
                              f"whose skip stays fresh), got {branch!r}")  # fmt: skip
         self.unet, self.interval, self.branch = unet, interval, branch
-        self.calls, self.full_calls = 0, 0
-        self._kept: torch.Tensor | None = None
+        self.full_calls = 0
+        # per shape of (latents, context): its calls so far and its kept feature. A pipeline
+        # that runs a step's rows in groups (contexts of different lengths) calls once per group
+        # and step: each group keeps its own
+        self._slots: dict[tuple, list] = {}
 
     @property
     def config(self):
         return self.unet.config
 
     def reset(self) -> None:
-        """Forget the kept feature: the next call is a full one."""
-        self.calls, self._kept = 0, None
+        """Forget the kept features: the next call is a full one."""
+        self._slots.clear()
 
     def __call__(self, x, timesteps, context, y=None, *, down_residuals=None, mid_residual=None):
-        full = self.calls % self.interval == 0 or self._kept is None
-        self.calls += 1
-        if not full:
-            out = self._shallow(x, timesteps, context, y, down_residuals)
-            if out is not None:
-                return out
-        return self._full(x, timesteps, context, y, down_residuals, mid_residual)
+        slot = self._slots.setdefault((tuple(x.shape), tuple(context.shape)), [0, None])
+        calls, kept = slot
+        slot[0] += 1
+        if calls % self.interval and kept is not None:
+            return self._shallow(kept, x, timesteps, context, y, down_residuals)
+        out, slot[1] = self._full(x, timesteps, context, y, down_residuals, mid_residual)
+        return out
 
     def _full(self, x, timesteps, context, y, down_residuals, mid_residual):
-        """``unet(...)``, keeping the output of the block above the branch's skip."""
+        """``unet(...)``, and the output of the block above the branch's skip."""
         kept = {}
         above = self.unet.output_blocks[len(self.unet.output_blocks) - 2 - self.branch]
         hook = above.register_forward_hook(lambda module, args, out: kept.update(h=out))
@@ -73,21 +76,18 @@ class DeepCache:
                             mid_residual=mid_residual)  # fmt: skip
         finally:
             hook.remove()
-        self._kept = kept.get("h") if self.interval > 1 else None
         self.full_calls += 1
-        return out
+        return out, kept.get("h") if self.interval > 1 else None
 
-    def _shallow(self, x, timesteps, context, y, down_residuals):
-        """The shallow branch on the kept deep feature; None where it does not fit."""
-        unet, kept, b = self.unet, self._kept, self.branch
+    def _shallow(self, kept, x, timesteps, context, y, down_residuals):
+        """The shallow branch on the kept deep feature."""
+        unet, b = self.unet, self.branch
         x, emb = unet._embed(x, timesteps, context, y)
         skips, h = [], x
         for block in unet.input_blocks[: b + 1]:
             h = unet._run(block, h, emb, context)
             emb = _grow(emb, h.shape[0])
             skips.append(h)
-        if kept.shape[0] != context.shape[0] or kept.shape[-2:] != h.shape[-2:]:
-            return None  # another batch or size than the kept feature's: a full call
         if down_residuals is not None:
             skips = [_plus(s, r, context.shape[0], f"down_residuals[{i}]")
                      for i, (s, r) in enumerate(zip(skips, down_residuals))]  # fmt: skip
