@@ -26,6 +26,10 @@ def denoising_strength(request: GenerationRequest) -> float | None:
 def extra_fields(request: GenerationRequest) -> dict[str, str]:
     """AUTOMATIC1111's infotext fields beyond GenerationParameters' own, under its names."""
     extra = {"RNG": request.rng.upper()} if request.rng != "gpu" else {}
+    if request.token_merging_ratio:
+        extra["Token merging ratio"] = f"{request.token_merging_ratio:g}"  # AUTOMATIC1111's
+    if request.deepcache_interval > 1:
+        extra["DeepCache interval"] = str(request.deepcache_interval)
     if request.seed_resize_from is not None:
         extra["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
     hires = request.hires

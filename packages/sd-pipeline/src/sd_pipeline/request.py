@@ -165,6 +165,11 @@ class GenerationRequest:
     hires: HiresFix | None = None
     # ControlNet units (sd_pipeline.controlnet.ControlUnit), their residuals summed
     controls: tuple = field(default=(), compare=False, repr=False)
+    # Approximate speed-ups, off by default (sd_pipeline.approximate): ToMe's share of the
+    # self-attention tokens merged at the first level (0 to 0.75), and DeepCache's interval
+    # (the whole UNet every N calls, its shallow branch between; 1 is off)
+    token_merging_ratio: float = 0.0
+    deepcache_interval: int = 1
 
     # derived facts
 
@@ -267,6 +272,8 @@ class GenerationRequest:
             raise RequestError(
                 "output_type", f"is {self.output_type!r}; choose from: {', '.join(OUTPUT_TYPES)}"
             )
+        _number("token_merging_ratio", self.token_merging_ratio, low=0.0, high=0.75, limit=False)
+        _integer("deepcache_interval", self.deepcache_interval, low=1, high=1000, limit=False)
         if self.limits:
             self._check_totals()
         return self
