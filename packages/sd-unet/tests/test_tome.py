@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import inputs
+from test_parity import TINY_SD1
 
 from sd_unet import UNet, UNetConfig, tome
 
@@ -86,15 +87,6 @@ def test_destinations_one_per_whole_cell():
 
 
 # --- the whole UNet against tomesd on diffusers' UNet (test_parity's tiny SD 1.x config)
-
-TINY_SD1 = dict(
-    block_out_channels=(32, 64, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-)
 
 
 @pytest.fixture(scope="module")
