@@ -199,3 +199,20 @@ def test_rotary_model_sees_order(rotary):
     b[0, [2, 6]] = a[0, [6, 2]]
     with torch.no_grad():
         assert (rotary(a)[0, -1] - rotary(b)[0, -1]).abs().max() > 1e-4
+
+
+def test_building_on_the_meta_device_initialises_nothing():
+    """The loaders build the model on the meta device: no weight initialisation runs there (the
+    first normal_ on a meta tensor imports torch's compiler stack, seconds of a cold start)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from sd_clip import CLIPTextModel, CLIPTextConfig\n"
+        "with torch.device('meta'):\n"
+        "    CLIPTextModel(CLIPTextConfig.sd15())\n"
+        "assert 'torch._dynamo' not in sys.modules, 'the compiler stack was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -123,3 +123,19 @@ def test_a_unet_through_winograd_matches_its_direct_convolutions(monkeypatch):
     assert len(calls) == n_convs
     assert all(m.workspace is unet.workspace for m in unet.modules() if isinstance(m, Conv3x3))
     torch.testing.assert_close(fast, direct, rtol=1e-4, atol=1e-4 * direct.abs().max().item())
+
+
+@pytest.mark.parametrize("padding", [(0, 1), (1, 0), (0, 0)])
+@pytest.mark.parametrize("n, c_in, c_out, h, w", [(1, 5, 6, 10, 9), (2, 8, 3, 3, 14)])
+def test_winograd_with_less_padding(padding, n, c_in, c_out, h, w):
+    """Rows or columns unpadded (a band of rows that carries its own context, as sd-vae's)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, c_in, h, w, generator=g)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g)
+    bias = torch.randn(c_out, generator=g)
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=padding)
+    y = winograd.conv3x3(x, weight, bias, winograd.Workspace(), padding=padding)
+    assert y.shape == ref.shape
+    assert relative_error(y, ref) < 2e-5
+    with pytest.raises(ValueError, match="padding must be 0 or 1"):
+        winograd.conv3x3(x, weight, bias, padding=(2, 1))

@@ -173,12 +173,19 @@ class CLIPTextConfig:
         return cls(width=128, layers=2, heads=2, mlp_width=512)
 
 
+def _embedding(count: int, width: int) -> nn.Embedding:
+    """An ``nn.Embedding`` without its own initialisation (``CLIPTextModel`` initialises it):
+    on the meta device, where the loaders build the model, the first ``normal_`` imports
+    torch's compiler stack, seconds of a cold start."""
+    return nn.Embedding(count, width, _weight=torch.empty(count, width))
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.token_embedding = _embedding(config.vocab_size, config.width)
         if config.position_embedding == "learned":
-            self.position_embedding = nn.Embedding(config.max_positions, config.width)
+            self.position_embedding = _embedding(config.max_positions, config.width)
 
     def forward(self, ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         x = self.token_embedding(ids) if inputs_embeds is None else inputs_embeds
@@ -215,6 +222,11 @@ class CLIPTextModel(nn.Module):
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         # CLIP's scheme, simplified: small normal weights, zero biases (real use loads a checkpoint).
+        # Not on the meta device, where the loaders build the model: there normal_ holds no
+        # values, and runs through torch's Python reference, which imports its compiler stack.
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.is_meta:
+            return
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=module.in_features**-0.5)
             if module.bias is not None:

@@ -108,17 +108,25 @@ def transform_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> t
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            workspace: Workspace | None = None) -> torch.Tensor:  # fmt: skip
-    """``F.conv2d(x, weight, bias, padding=1)`` for a (C_out, C_in, 3, 3) weight, float32 on the
-    CPU. x: (N, C_in, H, W) in any layout; returns (N, C_out, H, W) in ``channels_last``.
+            workspace: Workspace | None = None, padding: tuple[int, int] = (1, 1),
+            ) -> torch.Tensor:  # fmt: skip
+    """``F.conv2d(x, weight, bias, padding=padding)`` for a (C_out, C_in, 3, 3) weight, float32
+    on the CPU; ``padding`` (rows, columns), each 0 or 1 (0 for rows: a band of an image that
+    carries its own row of context above and below). x: (N, C_in, H, W) in any layout; returns
+    (N, C_out, H + 2 * rows - 2, W + 2 * columns - 2) in ``channels_last``.
     The temporaries come from ``workspace`` when given: "a" (the input tiles, then the
     products), "b" (the transformed tiles), "y" (the transformed outputs) and "filters" (a
     slice of the transformed filters)."""
-    n, c_in, h, w = x.shape
+    n, c_in, h_in, w_in = x.shape
+    pad_h, pad_w = padding
+    if pad_h not in (0, 1) or pad_w not in (0, 1):
+        raise ValueError(f"padding must be 0 or 1 per side, got {padding}")
+    h, w = h_in + 2 * pad_h - 2, w_in + 2 * pad_w - 2  # the output's size
     c_out, size = weight.shape[0], x.element_size()
     tiles_h, tiles_w = -(-h // 4), -(-w // 4)
-    # Zero padding: 1 pixel all round (the convolution's), and up to whole 4x4 output tiles.
-    pixels = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 4 * tiles_w - w + 1, 1, 4 * tiles_h - h + 1))
+    # Zero padding: the convolution's, and up to whole 4x4 output tiles (6x6 input tiles).
+    right, bottom = 4 * tiles_w + 2 - w_in - pad_w, 4 * tiles_h + 2 - h_in - pad_h
+    pixels = F.pad(x.permute(0, 2, 3, 1), (0, 0, pad_w, right, pad_h, bottom))
     out = torch.empty((n, tiles_h, 4, tiles_w, 4, c_out), dtype=x.dtype)
     # A slice of output channels at a time, and in it a block of tile rows at a time, so that
     # the temporaries stay small (the module docstring).

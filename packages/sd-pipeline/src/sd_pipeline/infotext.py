@@ -40,6 +40,10 @@ def extra_fields(request: GenerationRequest) -> dict[str, str]:
         extra[CFG_RESCALE_FIELD] = f"{request.guidance_rescale:g}"
     if request.zero_terminal_snr:
         extra[NOISE_SCHEDULE_FIELD] = ZERO_SNR_LABEL
+    if request.token_merging_ratio:
+        extra["Token merging ratio"] = f"{request.token_merging_ratio:g}"  # AUTOMATIC1111's
+    if request.deepcache_interval > 1:
+        extra["DeepCache interval"] = str(request.deepcache_interval)
     if request.seed_resize_from is not None:
         extra["Seed resize from"] = "{}x{}".format(*request.seed_resize_from)
     hires = request.hires

@@ -24,6 +24,7 @@ from sd_clip import CLIPTextModel, CLIPTokenizer
 from sd_pipeline import allocator, infotext, loading, model_kind, single_file
 from sd_pipeline import lora as lora_glue
 from sd_pipeline.adapters import Adapters, without_lora_tags
+from sd_pipeline.approximate import approximate
 from sd_pipeline.conditioning import Conditioning, encode_conditioning
 from sd_pipeline.controlnet import ControlledUNet, prepare_controls
 from sd_pipeline.guidance import GuidedModel, Inpainting, NonFiniteError, StopSampling
@@ -459,6 +460,7 @@ class StableDiffusion(Tasks, Adapters, Placement):
         guided ``model(x_t, t)`` for some images."""
         spec = SAMPLERS[request.sampler]
         unet = self.unet if self._compiled_unet is None else self._compiled_unet
+        unet = approximate(self.unet, unet, request, request.seeds[rows.start])
         if start.controls:  # the step a unit acts at counts the steps that run
             run = request.steps
             if start.init_latents is not None:

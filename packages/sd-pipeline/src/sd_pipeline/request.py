@@ -181,6 +181,11 @@ class GenerationRequest:
     # in the same sampler run once refiner_switch (0..1) of the way is done
     refiner: Any = field(default=None, compare=False)
     refiner_switch: float = 0.8
+    # Approximate speed-ups, off by default (sd_pipeline.approximate): ToMe's share of the
+    # self-attention tokens merged at the first level (0 to 0.75), and DeepCache's interval
+    # (the whole UNet every N calls, its shallow branch between; 1 is off)
+    token_merging_ratio: float = 0.0
+    deepcache_interval: int = 1
 
     # derived facts
 
@@ -284,6 +289,8 @@ class GenerationRequest:
                 "output_type", f"is {self.output_type!r}; choose from: {', '.join(OUTPUT_TYPES)}"
             )
         self._check_sdxl()
+        _number("token_merging_ratio", self.token_merging_ratio, low=0.0, high=0.75, limit=False)
+        _integer("deepcache_interval", self.deepcache_interval, low=1, high=1000, limit=False)
         if self.limits:
             self._check_totals()
         return self

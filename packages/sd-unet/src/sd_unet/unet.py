@@ -280,7 +280,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
+    tome = None  # token merging's shared state, where sd_unet.tome.apply put it
+
     def forward(self, x, context):
+        if self.tome is not None:
+            from sd_unet.tome import block_forward
+
+            return block_forward(self, self.tome, x, context)
         x = self.attn1(self.norm1(x)).add_(x)
         h = self.attn2(self.norm2(x), context)
         x = h.add_(_grow(x, h.shape[0]))
@@ -590,6 +596,24 @@ class UNet(nn.Module):
         are added to the skip connections and ``mid_residual`` to the middle block's output:
         a ControlNet's guidance (diffusers' ``down_block_additional_residuals`` and
         ``mid_block_additional_residual``)."""
+        x, emb = self._embed(x, timesteps, context, y)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, context)
+            emb = _grow(emb, h.shape[0])  # once, where the batch grows (shared latents)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, context)
+        if down_residuals is not None or mid_residual is not None:
+            skips, h = self._add_residuals(skips, h, down_residuals, mid_residual, context)
+        emb = _grow(emb, h.shape[0])
+        for block in self.output_blocks:
+            h = torch.cat([h, _grow(skips.pop(), h.shape[0])], dim=1)
+            h = self._run(block, h, emb, context)
+        return _grow(self.out(h), context.shape[0])  # grown already, unless no attention
+
+    def _embed(self, x, timesteps, context, y):
+        """The inputs checked, x in the model's layout, and the time (+ label) embedding."""
         B = x.shape[0]
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
         if t.shape[0] not in (1, B):
@@ -607,21 +631,7 @@ class UNet(nn.Module):
             emb = self._add_label(emb, y, B, context.shape[0])
         if self._channels_last():
             x = x.contiguous(memory_format=torch.channels_last)
-
-        skips = []
-        h = x
-        for block in self.input_blocks:
-            h = self._run(block, h, emb, context)
-            emb = _grow(emb, h.shape[0])  # once, where the batch grows (shared latents)
-            skips.append(h)
-        h = self._run(self.middle_block, h, emb, context)
-        if down_residuals is not None or mid_residual is not None:
-            skips, h = self._add_residuals(skips, h, down_residuals, mid_residual, context)
-        emb = _grow(emb, h.shape[0])
-        for block in self.output_blocks:
-            h = torch.cat([h, _grow(skips.pop(), h.shape[0])], dim=1)
-            h = self._run(block, h, emb, context)
-        return _grow(self.out(h), context.shape[0])  # grown already, unless no attention
+        return x, emb
 
     def _add_residuals(self, skips, h, down, mid, context):
         """The skips and the middle block's output plus a ControlNet's residuals (new tensors:

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sd_vae import _winograd, banded
+from sd_vae.banded import layout as _layout
+
 logger = logging.getLogger(__name__)
 
 
@@ -88,12 +91,6 @@ class Upsample(nn.Module):
             for c, taps in enumerate(_phase_taps(rows, dim=3)):
                 kernel[:, :, 1 - a :: 2, 1 - c :: 2] = taps.flip(2, 3).transpose(0, 1)
         return kernel.contiguous(memory_format=_run_layout(w))
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """The memory format ``x`` is in: channels_last (the CPU's fast layout) or contiguous."""
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _run_layout(weight: torch.Tensor) -> torch.memory_format:
@@ -173,7 +170,13 @@ class Level(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Image (B, 3, H, W) -> posterior moments (B, 2 * latent_channels, H / f, W / f)."""
+    """Image (B, 3, H, W) -> posterior moments (B, 2 * latent_channels, H / f, W / f).
+
+    ``winograd``: ``forward_banded`` computes the wide 3x3 convolutions by Winograd's
+    F(4x4, 3x3) in float32 on the CPU (banded.py); ``Encoder.winograd = False`` turns it off.
+    """
+
+    winograd: bool = True
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
@@ -201,21 +204,25 @@ class Encoder(nn.Module):
         """``forward`` with less memory, for inference: the same numbers up to rounding. The
         ResNet blocks and the downsampling run a band of rows at a time, as in
         ``Decoder.forward_banded``."""
+        workspace = _winograd.Workspace() if self.winograd else None
         x = self.conv_in(x)
         for level in self.down:
             for block in level.block:
-                x = _banded_resnet_block(block, x, band_bytes)
+                x = banded.resnet_block(block, x, band_bytes, workspace)
             if hasattr(level, "downsample"):
-                x = _banded_downsample(level.downsample, x, band_bytes)
-        return _banded_norm_silu_conv(self.norm_out, self.conv_out, self.mid(x), band_bytes)
+                x = banded.downsample(level.downsample, x, band_bytes)
+        x = _banded_mid(self.mid, x, band_bytes, workspace)
+        return banded.norm_silu_conv(self.norm_out, self.conv_out, x, band_bytes)
 
 
 class Decoder(nn.Module):
     """Latents (B, latent_channels, h, w) -> image (B, 3, h * f, w * f).
 
     ``up`` is indexed by resolution as in CompVis: ``up[0]`` is the full-resolution level and
-    runs last.
+    runs last. ``winograd``: as the encoder's, for ``forward_banded``.
     """
+
+    winograd: bool = True
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
@@ -248,117 +255,20 @@ class Decoder(nn.Module):
         full-size result, or added into the block's input for the residual. A ResNet block
         then holds its input and one other full-size tensor, not four.
         """
-        x = self.mid(self.conv_in(z))
+        workspace = _winograd.Workspace() if self.winograd else None
+        x = _banded_mid(self.mid, self.conv_in(z), band_bytes, workspace)
         for level in reversed(self.up):
             for block in level.block:
-                x = _banded_resnet_block(block, x, band_bytes)
+                x = banded.resnet_block(block, x, band_bytes, workspace)
             if hasattr(level, "upsample"):
                 x = level.upsample(x)  # holds its input and output only
-        return _banded_norm_silu_conv(self.norm_out, self.conv_out, x, band_bytes)
+        return banded.norm_silu_conv(self.norm_out, self.conv_out, x, band_bytes)
 
 
-# Banded inference (Encoder.forward_banded, Decoder.forward_banded). Every step writes its band of
-# output rows only after it has read its band of input rows, so a step may write into its input.
-
-
-def _banded_resnet_block(block: ResnetBlock, x: torch.Tensor, band_bytes: int) -> torch.Tensor:
-    """``block(x)``, holding ``x`` and one other full-size tensor; ``x`` is overwritten when
-    the channels stay the same."""
-    h = _banded_norm_silu_conv(block.norm1, block.conv1, x, band_bytes)
-    if not hasattr(block, "nin_shortcut"):
-        return _banded_norm_silu_conv(block.norm2, block.conv2, h, band_bytes, out=x,
-                                      residual=lambda r0, r1: x[:, :, r0:r1])  # fmt: skip
-    # the channels change: conv2's output and the shortcut's 1x1 conv of x go into h itself
-    shortcut = block.nin_shortcut
-    return _banded_norm_silu_conv(block.norm2, block.conv2, h, band_bytes, out=h,
-                                  residual=lambda r0, r1: shortcut(x[:, :, r0:r1]))  # fmt: skip
-
-
-def _banded_norm_silu_conv(
-    norm: nn.GroupNorm,
-    conv: nn.Conv2d,
-    x: torch.Tensor,
-    band_bytes: int,
-    out: torch.Tensor | None = None,
-    residual: Callable[[int, int], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """``conv(silu(norm(x))) [+ residual]`` (a 3x3 conv, padding 1), band by band, into
-    ``out`` (new if not given).
-
-    ``residual(r0, r1)`` gives rows ``r0 .. r1 - 1`` of what is added. ``out`` may be ``x``
-    itself: a band is written after the rows it reads are in the buffer, and the one row the
-    next band needs from above is kept aside.
-    """
-    B, C, H, W = x.shape
-    rows = max(1, band_bytes // (B * C * W * x.element_size()))
-    scale, shift = _group_norm_affine(norm, x, rows)
-    if out is None:
-        out = _empty(x, conv.out_channels, H, W)
-    buffer = _empty(x, C, rows + 3, W)  # a band, a row of context each side, one spare
-    above = buffer[:, :, -1]  # the normalised row just above the current band
-    above.zero_()  # zero padding at the top edge
-    for r0, r1 in _bands(H, rows):
-        n, below = r1 - r0, int(r1 < H)
-        band = buffer[:, :, : n + 2]
-        inner = band[:, :, 1 : n + 1 + below]
-        torch.addcmul(shift, x[:, :, r0 : r1 + below], scale, out=inner)
-        F.silu(inner, inplace=True)
-        band[:, :, 0] = above
-        if not below:
-            band[:, :, n + 1] = 0  # zero padding at the bottom edge
-        above.copy_(band[:, :, n])
-        y = F.conv2d(band, conv.weight, conv.bias, padding=(0, 1))
-        if residual is not None:
-            y += residual(r0, r1)
-        out[:, :, r0:r1] = y
-    return out
-
-
-def _banded_downsample(down: Downsample, x: torch.Tensor, band_bytes: int) -> torch.Tensor:
-    """``down(x)`` a band of output rows at a time: output row o reads rows 2o .. 2o + 2 of the
-    input padded by one zero row and column at the bottom and right."""
-    B, C, H, W = x.shape
-    height, width = (H - 2) // 2 + 1, (W - 2) // 2 + 1
-    out = _empty(x, down.conv.out_channels, height, width)
-    rows = max(1, band_bytes // (2 * B * C * W * x.element_size()))  # 2 input rows per output
-    for o0, o1 in _bands(height, rows):
-        r0, r1 = 2 * o0, 2 * o1 + 1
-        out[:, :, o0:o1] = down.conv(F.pad(x[:, :, r0:r1], (0, 1, 0, max(0, r1 - H))))
-    return out
-
-
-def _group_norm_affine(
-    norm: nn.GroupNorm, x: torch.Tensor, rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``scale`` and ``shift`` of shape (B, C, 1, 1) with ``norm(x) == x * scale + shift``.
-
-    Two passes over ``x`` in float32 at least: the group means, then the mean squared deviation
-    from them, ``rows`` rows at a time (as stable as GroupNorm's own statistics, no full-size
-    temporary, and several times faster than ``var_mean`` over channels_last groups).
-    """
-    _, C, H, W = x.shape
-    G = norm.num_groups
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    mean = x.mean((2, 3), dtype=dtype).unflatten(1, (G, C // G)).mean(2)  # (B, G)
-    centre = mean.repeat_interleave(C // G, dim=1)[..., None, None]  # (B, C, 1, 1)
-    squares = sum((x[:, :, r0:r1] - centre).square_().sum((2, 3)) for r0, r1 in _bands(H, rows))
-    var = squares.unflatten(1, (G, C // G)).sum(2) / (H * W * (C // G))  # (B, G)
-    rstd = torch.rsqrt(var + norm.eps).repeat_interleave(C // G, dim=1)  # (B, C)
-    scale = rstd * norm.weight.to(dtype)
-    shift = norm.bias.to(dtype) - centre[..., 0, 0] * scale
-    return scale[..., None, None].to(x.dtype), shift[..., None, None].to(x.dtype)
-
-
-def _bands(size: int, rows: int) -> list[tuple[int, int]]:
-    """``[start, end)`` row ranges of at most ``rows`` rows covering ``0 .. size``."""
-    return [(r, min(r + rows, size)) for r in range(0, size, max(rows, 1))]
-
-
-def _empty(like: torch.Tensor, channels: int, height: int, width: int) -> torch.Tensor:
-    """An uninitialised (batch, channels, height, width) tensor in ``like``'s dtype, device and
-    layout."""
-    shape = (like.shape[0], channels, height, width)
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_layout(like))
+def _banded_mid(mid: MidBlock, x: torch.Tensor, band_bytes: int, workspace) -> torch.Tensor:
+    """``mid(x)`` with its ResNet blocks banded (``x`` may be overwritten)."""
+    x = banded.resnet_block(mid.block_1, x, band_bytes, workspace)
+    return banded.resnet_block(mid.block_2, mid.attn_1(x), band_bytes, workspace)
 
 
 class DiagonalGaussianDistribution:
