@@ -84,11 +84,13 @@ def preview_tensor(
     decoder: torch.nn.Module | None = None,
     vae: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """Preview images (B, 3, H, W) in [-1, 1] on the CPU from scaled latents:
-    :func:`cheap_preview`; with ``decoder`` (a TAESD ``sd_vae.TinyDecoder``) the tiny
-    autoencoder's pictures at full size; with ``vae`` (an ``sd_vae.AutoencoderKL``, whose
-    ``decode`` takes unscaled latents) the real decode."""
-    if decoder is None and vae is None:
+    """Preview images (B, 3, H, W) in [-1, 1] on the CPU from scaled latents: with ``decoder``
+    (a TAESD ``sd_vae.TinyDecoder``) the tiny autoencoder's pictures at full size; with ``vae``
+    (the model's ``sd_vae.AutoencoderKL``) the cheap table of its latent space, or where
+    :func:`latent_space` finds none its own decode; else :func:`cheap_preview` in ``space``."""
+    if decoder is None and vae is not None:
+        space = latent_space(vae) or ""
+    if decoder is None and space:
         return cheap_preview(latents, space)
     weight = next((decoder or vae).parameters())
     latents = latents.to(weight.device, weight.dtype)
@@ -101,10 +103,8 @@ def preview_tensor(
 
 
 def model_preview(latents: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
-    """:func:`preview_tensor` as fits a model with this ``vae``: the cheap table of its latent
-    space, or (:func:`latent_space` finds none) its own decode."""
-    space = latent_space(vae)
-    return preview_tensor(latents, space) if space else preview_tensor(latents, vae=vae)
+    """The preview that fits a model with this ``vae`` (:func:`preview_tensor`'s choice)."""
+    return preview_tensor(latents, vae=vae)
 
 
 def latent_preview(
