@@ -8,8 +8,9 @@ Goals (issue 19): merging a rank-128 LoRA takes under a second per 100 layers on
 unmerged (attached) LoRA adds under 10% to a UNet step. A UNet with random SD 1.5 weights and a
 kohya LoRA on the layers kohya trains by default (attention, feed-forward and the 1x1
 projections of each SpatialTransformer; with --conv also the ResBlocks' 3x3 convolutions) are
-made in memory. One process; the step variants (plain, merged, attached) alternate round by
-round, so that whatever else the machine does weighs on each alike: compare the ratios.
+made in memory. One process; the merge's two ways (in place, then with a kept copy: sd-lora's
+``merge(in_place=)``) and the step variants (plain, merged, attached) alternate round by round,
+so that whatever else the machine does weighs on each alike: compare the ratios.
 """
 
 from __future__ import annotations
@@ -116,20 +117,35 @@ def main(argv=None):
 
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     floor = arithmetic_floor(lora, unet)
-    merges, unmerges, cpu, floors = [], [], [], []
+    modes = {"kept copy": False, "in place": True}
+    merges = {mode: [] for mode in modes}
+    unmerges = {mode: [] for mode in modes}
+    cpu, floors, exact, drift = [], [], None, 0.0
     for _ in range(opts.merges):  # alternating with the floor: the same load weighs on both
-        start = time.process_time()
-        merges.append(timed(lambda: lora.merge(unet), device))
-        cpu.append(time.process_time() - start)
-        unmerges.append(timed(lambda: lora.unmerge(unet), device))
+        for mode, in_place in modes.items():
+            start = time.process_time()
+            merges[mode].append(timed(lambda m=in_place: lora.merge(unet, in_place=m), device))
+            cpu.append(time.process_time() - start)
+            unmerges[mode].append(timed(lambda: lora.unmerge(unet), device))
+            after = unet.state_dict()
+            if in_place:  # back to float32 rounding: how far, relative to each tensor's scale
+                drift = max(drift, *((after[k] - v).abs().max().item() / v.abs().max().item()
+                                     for k, v in before.items()))  # fmt: skip
+            elif exact is None:  # the first cycle, before any in-place merge
+                exact = all(torch.equal(after[k], v) for k, v in before.items())
         floors.append(timed(floor, device))
-    merge, unmerge = statistics.median(merges), statistics.median(unmerges)
-    print(f"merge {merge:.3f} s ({merge / layers * 100:.3f} s per 100 layers; goal < 1; "
-          f"first {merges[0]:.3f} s; CPU time {statistics.median(cpu):.3f} s), "
-          f"unmerge {unmerge:.4f} s, {layers} layers")  # fmt: skip
+    for mode in modes:
+        merge, unmerge = statistics.median(merges[mode]), statistics.median(unmerges[mode])
+        first = merges[mode][0]
+        print(f"merge ({mode}) {merge:.3f} s ({merge / layers * 100:.3f} s per 100 layers; goal "
+              f"< 1; first {first:.3f} s, {first / layers * 100:.3f} s per 100 layers), "
+              f"unmerge {unmerge:.4f} s, {layers} layers")  # fmt: skip
     print(f"the merge's arithmetic alone (each layer's addmm into memory written before): "
-          f"{statistics.median(floors):.3f} s; merge / that: "
-          f"{statistics.median(m / f for m, f in zip(merges, floors)):.2f}")  # fmt: skip
+          f"{statistics.median(floors):.3f} s; merge / that: in place "
+          f"{statistics.median(m / f for m, f in zip(merges['in place'], floors)):.2f}, kept copy "
+          f"{statistics.median(m / f for m, f in zip(merges['kept copy'], floors)):.2f}; CPU time "
+          f"of a merge {statistics.median(cpu):.3f} s")  # fmt: skip
+    merge = statistics.median(merges["in place"])
     # The merge is matrix products (rank x out x in multiply-adds a layer): beside it, one
     # product of as many FLOPs, to tell the merge's overhead from a busy or slow machine
     flops = sum(2 * layer.rank * layer.tensors["lora_up.weight"].shape[0]
@@ -143,8 +159,8 @@ def main(argv=None):
         f"product here now: {peak / 1e9:.1f} GFLOP/s (the merge at {flops / merge / peak:.0%})"
     )
     del a
-    exact = all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
-    print(f"after unmerge the weights equal the originals bit for bit: {exact}")
+    print(f"after a kept-copy unmerge the weights equal the originals bit for bit: {exact}; "
+          f"after an in-place one, to {drift:.1e} of each tensor's largest value")  # fmt: skip
     del before
     if opts.rounds == 0:
         return

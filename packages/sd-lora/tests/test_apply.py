@@ -115,6 +115,109 @@ def test_round_trip_bit_exact_in_half_precision_and_channels_last():
     _equal(_state(model), before)
 
 
+def _close_to_rounding(after: dict, before: dict, lora: LoRA, weight: float, ops: int = 2):
+    """``after`` equals ``before`` to float32 rounding, ``ops`` in-place merges and unmerges of
+    ``lora`` at |weight| at most later: each adds an update of rank r, ``W + a * up @ down``, a
+    matrix product whose rounding is bounded by (r + 2) ulps of ``|W| + |a| |up| @ |down|``
+    (the product's terms, which can be larger than the update they sum to)."""
+    eps = torch.finfo(torch.float32).eps
+    adapted = set()
+    for layer in lora.layers.values():
+        key = next(k for k in before if k.replace(".", "_") == f"{layer.path}_weight")
+        up, down = (layer.tensors[f"lora_{n}.weight"].float().flatten(1) for n in ("up", "down"))
+        terms = before[key].abs() + (abs(weight) * layer.scale * (up.abs() @ down.abs())).reshape(
+            before[key].shape
+        )
+        assert ((after[key] - before[key]).abs() <= ops * (layer.rank + 2) * eps * terms).all()
+        adapted.add(key)
+    for k in before.keys() - adapted:
+        assert torch.equal(after[k], before[k]), k  # what it does not adapt: untouched
+
+
+@pytest.mark.parametrize("kind", ["unet", "te"])
+@pytest.mark.parametrize("weight", [1.0, -0.6, 2.5])
+def test_in_place_merge_and_unmerge(kind, weight):
+    """in_place=True: the update added into the weights' own memory (equal to LyCORIS' delta),
+    and unmerge gives the originals back to float32 rounding, still in the same memory."""
+    model = _model(kind)
+    if kind == "unet":  # a 3x3 LoCon conv in channels_last takes the general path
+        model = model.to(memory_format=torch.channels_last)
+    lora = _lora(model, kind)
+    expected = _expected(lora, model, {lora: weight})
+    before = _state(model)
+    pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    lora.merge(model, weight, in_place=True)
+    merged = _state(model)
+    for path, w in _weights(model).items():
+        torch.testing.assert_close(w, expected[path], rtol=1e-5, atol=1e-5)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == pointers
+    assert [(lo, w, how) for lo, w, how in applied(model)] == [(lora, weight, "merged")]
+    lora.unmerge(model)
+    _close_to_rounding(_state(model), before, lora, weight)
+    assert not any(
+        torch.equal(merged[f"{k}.weight"], before[f"{k}.weight"]) for k in _weights(model)
+    )
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == pointers
+    assert applied(model) == []
+
+
+def test_in_place_under_and_over_kept_copy_merges():
+    """An in-place LoRA is the base a kept-copy one starts from: unmerging either leaves the
+    other as if merged alone; the kept-copy one's unmerge is still bit for bit."""
+    model = _model("unet")
+    a, b = _lora(model, "unet", seed=1), _lora(model, "unet", seed=2, rank=2, alpha=1.0)
+    before = _state(model)
+    a.merge(model, 0.8, in_place=True)
+    after_a = _state(model)
+    b.merge(model, -0.3)
+    both = _expected(a, randomize(TinyUNet()), {a: 0.8, b: -0.3})
+    for path, w in _weights(model).items():
+        torch.testing.assert_close(w, both[path], rtol=1e-5, atol=1e-5)
+    b.unmerge(model)
+    _equal(_state(model), after_a)
+    b.merge(model, -0.3)
+    a.unmerge(model)  # subtracted from the kept original, then b merged again on it
+    only_b = _expected(b, randomize(TinyUNet()), {b: -0.3})
+    for path, w in _weights(model).items():
+        torch.testing.assert_close(w, only_b[path], rtol=1e-5, atol=1e-5)
+    a.merge(model, 0.5, in_place=True)
+    a.merge(model, 0.25, in_place=True)  # again: the weight changes
+    remove_all(model)
+    _close_to_rounding(_state(model), before, a, 0.8, ops=6)
+
+
+def test_in_place_refuses_what_subtracting_cannot_undo():
+    half = _model("te").half()
+    before = _state(half)
+    with pytest.raises(LoRAError, match="in-place merge needs float32 weights"):
+        _lora(half, "te").merge(half, in_place=True)
+    _equal(_state(half), before)
+    model = _model("te")
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    dora = kohya_lora({"text_model.encoder.layers.0.self_attn.q_proj": adaptable(model)[
+        "text_model.encoder.layers.0.self_attn.q_proj"]}, "lora_te_")  # fmt: skip
+    dora[f"{key}.dora_scale"] = torch.rand(1, 12) + 0.5
+    with pytest.raises(LoRAError, match="DoRA layer scales the weight"):
+        LoRA.from_state_dict(dora).merge(model, in_place=True)
+
+
+def test_in_place_merge_that_does_not_fit_is_taken_out_again():
+    """A layer of another model's shape, after others were added: those are subtracted again
+    and the error names the layer."""
+    model = _model("te")
+    state = kohya_lora(adaptable(model), "lora_te_")
+    last = "lora_te_text_model_encoder_layers_1_mlp_fc2"
+    state[f"{last}.lora_down.weight"] = torch.randn(4, 40)  # fc2 takes 48 features
+    state = {k: state[k] for k in sorted(state, key=lambda k: k.startswith(last))}  # it last
+    before = _state(model)
+    lora = LoRA.from_state_dict(state)
+    with pytest.raises(LoRAError, match=last):
+        lora.merge(model, 2.0, in_place=True)
+    del lora.layers[last]  # (its update was never added)
+    _close_to_rounding(_state(model), before, lora, 2.0)
+    assert applied(model) == []
+
+
 def test_half_precision_merge_computes_in_float32():
     """An update whose factors' product overflows float16 (but not once scaled by alpha /
     rank) merges to finite weights, equal to the float32 computation rounded once."""

@@ -57,6 +57,23 @@ def test_load_and_unload_lora(pipe, tmp_path):
     assert torch.equal(pipe.txt2img("x", **FAST), plain)
 
 
+def test_load_lora_in_place_equals_the_kept_copy_merge(pipe, tmp_path):
+    """in_place=True: the same images as the kept-copy merge (the same sums, rounded alike),
+    the weights in their own memory throughout, and back to float32 rounding on unload."""
+    path = _compvis_lora(tmp_path / "style.safetensors", pipe)
+    pipe.load_lora(path, weight=0.8, text_encoder_weight=0.5)
+    copied = pipe.txt2img("x", **FAST)
+    pipe.unload_loras()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pointers = {k: v.data_ptr() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora(path, weight=0.8, text_encoder_weight=0.5, in_place=True)
+    assert {k: v.data_ptr() for k, v in pipe.unet.state_dict().items()} == pointers
+    torch.testing.assert_close(pipe.txt2img("x", **FAST), copied, rtol=1e-5, atol=1e-5)
+    pipe.unload_loras()
+    for k, v in pipe.unet.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=1e-6, atol=1e-6)
+
+
 def test_prompt_tags_merge_for_the_run_only(pipe, tmp_path):
     folder = tmp_path / "loras"
     folder.mkdir()

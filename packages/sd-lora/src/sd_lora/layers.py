@@ -184,6 +184,31 @@ class Layer:
         new = weight.float() + self.delta(weight) * multiplier
         return _layout(new.to(weight.dtype), weight)
 
+    @property
+    def additive(self) -> bool:
+        """Whether its update is the same whatever the weight, so that subtracting it undoes
+        it: all but IA3's and DoRA's, which scale the weight."""
+        return self.kind != "ia3" and "dora_scale" not in self.tensors
+
+    def add_to(self, weight: torch.Tensor, multiplier: float,
+               scratch: Scratch | None = None) -> None:  # fmt: skip
+        """``weight += multiplier * update`` in the weight's own memory, for a float32 weight
+        and an ``additive`` layer: no second copy of the weight and no fresh memory (a plain
+        LoRA's is one ``addmm_``). A negative ``multiplier`` takes it out again, to float32
+        rounding."""
+        t = self.tensors
+        if self.kind == "lora" and "lora_mid.weight" not in t:
+            scratch = scratch or Scratch()
+            up = scratch.float32(t["lora_up.weight"], weight.device, 0).flatten(1)
+            down = scratch.float32(t["lora_down.weight"], weight.device, 1).flatten(1)
+            rows = weight.shape[0]
+            fits = up.shape == (rows, down.shape[0]) and rows * down.shape[1] == weight.numel()
+            target = _rows(weight, rows) if fits else None
+            if target is not None:
+                target.addmm_(up, down, alpha=self.scale * multiplier)
+                return
+        weight.add_(self.delta(weight), alpha=multiplier)  # (delta names a shape that misfits)
+
     def delta(self, weight: torch.Tensor) -> torch.Tensor:
         """The float32 update of ``weight`` at multiplier 1 (scale, and DoRA, applied)."""
         if self.kind == "ia3":

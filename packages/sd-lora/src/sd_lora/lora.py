@@ -12,6 +12,12 @@ parameter instead of changing the old one in place), so ``unmerge`` restores the
 the model had. Several LoRAs may be merged or attached at once, each with its own weight;
 unmerging one of several restores the originals and merges the others again, so the result
 never depends on the order of unmerges.
+
+``merge(..., in_place=True)`` is the other way (diffusers' ``fuse_lora``): the update is added
+into the weights' own memory and ``unmerge`` subtracts it again in float32. No second copy of
+the adapted weights, and no fresh memory to fault in (on a CPU that costs as much as the
+merge's arithmetic), for an unmerge equal to the originals to float32 rounding instead of bit
+for bit. The weights merged in place are the base the kept-copy merges start from.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ class _State:
     originals: dict[tuple[int, str], tuple[nn.Parameter, torch.Tensor]] = field(
         default_factory=dict
     )
-    merged: list[tuple[LoRA, float]] = field(default_factory=list)
+    merged: list[tuple[LoRA, float]] = field(default_factory=list)  # in the order merged
+    in_place: set[int] = field(default_factory=set)  # ids of the merged LoRAs added in place
     attached: dict[int, tuple[LoRA, float, list]] = field(default_factory=dict)
     # merged weights taken out again, kept for the next merge to write into: their memory is
     # touched already, where a fresh tensor's first write page-faults (as slow as the merge's
@@ -220,31 +227,48 @@ class LoRA:
             )
         return pairs
 
-    def merge(self, module: nn.Module, weight: float = 1.0) -> None:
+    def merge(self, module: nn.Module, weight: float = 1.0, *, in_place: bool = False) -> None:
         """Add its update, times ``weight``, to the weights of ``module`` (a UNet or a text
         encoder). Computed in float32 and rounded once into the weights' dtype. Merging a LoRA
-        that is already merged changes its weight."""
+        that is already merged changes its weight.
+
+        ``in_place=True``: added into the weights' own memory, for ``unmerge`` to subtract
+        again (the module docstring); float32 weights only, and not IA3 or DoRA layers (they
+        scale the weight: subtracting would not undo them). Anything else holding those
+        tensors (a ``state_dict()`` taken before) sees the change."""
         weight = _check_weight(weight)
         state = _state(module)
         if any(lora is self for lora, _ in state.merged):
-            state.merged = [(lo, weight if lo is self else w) for lo, w in state.merged]
-            _rebuild(module, state)
-            return
+            if not in_place and id(self) not in state.in_place:  # rebuilt: bit for bit
+                state.merged = [(lo, weight if lo is self else w) for lo, w in state.merged]
+                _rebuild(module, state)
+                return
+            self.unmerge(module)  # out at its old weight, in again below
         pairs = self.targets(module)  # every check first: a bad LoRA changes nothing
         if not pairs:  # e.g. a UNet-only LoRA given the text encoder: nothing of it is here
             logger.debug("%s: no layers for this %s", self.name, type(module).__name__)
             return
-        _merge(pairs, weight, state)
+        if in_place:
+            _add_in_place(module, pairs, weight, state)
+            state.in_place.add(id(self))
+        else:
+            _merge(pairs, weight, state)
         state.merged.append((self, weight))
 
     def unmerge(self, module: nn.Module) -> None:
         """Take it out of the weights of ``module``: the weights it changed are the original
-        tensors again (bit for bit), with any other merged LoRA merged again."""
+        tensors again (bit for bit), with any other merged LoRA merged again. One merged
+        ``in_place`` is subtracted: the weights equal the originals to float32 rounding."""
         state = _state(module)
         if not any(lora is self for lora, _ in state.merged):
             raise LoRAError(f"{self.name}: not merged into this {type(module).__name__}")
+        weight = next(w for lo, w in state.merged if lo is self)
         state.merged = [(lo, w) for lo, w in state.merged if lo is not self]
-        _rebuild(module, state)
+        if id(self) in state.in_place:
+            state.in_place.discard(id(self))
+            _add_in_place(module, self.targets(module), -weight, state)
+        else:
+            _rebuild(module, state)
 
     def attach(self, module: nn.Module, weight: float = 1.0) -> None:
         """Apply it on the fly: forward hooks add its output to each adapted layer's, the
@@ -284,6 +308,9 @@ def remove_all(module: nn.Module) -> None:
         return
     for lora, _, _ in list(state.attached.values()):
         lora.detach(module)
+    for lora, _ in reversed(state.merged):
+        if id(lora) in state.in_place:
+            lora.unmerge(module)
     state.merged = []
     _rebuild(module, state)
     state.spare.clear()
@@ -330,7 +357,52 @@ def _rebuild(root: nn.Module, state: _State) -> None:
         param.data = original if same else original.to(param.device, param.dtype)
     state.originals.clear()
     for lora, weight in state.merged:
-        _merge(lora.targets(root), weight, state)
+        if id(lora) not in state.in_place:  # those are in the originals already
+            _merge(lora.targets(root), weight, state)
+
+
+@torch.no_grad()
+def _add_in_place(root: nn.Module, pairs: list[tuple[Layer, nn.Module]], weight: float,
+                  state: _State) -> None:  # fmt: skip
+    """Each layer's update times ``weight`` added into its weights' memory (a negative weight
+    takes it out). Where a kept-copy merge is on top, the update goes into the kept original
+    and the kept-copy merges are made again on it. A layer that does not fit (a LoRA of
+    another model) raises after the ones before it are taken out again."""
+    for layer, target in pairs:  # what can be checked without arithmetic, before any change
+        tensors = [target.weight] + ([target.bias] if layer.bias_delta() is not None else [])
+        if any(t is None or t.dtype != torch.float32 for t in tensors):
+            dtype = target.weight.dtype
+            raise LoRAError(
+                f"{layer.name}: an in-place merge needs float32 weights (subtracting the update "
+                f"from {dtype} ones would not give them back); merge it without in_place"
+            )
+        if not layer.additive:
+            raise LoRAError(
+                f"{layer.name}: an {'IA3' if layer.kind == 'ia3' else 'DoRA'} layer scales the "
+                "weight, so subtracting cannot undo it; merge it without in_place"
+            )
+
+    def base(param: nn.Parameter) -> torch.Tensor:
+        kept = state.originals.get(id(param))
+        return param.data if kept is None else kept[1]
+
+    def add(layer: Layer, target: nn.Module, w: float) -> None:
+        layer.add_to(base(target.weight), w, scratch)
+        bias = layer.bias_delta()
+        if bias is not None:
+            base(target.bias).add_(bias.to(target.bias.device), alpha=w)
+
+    done, scratch = [], Scratch()
+    try:
+        for layer, target in pairs:
+            add(layer, target, weight)
+            done.append((layer, target))
+    except (LoRAError, RuntimeError):
+        for layer, target in reversed(done):
+            add(layer, target, -weight)
+        raise
+    if any(id(target.weight) in state.originals for _, target in pairs):
+        _rebuild(root, state)
 
 
 # ---------------------------------------------------------------------------------------------

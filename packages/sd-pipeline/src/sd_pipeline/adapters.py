@@ -44,19 +44,27 @@ class Adapters:
         path: str | os.PathLike,
         weight: float = 1.0,
         text_encoder_weight: float | None = None,
+        *,
+        in_place: bool = False,
     ):
         """Merge a LoRA / LyCORIS file (kohya, AUTOMATIC1111, diffusers/PEFT layouts) into the
         UNet (at ``weight``) and the text encoder (at ``text_encoder_weight``, default
-        ``weight``) until :meth:`unload_loras`; returns the ``sd_lora.LoRA``. Several stack."""
+        ``weight``) until :meth:`unload_loras`; returns the ``sd_lora.LoRA``. Several stack.
+        ``in_place=True`` (float32 models): added into the weights' memory and subtracted
+        again on unload, as diffusers' ``fuse_lora``: no second copy of the adapted weights,
+        the originals back to float32 rounding instead of bit for bit."""
         from sd_lora import LoRA
 
         lora = LoRA.from_file(path)
-        lora_glue.apply_loras(self.unet, self._encoders, [(lora, weight, text_encoder_weight)])
+        lora_glue.apply_loras(
+            self.unet, self._encoders, [(lora, weight, text_encoder_weight)], in_place=in_place
+        )
         self._loras.append((Path(path).stem, lora_glue.lora_hash(path)))
         return lora
 
     def unload_loras(self) -> None:
-        """Take every LoRA out again: the original weights, bit for bit."""
+        """Take every LoRA out again: the original weights, bit for bit (to float32 rounding
+        for those loaded ``in_place``)."""
         lora_glue.remove_loras(self.unet, self._encoders)
         self._loras.clear()
 

@@ -49,9 +49,11 @@ def apply_loras(
     loras: Iterable[tuple[LoRA, float, float | None]],
     *,
     merge: bool = True,
+    in_place: bool = False,
 ) -> None:
     """Apply each (LoRA, UNet weight, text encoder weight) to the part(s) it adapts: merged
-    into the weights, or with ``merge=False`` attached as forward hooks (weights untouched).
+    into the weights (``in_place``: added into their memory, sd-lora's ``merge(in_place=)``),
+    or with ``merge=False`` attached as forward hooks (weights untouched).
     A text encoder weight of None means the UNet weight. ``text_encoder``: the model's one, or
     SDXL's (CLIP-L, bigG), each taking its own layers (sd-lora's ``names.sdxl_part``). All or
     nothing: when one does not fit, those this call applied are removed again before the
@@ -66,7 +68,10 @@ def apply_loras(
                 # (an SDXL LoRA's te1/te2 layers go to every part, which picks its own, or
                 # refuses it by name on an SD 1.x/2.x model)
                 if component in lora.components() or not lora.components() <= {"unet", "te"}:
-                    (lora.merge if merge else lora.attach)(module, weight)
+                    if merge:
+                        lora.merge(module, weight, in_place=in_place)
+                    else:
+                        lora.attach(module, weight)
                     done.append((lora, module))
     except Exception:
         for lora, module in reversed(done):
@@ -80,7 +85,8 @@ def remove_loras(
     loras: Sequence[LoRA] | None = None,
 ) -> None:
     """Take the given LoRAs (all, without ``loras``) out of the models, merged or attached:
-    once none is left the weights are the originals, bit for bit."""
+    once none is left the weights are the originals, bit for bit (to float32 rounding where
+    one was merged in place)."""
     for module in (unet, *_encoders(text_encoder)):
         if loras is None:
             remove_all(module)
