@@ -5,10 +5,13 @@ and added conditioning, as one classifier-free-guided image or a batch of two.
     python benchmarks/sdxl_unet.py                     full size: 2.6 B parameters, ~10 GB a side
     python benchmarks/sdxl_unet.py --rounds 5 --threads 16
     python benchmarks/sdxl_unet.py --small             the tiny SDXL-shaped UNet: a smoke check
+    python benchmarks/sdxl_unet.py --one-at-a-time     one side's process after the other's
 
 Each side runs in its own worker process, so that its peak memory (the process's maximum
 resident set) is its own; the main process alternates the rounds between them, so that the
-machine's other load weighs on both alike. ``--mode guided`` (the default) is how the pipelines
+machine's other load weighs on both alike. That holds both models at once (~20 GB at full size);
+``--one-at-a-time`` runs one side's warm-up and rounds, ends its process, then the other's, for
+a machine with room for one (then only an idle machine gives a fair ratio). ``--mode guided`` (the default) is how the pipelines
 call it for one image: diffusers gets the latents twice (batch 2), ours once with the two
 context rows (sd-unet's shared latents); ``--mode batch`` gives both a batch of two latents.
 
@@ -146,12 +149,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mode", choices=["guided", "batch"], default="guided")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="each side's rounds in turn, one model in memory at a time")  # fmt: skip
     args = parser.parse_args()
     opts = dict(small=args.small, latent=args.latent or (32 if args.small else 128),
                 threads=args.threads, mode=args.mode)  # fmt: skip
     ctx = mp.get_context("spawn")
     sides, outputs = {}, {}
-    for side in ("ours", "diffusers"):  # one at a time: loading is the memory-hungry part
+    times = {side: [] for side in ("ours", "diffusers")}
+    memory = {}
+
+    def rounds(which):
+        for _ in range(args.rounds):
+            for side in which:
+                sides[side][1].send("step")
+                times[side].append(sides[side][1].recv())
+
+    def stop(side):
+        process, conn = sides[side]
+        conn.send("stop")
+        memory[side] = conn.recv()
+        process.join()
+
+    for side in times:  # one at a time: loading is the memory-hungry part
         here, there = ctx.Pipe()
         process = ctx.Process(target=worker, args=(side, opts, there))
         process.start()
@@ -159,22 +179,20 @@ def main() -> None:
         status, outputs[side] = here.recv()
         assert status == "ready"
         sides[side] = (process, here)
+        if args.one_at_a_time:
+            rounds([side])
+            stop(side)
+    if not args.one_at_a_time:
+        rounds(list(sides))
+        for side in sides:
+            stop(side)
     ours, theirs = outputs["ours"], outputs["diffusers"]
     same = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-    times = {side: [] for side in sides}
-    for _ in range(args.rounds):
-        for side, (_, conn) in sides.items():
-            conn.send("step")
-            times[side].append(conn.recv())
-    memory = {}
-    for side, (process, conn) in sides.items():
-        conn.send("stop")
-        memory[side] = conn.recv()
-        process.join()
     size = opts["latent"] * 8
     print(f"SDXL UNet ({'tiny' if args.small else 'full size'}) at {size}x{size} "
           f"({opts['latent']}^2 latents), {args.mode}, float32, {args.threads} threads, "
-          f"{args.rounds} alternated rounds; outputs differ by {same:.1e} (relative)")  # fmt: skip
+          f"{args.rounds} {'rounds a side in turn' if args.one_at_a_time else 'alternated rounds'}"
+          f"; outputs differ by {same:.1e} (relative)")  # fmt: skip
     for side, ts in times.items():
         loaded, stepping, peak = memory[side]
         spread = f"{min(ts):.3f}-{max(ts):.3f}"

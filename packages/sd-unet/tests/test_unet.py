@@ -2,10 +2,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import inputs, random_unet
+from torch import nn
 
 from sd_unet import UNet, UNetConfig
-from sd_unet.unet import timestep_embedding
+from sd_unet.unet import Linear, timestep_embedding
 
 
 def test_output_shape_and_determinism(tiny):
@@ -246,3 +248,51 @@ def test_feed_forward_in_slices_of_tokens_equals_it_whole(monkeypatch):
         sliced = ff(x)
     assert calls == [10] * 7 + [4]
     torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear layers through oneDNN
+
+
+@pytest.mark.skipif(Linear.onednn is None, reason="this torch has no oneDNN linear")
+@pytest.mark.parametrize(
+    "shape, bias", [((2, 77, 24), True), ((5, 24), False), ((1, 3, 4, 24), True)]
+)
+def test_onednn_linear_matches_f_linear_in_float64(shape, bias):
+    """The fast path against the product in float64, as close as F.linear's float32 is; used
+    only for float32 CPU inference, and F.linear itself everywhere else."""
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=bias)
+    x = torch.randn(shape)
+    calls = []
+    fast_op = Linear.onednn
+    with torch.no_grad():
+        layer.onednn = lambda *a: calls.append(1) or fast_op(*a)
+        fast = layer(x)
+        b = None if layer.bias is None else layer.bias.double()
+        exact = F.linear(x.double(), layer.weight.double(), b)
+        plain = F.linear(x, layer.weight, layer.bias)
+        layer.double()(x.double())  # float64: F.linear
+        layer.float()
+    assert calls == [1]
+    assert fast.shape == plain.shape and fast.dtype == torch.float32
+    scale = exact.abs().max().item()
+    assert (fast.double() - exact).abs().max().item() <= 4 * max(
+        (plain.double() - exact).abs().max().item(), 1e-7 * scale
+    )
+    layer(x).sum().backward()  # autograd on: F.linear, for its backward pass
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    assert calls == [1]
+    assert layer.weight.grad is not None
+
+
+def test_a_unet_through_onednn_linears_matches_f_linear(monkeypatch):
+    unet = random_unet(UNetConfig.tiny())
+    x, t, c = inputs(unet.config)
+    assert all(type(m) is Linear for m in unet.modules() if isinstance(m, nn.Linear))
+    with torch.no_grad():
+        fast = unet(x, t, c)
+        monkeypatch.setattr(Linear, "onednn", None)
+        plain = unet(x, t, c)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())

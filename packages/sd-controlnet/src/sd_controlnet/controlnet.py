@@ -56,6 +56,26 @@ class SiLU(nn.Module):
         return F.silu(x, inplace=True)
 
 
+def _cpu_float32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where the CPU fast paths below apply: float32 on the CPU, no autograd (the plain layers
+    have the backward passes), no autocast (its dtype, its kernels), not being compiled
+    (inductor prepares its own kernels)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _onednn_linear():
+    """oneDNN's float32 linear (the kernel inductor's CPU fusions call), where this torch has it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
 class Conv3x3(nn.Conv2d):
     """The ResBlocks' 3x3, stride-1 convolutions (an ``nn.Conv2d``, same parameters), as
     sd-unet's: in float32 on the CPU without autograd, over at least ``winograd_min_pixels``
@@ -74,13 +94,23 @@ class Conv3x3(nn.Conv2d):
         if (
             self.winograd_min_pixels is not None
             and n * h * w >= self.winograd_min_pixels
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
+            and _cpu_float32_inference(x, self.weight)
         ):
             return winograd.conv3x3(x, self.weight, self.bias, self.workspace)
+        return super().forward(x)
+
+
+class Linear(nn.Linear):
+    """The linear layers (an ``nn.Linear``, same parameters), as sd-unet's: in float32 on the
+    CPU without autograd or autocast, oneDNN's kernel, as the convolutions, rather than BLAS
+    (``F.linear``), which on some CPUs (MKL on AMD's) runs these products slower; equal to
+    float32 rounding. ``Linear.onednn = None`` turns it off."""
+
+    onednn = _onednn_linear()
+
+    def forward(self, x):
+        if self.onednn is not None and _cpu_float32_inference(x, self.weight):
+            return self.onednn(x, self.weight, self.bias, "none", [], "")
         return super().forward(x)
 
 
@@ -94,7 +124,7 @@ class ResBlock(nn.Module):
             SiLU(),
             Conv3x3(channels, out_channels),
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(groups, out_channels, eps=1e-5),
             SiLU(),
@@ -129,10 +159,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -148,7 +178,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -158,9 +188,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(
-            GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)
-        )
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x):
         return self.net(x)
@@ -198,8 +226,8 @@ class SpatialTransformer(nn.Module):
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         if linear:
-            self.proj_in = nn.Linear(channels, inner)
-            self.proj_out = nn.Linear(inner, channels)
+            self.proj_in = Linear(channels, inner)
+            self.proj_out = Linear(inner, channels)
         else:
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, channels, 1)
@@ -366,10 +394,10 @@ class ControlNet(nn.Module):
         super().__init__()
         self.config = c = config or ControlNetConfig.sd15()
         mc, ted = c.model_channels, c.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.time_embed = nn.Sequential(Linear(mc, ted), nn.SiLU(), Linear(ted, ted))
         if c.adm_in_channels is not None:
             self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+                nn.Sequential(Linear(c.adm_in_channels, ted), nn.SiLU(), Linear(ted, ted))
             )
         self.input_hint_block = _hint_block(c)
 

@@ -16,6 +16,8 @@ Speed notes (CPU): every activation-sized op that can work in place does (SiLU, 
 the time embedding add, GEGLU's product), and the model runs in ``channels_last`` when its
 weights are (``unet.to(memory_format=torch.channels_last)``, which ``from_checkpoint`` does on
 the CPU): then the 1x1 projections around the transformers are free views rather than copies.
+The 3x3 convolutions of the large levels run Winograd's algorithm (``Conv3x3``, winograd.py)
+and the linear layers oneDNN's kernel (``Linear``), each only for float32 CPU inference.
 
 Shared latents: ``context`` may have k times the latents' batch, as in classifier-free guidance
 (k = 2: the unconditional and conditional rows of one image see the same latents and timestep).
@@ -137,6 +139,26 @@ class SiLU(nn.Module):
         return _silu(x)
 
 
+def _cpu_float32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where the CPU fast paths below apply: float32 on the CPU, no autograd (the plain layers
+    have the backward passes), no autocast (its dtype, its kernels), not being compiled
+    (inductor prepares its own kernels)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _onednn_linear():
+    """oneDNN's float32 linear (the kernel inductor's CPU fusions call), where this torch has it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
 class Conv3x3(nn.Conv2d):
     """The 3x3, stride-1 convolutions of the ResBlocks and Upsamples (an ``nn.Conv2d``, same
     parameters). In float32 on the CPU without autograd or autocast, over at least
@@ -160,13 +182,24 @@ class Conv3x3(nn.Conv2d):
         if (
             self.winograd_min_pixels is not None
             and n * h * w >= self.winograd_min_pixels
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")  # autocast: its dtype, its kernels
-            and not torch.compiler.is_compiling()  # compiled: inductor prepares direct convs
+            and _cpu_float32_inference(x, self.weight)
         ):
             return winograd.conv3x3(x, self.weight, self.bias, self.workspace)
+        return super().forward(x)
+
+
+class Linear(nn.Linear):
+    """The UNet's linear layers (an ``nn.Linear``, same parameters). In float32 on the CPU
+    without autograd or autocast they run through oneDNN, as the convolutions do, rather than
+    the BLAS ``F.linear`` calls: on CPUs where that BLAS takes a narrower vector path than
+    oneDNN (MKL on AMD's), the transformer's products run faster; equal to float32 rounding
+    (a different summation order). ``Linear.onednn = None`` turns it off."""
+
+    onednn = _onednn_linear()
+
+    def forward(self, x):
+        if self.onednn is not None and _cpu_float32_inference(x, self.weight):
+            return self.onednn(x, self.weight, self.bias, "none", [], "")
         return super().forward(x)
 
 
@@ -180,7 +213,7 @@ class ResBlock(nn.Module):
             SiLU(),
             Conv3x3(channels, out_channels),
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             group_norm(groups, out_channels, 1e-5),
             SiLU(),
@@ -224,10 +257,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -243,7 +276,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x):
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -257,9 +290,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(
-            GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)
-        )
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x):
         tokens = x.reshape(-1, x.shape[-1])  # (B * T, C), a view
@@ -306,8 +337,8 @@ class SpatialTransformer(nn.Module):
         self.linear = linear
         self.norm = group_norm(groups, channels, 1e-6)
         if linear:
-            self.proj_in = nn.Linear(channels, inner)
-            self.proj_out = nn.Linear(inner, channels)
+            self.proj_in = Linear(channels, inner)
+            self.proj_out = Linear(inner, channels)
         else:
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, channels, 1)
@@ -519,10 +550,10 @@ class UNet(nn.Module):
         self.config = c = config or UNetConfig.sd15()
         self.gradient_checkpointing = False
         mc, ted = c.model_channels, c.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.time_embed = nn.Sequential(Linear(mc, ted), nn.SiLU(), Linear(ted, ted))
         if c.adm_in_channels:  # SGM's num_classes="sequential": a Sequential in a Sequential
             self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(c.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+                nn.Sequential(Linear(c.adm_in_channels, ted), nn.SiLU(), Linear(ted, ted))
             )
 
         def transformer(ch, depth):
