@@ -177,8 +177,8 @@ def markdown(s: dict) -> str:
         f"{s['date']}; {s['machine']}; {versions}; {s['threads']} threads; SD 1.5 single file "
         f"of random weights; {s['rounds']} rounds, a fresh process per side and round, sides "
         f"alternating. Load average {s['load_average'][0]:.1f} at the start, "
-        f"{s['load_average'][1]:.1f} at the end (the 2 cores shared with other agents' work): "
-        "read the ratios.", "",
+        f"{s['load_average'][1]:.1f} at the end (the benchmark's own {s['threads']} threads "
+        "count in it; more is other work on the machine): read the ratios.", "",
         "| side | loaded (median, min-max) | PNG written (median, min-max) | load ratio | "
         "PNG ratio | per-round PNG ratios |",
         "|---|---|---|---|---|---|",
