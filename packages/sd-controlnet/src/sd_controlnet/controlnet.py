@@ -70,10 +70,23 @@ def _cpu_float32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _onednn_linear():
-    """oneDNN's float32 linear (the kernel inductor's CPU fusions call), where this torch has it."""
+    """oneDNN's float32 linear (the kernel inductor's CPU fusions call), where this torch has it
+    and it computes ``F.linear``."""
     if not torch.backends.mkldnn.is_available():
         return None
-    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    return _if_linear(getattr(torch.ops.mkldnn, "_linear_pointwise", None))
+
+
+def _if_linear(op):
+    """``op`` if it gives ``F.linear``'s result on a small exact product, else None: it is an
+    internal operator, so another torch may have changed or removed it."""
+    if op is None:
+        return None
+    x, w, b = torch.arange(6.0).reshape(2, 3), torch.ones(2, 3), torch.tensor([1.0, -1.0])
+    try:
+        return op if torch.equal(op(x, w, b, "none", [], ""), F.linear(x, w, b)) else None
+    except (RuntimeError, TypeError):  # another signature: F.linear it is
+        return None
 
 
 class Conv3x3(nn.Conv2d):
