@@ -7,7 +7,7 @@ from conftest import inputs, random_unet
 from torch import nn
 
 from sd_unet import UNet, UNetConfig
-from sd_unet.cpu import _if_linear
+from sd_unet._onednn import if_linear
 from sd_unet.unet import Linear, timestep_embedding
 
 
@@ -303,8 +303,8 @@ def test_the_onednn_kernel_is_used_only_if_it_computes_f_linear():
     def broken(*args):
         raise TypeError("another signature")
 
-    assert _if_linear(None) is None
-    assert _if_linear(broken) is None
-    assert _if_linear(lambda x, w, b, *rest: torch.zeros(2, 2)) is None
-    exact = _if_linear(lambda x, w, b, *rest: F.linear(x, w, b))
+    assert if_linear(None) is None
+    assert if_linear(broken) is None
+    assert if_linear(lambda x, w, b, *rest: torch.zeros(2, 2)) is None
+    exact = if_linear(lambda x, w, b, *rest: F.linear(x, w, b))
     assert exact is not None
