@@ -7,6 +7,7 @@ from conftest import inputs, random_unet
 from torch import nn
 
 from sd_unet import UNet, UNetConfig
+from sd_unet._onednn import if_linear
 from sd_unet.unet import Linear, timestep_embedding
 
 
@@ -296,3 +297,14 @@ def test_a_unet_through_onednn_linears_matches_f_linear(monkeypatch):
         monkeypatch.setattr(Linear, "onednn", None)
         plain = unet(x, t, c)
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+
+
+def test_the_onednn_kernel_is_used_only_if_it_computes_f_linear():
+    def broken(*args):
+        raise TypeError("another signature")
+
+    assert if_linear(None) is None
+    assert if_linear(broken) is None
+    assert if_linear(lambda x, w, b, *rest: torch.zeros(2, 2)) is None
+    exact = if_linear(lambda x, w, b, *rest: F.linear(x, w, b))
+    assert exact is not None

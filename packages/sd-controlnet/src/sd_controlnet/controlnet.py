@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sd_controlnet import _onednn
 from sd_controlnet import _winograd as winograd
 
 
@@ -56,26 +57,6 @@ class SiLU(nn.Module):
         return F.silu(x, inplace=True)
 
 
-def _cpu_float32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Where the CPU fast paths below apply: float32 on the CPU, no autograd (the plain layers
-    have the backward passes), no autocast (its dtype, its kernels), not being compiled
-    (inductor prepares its own kernels)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _onednn_linear():
-    """oneDNN's float32 linear (the kernel inductor's CPU fusions call), where this torch has it."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-
-
 class Conv3x3(nn.Conv2d):
     """The ResBlocks' 3x3, stride-1 convolutions (an ``nn.Conv2d``, same parameters), as
     sd-unet's: in float32 on the CPU without autograd, over at least ``winograd_min_pixels``
@@ -94,7 +75,7 @@ class Conv3x3(nn.Conv2d):
         if (
             self.winograd_min_pixels is not None
             and n * h * w >= self.winograd_min_pixels
-            and _cpu_float32_inference(x, self.weight)
+            and _onednn.cpu_float32_inference(x, self.weight)
         ):
             return winograd.conv3x3(x, self.weight, self.bias, self.workspace)
         return super().forward(x)
@@ -106,10 +87,10 @@ class Linear(nn.Linear):
     (``F.linear``), which on some CPUs (MKL on AMD's) runs these products slower; equal to
     float32 rounding. ``Linear.onednn = None`` turns it off."""
 
-    onednn = _onednn_linear()
+    onednn = _onednn.LINEAR
 
     def forward(self, x):
-        if self.onednn is not None and _cpu_float32_inference(x, self.weight):
+        if self.onednn is not None and _onednn.cpu_float32_inference(x, self.weight):
             return self.onednn(x, self.weight, self.bias, "none", [], "")
         return super().forward(x)
 

@@ -16,8 +16,9 @@ Speed notes (CPU): every activation-sized op that can work in place does (SiLU, 
 the time embedding add, GEGLU's product), and the model runs in ``channels_last`` when its
 weights are (``unet.to(memory_format=torch.channels_last)``, which ``from_checkpoint`` does on
 the CPU): then the 1x1 projections around the transformers are free views rather than copies.
-The 3x3 convolutions of the large levels run Winograd's algorithm (``Conv3x3``, winograd.py)
-and the linear layers oneDNN's kernel (``Linear``), each only for float32 CPU inference.
+The 3x3 convolutions of the large levels run Winograd's algorithm and the linear layers
+oneDNN's kernel (``Conv3x3`` and ``Linear`` in cpu.py), each only for float32 CPU inference.
+The architecture's settings are ``UNetConfig`` (config.py).
 
 Shared latents: ``context`` may have k times the latents' batch, as in classifier-free guidance
 (k = 2: the unconditional and conditional rows of one image see the same latents and timestep).
@@ -29,7 +30,6 @@ cross-attention) runs once per image instead of k times; the batch grows to k·B
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sd_unet import winograd
+from sd_unet.config import UNetConfig
+from sd_unet.cpu import Conv3x3, Linear
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0):
@@ -137,70 +139,6 @@ class SiLU(nn.Module):
 
     def forward(self, x):
         return _silu(x)
-
-
-def _cpu_float32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Where the CPU fast paths below apply: float32 on the CPU, no autograd (the plain layers
-    have the backward passes), no autocast (its dtype, its kernels), not being compiled
-    (inductor prepares its own kernels)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _onednn_linear():
-    """oneDNN's float32 linear (the kernel inductor's CPU fusions call), where this torch has it."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-
-
-class Conv3x3(nn.Conv2d):
-    """The 3x3, stride-1 convolutions of the ResBlocks and Upsamples (an ``nn.Conv2d``, same
-    parameters). In float32 on the CPU without autograd or autocast, over at least
-    ``winograd_min_pixels`` output pixels (batch x height x width), it runs Winograd's
-    F(4x4, 3x3) (winograd.py): 4 times fewer multiply-adds, equal to float32 rounding (1e-5 of
-    the largest value).
-
-    It is faster than oneDNN's direct convolution where the image is large next to the weights
-    (SD's 64x64 and 32x32 levels) and slower below that, hence the threshold (figures:
-    benchmarks/README.md). ``Conv3x3.winograd_min_pixels = None`` turns it off.
-    """
-
-    winograd_min_pixels: int | None = 2048
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, 3, padding=1)
-        self.workspace: winograd.Workspace | None = None  # the UNet gives its convs one
-
-    def forward(self, x):
-        n, _, h, w = x.shape
-        if (
-            self.winograd_min_pixels is not None
-            and n * h * w >= self.winograd_min_pixels
-            and _cpu_float32_inference(x, self.weight)
-        ):
-            return winograd.conv3x3(x, self.weight, self.bias, self.workspace)
-        return super().forward(x)
-
-
-class Linear(nn.Linear):
-    """The UNet's linear layers (an ``nn.Linear``, same parameters). In float32 on the CPU
-    without autograd or autocast they run through oneDNN, as the convolutions do, rather than
-    the BLAS ``F.linear`` calls: on CPUs where that BLAS takes a narrower vector path than
-    oneDNN (MKL on AMD's), the transformer's products run faster; equal to float32 rounding
-    (a different summation order). ``Linear.onednn = None`` turns it off."""
-
-    onednn = _onednn_linear()
-
-    def forward(self, x):
-        if self.onednn is not None and _cpu_float32_inference(x, self.weight):
-            return self.onednn(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
 
 
 class ResBlock(nn.Module):
@@ -377,169 +315,6 @@ class TimestepEmbedSequential(nn.Sequential):
             else:
                 x = layer(x)
         return x
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """The UNet's architecture, in the CompVis config's terms (``model.params.unet_config``)."""
-
-    in_channels: int = 4  # 9 for the inpainting UNet: latents, mask, masked-image latents
-    out_channels: int = 4
-    model_channels: int = 320
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors with attention
-    num_heads: int = 8  # SD 1.x: a fixed number of heads per level ...
-    num_head_channels: int = -1  # ... SD 2.x: a fixed head width (64), so heads vary per level
-    # Transformer blocks per SpatialTransformer: one number for every level with attention, or
-    # one per level (SDXL: (0, 2, 10)); None is 1. Stored as a number where the levels with
-    # attention agree, else one per level with 0 where a level has none (so configs compare).
-    transformer_depth: int | tuple[int, ...] | None = None
-    transformer_depth_middle: int | None = None  # None: the deepest level's (SGM's default)
-    context_dim: int = 768  # CLIP ViT-L/14 text width; 1024 for SD 2.x's OpenCLIP ViT-H/14
-    use_linear_in_transformer: bool = False  # SD 2.x: linear proj_in/proj_out, not 1x1 convs
-    norm_groups: int = 32
-    # SDXL's added conditioning (label_emb): 2816 = 1280 (pooled OpenCLIP bigG text embedding)
-    # + 6 x 256 (sizes and crop) for the base model, 2560 = 1280 + 5 x 256 (sizes, crop and
-    # aesthetic score) for the refiner; 0 for SD 1.x/2.x, which have none.
-    adm_in_channels: int = 0
-
-    def __post_init__(self):
-        if (self.num_heads == -1) == (self.num_head_channels == -1):
-            raise ValueError(
-                "set exactly one of num_heads (SD 1.x: 8) and num_head_channels (SD 2.x: 64), "
-                f"the other to -1; got num_heads={self.num_heads}, "
-                f"num_head_channels={self.num_head_channels}"
-            )
-        for mult in self.channel_mult:
-            channels = self.model_channels * mult
-            if channels % self.norm_groups:
-                raise ValueError(
-                    f"model_channels * channel_mult = {channels} is not a multiple of "
-                    f"norm_groups={self.norm_groups}"
-                )
-        if not _is_int(self.adm_in_channels) or self.adm_in_channels < 0:
-            raise ValueError(f"adm_in_channels must be 0 or more, got {self.adm_in_channels!r}")
-        # (4, 2, 1) in the CompVis yaml, (1, 2, 4) from the weights: one order, so they compare
-        object.__setattr__(self, "attention_resolutions", tuple(sorted(self.attention_resolutions)))
-        self._normalize_depths()
-
-    def _normalize_depths(self):
-        """Check the depths, and store them in the one form that makes equal configs compare
-        equal (a file's config, a preset's, one inferred from the weights)."""
-        depth, levels = self.transformer_depth, len(self.channel_mult)
-        depth = 1 if depth is None else depth
-        per_level = [depth] * levels if _is_int(depth) else depth
-        if not isinstance(per_level, list | tuple) or len(per_level) != levels:
-            raise ValueError(
-                f"transformer_depth must be a number or one per level ({levels}), got {depth!r}"
-            )
-        attention = [2**level in self.attention_resolutions for level in range(levels)]
-        for d in per_level:
-            if not _is_int(d) or not 0 <= d <= 1024:
-                raise ValueError(
-                    f"transformer_depth {depth!r}: each must be a whole number, 0 to 1024"
-                )
-        used = [d for d, a in zip(per_level, attention) if a]
-        if 0 in used:
-            raise ValueError(
-                f"transformer_depth {depth!r} is 0 at a level with attention "
-                f"(attention_resolutions={self.attention_resolutions})"
-            )
-        middle = self.transformer_depth_middle
-        middle = (used[-1] if used else per_level[-1]) if middle is None else middle
-        if not _is_int(middle) or not 1 <= middle <= 1024:
-            raise ValueError(f"transformer_depth_middle must be 1 or more, got {middle!r}")
-        if len(set(used)) <= 1:
-            depth = used[0] if used else 1
-        else:
-            depth = tuple(d if a else 0 for d, a in zip(per_level, attention))
-        object.__setattr__(self, "transformer_depth", depth)
-        object.__setattr__(self, "transformer_depth_middle", middle)
-
-    @classmethod
-    def sd15(cls) -> UNetConfig:
-        """Stable Diffusion 1.x (also 1.4 and 1.5)."""
-        return cls()
-
-    @classmethod
-    def sd2(cls) -> UNetConfig:
-        """Stable Diffusion 2.x: 64-wide heads, linear projections, 1024-wide context."""
-        return cls(num_heads=-1, num_head_channels=64, context_dim=1024,
-                   use_linear_in_transformer=True)  # fmt: skip
-
-    @classmethod
-    def sdxl(cls) -> UNetConfig:
-        """SDXL base (SGM's ``sd_xl_base.yaml``): three levels, attention on the last two with
-        2 and 10 transformer blocks, 2048-wide context (CLIP-L and OpenCLIP bigG side by side),
-        the added conditioning of 2816 numbers."""
-        return cls(channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_heads=-1,
-                   num_head_channels=64, transformer_depth=(0, 2, 10), context_dim=2048,
-                   use_linear_in_transformer=True, adm_in_channels=2816)  # fmt: skip
-
-    @classmethod
-    def sdxl_refiner(cls) -> UNetConfig:
-        """The SDXL refiner (``sd_xl_refiner.yaml``): 384 channels, four levels, attention on the
-        middle two (4 blocks each), OpenCLIP bigG's 1280-wide context, 2560 added numbers."""
-        return cls(model_channels=384, attention_resolutions=(2, 4), num_heads=-1,
-                   num_head_channels=64, transformer_depth=4, context_dim=1280,
-                   use_linear_in_transformer=True, adm_in_channels=2560)  # fmt: skip
-
-    @classmethod
-    def tiny_sdxl(cls) -> UNetConfig:
-        """A small UNet of SDXL's shape, for tests: no attention at the first level, depths 1 and
-        2 after it, 64-wide heads (two per level), a 32-wide pooled embedding + 6 x 256 size numbers."""
-        return cls(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
-                   attention_resolutions=(2, 4), num_heads=-1, num_head_channels=64,
-                   transformer_depth=(0, 1, 2), context_dim=48, use_linear_in_transformer=True,
-                   adm_in_channels=32 + 6 * 256)  # fmt: skip
-
-    @classmethod
-    def tiny_sdxl_refiner(cls) -> UNetConfig:
-        """A small UNet of the refiner's shape: four levels, attention on the middle two, a
-        32-wide pooled embedding + 5 x 256 numbers (sizes, crop, aesthetic score)."""
-        return cls(model_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                   attention_resolutions=(2, 4), num_heads=-1, num_head_channels=64,
-                   transformer_depth=2, context_dim=32, use_linear_in_transformer=True,
-                   adm_in_channels=32 + 5 * 256)  # fmt: skip
-
-    @classmethod
-    def tiny(cls) -> UNetConfig:
-        """A small UNet of the same shape, for tests: three levels, attention on the first two."""
-        return cls(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                   attention_resolutions=(1, 2), context_dim=32)  # fmt: skip
-
-    @property
-    def time_embed_dim(self) -> int:
-        return self.model_channels * 4
-
-    def depth(self, level: int) -> int:
-        """Transformer blocks per SpatialTransformer at ``level`` (0 where it has none)."""
-        if 2**level not in self.attention_resolutions:
-            return 0
-        d = self.transformer_depth
-        return d if _is_int(d) else d[level]
-
-    @property
-    def family(self) -> str:
-        """Which model this is shaped like, for a caller choosing text encoders and conditioning:
-        "sdxl-refiner" (added conditioning = its context's width + 5 x 256: the refiner's pooled
-        embedding is its context's width), "sdxl" (other added conditioning), "sd2" (1024-wide
-        context) or "sd1"."""
-        if self.adm_in_channels:
-            refiner = self.adm_in_channels == self.context_dim + 5 * 256
-            return "sdxl-refiner" if refiner else "sdxl"
-        return "sd2" if self.context_dim == 1024 else "sd1"
-
-    def heads(self, channels: int) -> tuple[int, int]:
-        """(number of heads, head width) of a transformer over ``channels`` channels."""
-        if self.num_head_channels != -1:
-            return channels // self.num_head_channels, self.num_head_channels
-        return self.num_heads, channels // self.num_heads
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class UNet(nn.Module):
