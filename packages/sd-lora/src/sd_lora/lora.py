@@ -15,9 +15,10 @@ never depends on the order of unmerges.
 
 ``merge(..., in_place=True)`` is the other way (diffusers' ``fuse_lora``): the update is added
 into the weights' own memory and ``unmerge`` subtracts it again in float32. No second copy of
-the adapted weights, and no fresh memory to fault in (on a CPU that costs as much as the
-merge's arithmetic), for an unmerge equal to the originals to float32 rounding instead of bit
-for bit. The weights merged in place are the base the kept-copy merges start from.
+the adapted weights and no fresh memory to fault in (where memory is scarce that can cost as
+much as the merge's arithmetic), for an unmerge equal to the originals to float32 rounding
+instead of bit for bit. The weights merged in place are the base the kept-copy merges start
+from.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class _State:
     in_place: set[int] = field(default_factory=set)  # ids of the merged LoRAs added in place
     attached: dict[int, tuple[LoRA, float, list]] = field(default_factory=dict)
     # merged weights taken out again, kept for the next merge to write into: their memory is
-    # touched already, where a fresh tensor's first write page-faults (as slow as the merge's
-    # arithmetic on a CPU). Released by remove_all.
+    # touched already, where a fresh tensor's first write page-faults (where memory is scarce,
+    # as slow as the merge's arithmetic). Released by remove_all.
     spare: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
 
     def take_spare(self, like: torch.Tensor) -> torch.Tensor | None:
