@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sd_clip._onednn import Linear
+
 if TYPE_CHECKING:
     from sd_clip.embeddings import Embedding
     from sd_clip.tokenizer import CLIPTokenizer
@@ -55,8 +57,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class MLP(nn.Module):
     def __init__(self, width: int, mlp_width: int, activation: str):
         super().__init__()
-        self.fc1 = nn.Linear(width, mlp_width)
-        self.fc2 = nn.Linear(mlp_width, width)
+        self.fc1 = Linear(width, mlp_width)
+        self.fc2 = Linear(mlp_width, width)
         self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,10 +70,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.rotary_base = rotary_base  # None: positions come from the learned table instead
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
+        self.q_proj = Linear(width, width)
+        self.k_proj = Linear(width, width)
+        self.v_proj = Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -216,7 +218,7 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = TextTransformer(config)
         if config.projection_dim is not None:  # transformers' CLIPTextModelWithProjection's name
-            self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
+            self.text_projection = Linear(config.width, config.projection_dim, bias=False)
         self.apply(self._init_weights)
 
     @staticmethod

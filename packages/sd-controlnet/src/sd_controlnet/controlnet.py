@@ -81,18 +81,7 @@ class Conv3x3(nn.Conv2d):
         return super().forward(x)
 
 
-class Linear(nn.Linear):
-    """The linear layers (an ``nn.Linear``, same parameters), as sd-unet's: in float32 on the
-    CPU without autograd or autocast, oneDNN's kernel, as the convolutions, rather than BLAS
-    (``F.linear``), which on some CPUs (MKL on AMD's) runs these products slower; equal to
-    float32 rounding. ``Linear.onednn = None`` turns it off."""
-
-    onednn = _onednn.LINEAR
-
-    def forward(self, x):
-        if self.onednn is not None and _onednn.cpu_float32_inference(x, self.weight):
-            return self.onednn(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
+Linear = _onednn.Linear  # the linear layers: oneDNN's kernel for float32 CPU inference
 
 
 class ResBlock(nn.Module):

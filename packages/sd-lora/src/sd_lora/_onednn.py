@@ -3,12 +3,13 @@
 ``F.linear``: on CPUs where the BLAS behind ``F.linear`` takes a slower path than oneDNN (MKL's
 single-precision GEMM on AMD's), the same products run faster, equal to float32 rounding (a
 different summation order). Training, autocast, other dtypes and other devices keep
-``F.linear``."""
+``F.linear``. ``Linear`` is an ``nn.Linear`` (same parameters) that takes it."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def cpu_float32_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -42,3 +43,15 @@ LINEAR = (
     if torch.backends.mkldnn.is_available()
     else None
 )  # (x, weight, bias, "none", [], "") -> F.linear(x, weight, bias), or None
+
+
+class Linear(nn.Linear):
+    """An ``nn.Linear`` through oneDNN's kernel for float32 CPU inference (``F.linear``
+    everywhere else); ``Linear.onednn = None`` turns it off."""
+
+    onednn = LINEAR
+
+    def forward(self, x):
+        if self.onednn is not None and cpu_float32_inference(x, self.weight):
+            return self.onednn(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)

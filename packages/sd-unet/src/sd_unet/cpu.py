@@ -38,16 +38,4 @@ class Conv3x3(nn.Conv2d):
         return super().forward(x)
 
 
-class Linear(nn.Linear):
-    """The UNet's linear layers (an ``nn.Linear``, same parameters). In float32 on the CPU
-    without autograd or autocast they run through oneDNN, as the convolutions do, rather than
-    the BLAS ``F.linear`` calls: on CPUs where that BLAS takes a narrower vector path than
-    oneDNN (MKL on AMD's), the transformer's products run faster; equal to float32 rounding
-    (a different summation order). ``Linear.onednn = None`` turns it off."""
-
-    onednn = _onednn.LINEAR
-
-    def forward(self, x):
-        if self.onednn is not None and _onednn.cpu_float32_inference(x, self.weight):
-            return self.onednn(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
+Linear = _onednn.Linear  # the linear layers: oneDNN's kernel for float32 CPU inference
