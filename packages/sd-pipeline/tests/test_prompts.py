@@ -47,9 +47,15 @@ def test_prompt_editing_gives_each_step_its_text(tiny_pipe, monkeypatch, sampler
     # AUTOMATIC1111: 0-based steps 0, 1 and 2 read the entry ending at step 2 ("a cat"), step 3
     # the next; the step advances after each step's calls (a second-order sampler's second call,
     # PLMS's warm-up call belong to their step), and the last step makes one call here
-    first, second = encoded[:1], encoded[1:]
-    assert [torch.equal(c, second) for c in seen] == [False] * (calls - 1) + [True]
-    assert all(torch.equal(c, first) for c in seen[:-1])
+    entries = encoded[:1], encoded[1:]
+
+    def entry(c):  # which text it is: equal to one to float32 rounding (the text encoder's
+        # products may round differently in a batch of another size)
+        gaps = [(c - e).abs().max().item() for e in entries]
+        assert min(gaps) <= 1e-5 * entries[0].abs().max().item() < max(gaps)
+        return gaps.index(min(gaps))
+
+    assert [entry(c) for c in seen] == [0] * (calls - 1) + [1]
 
 
 def test_and_parts_combine_with_their_weights(tiny_pipe):
