@@ -4,13 +4,14 @@ half precision; the expected weights from LyCORIS' functions (test-only)."""
 from __future__ import annotations
 
 import pickle
+from copy import deepcopy
 
 import pytest
 import torch
 from conftest import TinyTextEncoder, TinyUNet, adaptable, kohya_lora, randomize
 from safetensors.torch import save_file
 
-from sd_lora import LoRA, LoRAError, applied, remove_all
+from sd_lora import LoRA, LoRAError, applied, attached, remove_all
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris.functional import locon  # noqa: E402
@@ -186,6 +187,27 @@ def test_in_place_under_and_over_kept_copy_merges():
     _close_to_rounding(_state(model), before, a, 0.8, ops=6)
 
 
+def test_remove_all_makes_no_kept_copy_merge_again(monkeypatch):
+    """Two in-place LoRAs under a kept-copy one: remove_all restores the kept originals once
+    and subtracts the in-place ones from them, merging nothing again on the way."""
+    from sd_lora import lora as lora_module
+
+    model = _model("unet")
+    a, b, c = (_lora(model, "unet", seed=s) for s in (1, 2, 3))
+    before = _state(model)
+    a.merge(model, 0.8, in_place=True)
+    b.merge(model, -0.4, in_place=True)
+    c.merge(model, 1.3)
+    merges = []
+    real = lora_module._merge
+    monkeypatch.setattr(lora_module, "_merge", lambda *args: merges.append(1) or real(*args))
+    remove_all(model)
+    assert merges == [] and applied(model) == []
+    # two in-place merges and their two unmerges: each within a GEMM's rounding of its update
+    for k, v in _state(model).items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=1e-5 * before[k].abs().max().item())
+
+
 def test_in_place_refuses_what_subtracting_cannot_undo():
     half = _model("te").half()
     before = _state(half)
@@ -249,27 +271,29 @@ def test_half_precision_overflow_is_refused():
     _equal(_state(model), before)
 
 
+@pytest.mark.parametrize("tokens", [1, 64], ids=["few_tokens", "many_tokens"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("kind", ["unet", "te"])
-def test_attached_equals_merged(kind, grad):
-    """On the fly (hooks, weights untouched) each adapted layer gives the merged layer's output,
-    with autograd (out of place) and without (added in place into the layer's fresh output)."""
+def test_attached_equals_merged(kind, grad, tokens, monkeypatch):
+    """On the fly (weights untouched) each adapted layer gives the merged layer's output: with
+    autograd (hooks, out of place), and without, beside the layer for a few tokens (added in
+    place into its fresh output) or folded into the weight for many."""
+    folds = []
+    fold = attached._fold
+    monkeypatch.setattr(attached, "_fold", lambda *a: folds.append(1) or fold(*a))
     torch.set_grad_enabled(grad)
     try:
-        _attached_equals_merged(kind)
+        _attached_equals_merged(kind, tokens)
     finally:
         torch.set_grad_enabled(True)
+    assert bool(folds) == (tokens > 1 and not grad)
 
 
-def _attached_equals_merged(kind):
+def _attached_equals_merged(kind, tokens):
     model = _model(kind)
     a, b = _lora(model, kind, seed=1), _lora(model, kind, seed=2)
     before = _state(model)
-    g = torch.Generator().manual_seed(0)
-    inputs = {}
-    for path, m in adaptable(model).items():
-        shape = (2, m.in_features) if hasattr(m, "in_features") else (1, m.in_channels, 6, 6)
-        inputs[path] = torch.randn(shape, generator=g)
+    inputs = _inputs(model, tokens)
     plain = {p: m(inputs[p]) for p, m in adaptable(model).items()}
     a.attach(model, 0.7)
     b.attach(model, -1.2)
@@ -278,11 +302,59 @@ def _attached_equals_merged(kind):
     a.detach(model)
     b.detach(model)
     for p, m in adaptable(model).items():
+        assert "forward" not in m.__dict__  # the folded forwards gone with the last LoRA
         assert torch.equal(m(inputs[p]), plain[p])
     a.merge(model, 0.7)
     b.merge(model, -1.2)
     for p, m in adaptable(model).items():
         torch.testing.assert_close(hooked[p], m(inputs[p]), rtol=1e-4, atol=1e-4)
+
+
+def _inputs(model, tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An input per adapted layer: ``tokens`` rows for a linear one, an image for a conv (6x6
+    for many tokens, 1x1 for one)."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for path, m in adaptable(model).items():
+        if hasattr(m, "in_features"):
+            shape = (2, tokens, m.in_features) if tokens > 1 else (2, m.in_features)
+        else:
+            side = 6 if tokens > 1 else 1
+            shape = (1, m.in_channels, side, side)
+        inputs[path] = torch.randn(shape, generator=g)
+    return inputs
+
+
+@torch.no_grad()
+def test_folded_layers_choose_by_size_and_copy_with_the_model():
+    """A folded layer takes the product beside it where that is cheaper (few tokens), the
+    folded weight where that is (many); a deep copy of the model computes with its own
+    weights; float16 weights fold in float32, rounded once as a merge rounds them."""
+    model = _model("te")
+    lora = _lora(model, "te", rank=4)
+    q = model.text_model.encoder.layers[0].self_attn.q_proj
+    lora.attach(model, 0.9)
+    update = q.forward.__self__.updates[(id(lora), lora.keys()[0])]
+    assert not update.folds(2) and update.folds(64)
+    copy = deepcopy(model)
+    x = torch.randn(1, 64, 12)
+    assert torch.equal(copy.text_model.encoder.layers[0].self_attn.q_proj(x), q(x))
+    copy.text_model.encoder.layers[0].self_attn.q_proj.weight.zero_()
+    assert not torch.equal(copy.text_model.encoder.layers[0].self_attn.q_proj(x), q(x))
+    attached_out = q(x)
+    lora.detach(model)
+    assert "forward" in copy.text_model.encoder.layers[0].self_attn.q_proj.__dict__
+    lora.merge(model, 0.9)
+    torch.testing.assert_close(attached_out, q(x), rtol=1e-5, atol=1e-5)
+    lora.unmerge(model)
+
+    half = _model("te").half()
+    lora.attach(half, 0.9)
+    hq = half.text_model.encoder.layers[0].self_attn.q_proj
+    attached_out = hq(x.half())
+    lora.detach(half)
+    lora.merge(half, 0.9)
+    torch.testing.assert_close(attached_out, hq(x.half()), rtol=2e-3, atol=2e-3)
 
 
 def test_attach_full_kind_and_weight_zero():

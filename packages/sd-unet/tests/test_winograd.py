@@ -115,6 +115,7 @@ def test_a_unet_through_winograd_matches_its_direct_convolutions(monkeypatch):
     x, t, c = inputs(unet.config)
     with torch.no_grad():
         monkeypatch.setattr(Conv3x3, "winograd_min_pixels", None)
+        monkeypatch.setattr(Conv3x3, "product_pixels_per_channel", None)
         direct = unet(x, t, c)
         calls = _count_winograd_calls(monkeypatch)
         monkeypatch.setattr(Conv3x3, "winograd_min_pixels", 1)
@@ -139,3 +140,49 @@ def test_winograd_with_less_padding(padding, n, c_in, c_out, h, w):
     assert relative_error(y, ref) < 2e-5
     with pytest.raises(ValueError, match="padding must be 0 or 1"):
         winograd.conv3x3(x, weight, bias, padding=(2, 1))
+
+
+@pytest.mark.parametrize(
+    "n, c_in, c_out, h, w", [(2, 64, 24, 4, 4), (1, 40, 8, 3, 5), (1, 8, 3, 1, 1)]
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_product_matches_the_exact_convolution(n, c_in, c_out, h, w, bias):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=g)
+    b = torch.randn(c_out, generator=g) if bias else None
+    ref = exact(x, weight, b)
+    workspace = winograd.Workspace()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        w_ = weight.contiguous(memory_format=layout)
+        for xs in (x, x.contiguous()):
+            y = winograd.conv3x3_product(xs, w_, b, workspace)
+            assert y.shape == ref.shape
+            assert y.is_contiguous(memory_format=torch.channels_last)
+            assert relative_error(y, ref) < 2e-6  # a direct convolution's rounding
+
+
+def test_conv3x3_takes_the_product_for_small_images_with_many_channels(monkeypatch):
+    calls = []
+    real = winograd.conv3x3_product
+    monkeypatch.setattr(
+        winograd, "conv3x3_product", lambda *a: calls.append(a[0].shape) or real(*a)
+    )
+    conv = Conv3x3(64, 16).to(memory_format=torch.channels_last)
+    small = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)  # 32 pixels
+    with torch.no_grad():
+        fast = conv(small)
+        assert len(calls) == 1
+        conv(torch.randn(2, 64, 8, 8))  # 128 pixels: more than 0.5 per input channel
+        assert len(calls) == 1
+        torch.testing.assert_close(fast, F.conv2d(small, conv.weight, conv.bias, padding=1),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        conv.weight.data = conv.weight.data.contiguous()
+        conv(small)  # a weight that is not channels_last would be copied each call: direct
+        assert len(calls) == 1
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    conv(small)  # autograd: the direct convolution
+    monkeypatch.setattr(Conv3x3, "product_pixels_per_channel", None)
+    with torch.inference_mode():
+        conv(small)
+    assert len(calls) == 1

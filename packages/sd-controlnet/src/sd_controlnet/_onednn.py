@@ -45,6 +45,13 @@ LINEAR = (
 )  # (x, weight, bias, "none", [], "") -> F.linear(x, weight, bias), or None
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``F.linear(x, weight, bias)``, through oneDNN's kernel where ``Linear`` would take it."""
+    if LINEAR is not None and cpu_float32_inference(x, weight):
+        return LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     """An ``nn.Linear`` through oneDNN's kernel for float32 CPU inference (``F.linear``
     everywhere else); ``Linear.onednn = None`` turns it off."""

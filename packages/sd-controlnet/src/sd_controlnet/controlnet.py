@@ -62,22 +62,31 @@ class Conv3x3(nn.Conv2d):
     sd-unet's: in float32 on the CPU without autograd, over at least ``winograd_min_pixels``
     output pixels (batch x height x width), Winograd's F(4x4, 3x3) (``_winograd``, a checked
     copy of sd-unet's): 4 times fewer multiply-adds, equal to float32 rounding (1e-5 of the
-    largest value). It pays at SD's two largest levels; ``None`` turns it off."""
+    largest value); it pays at SD's two largest levels. Over at most
+    ``product_pixels_per_channel`` output pixels per input channel (the 1280-channel levels),
+    one matrix product (``_winograd.conv3x3_product``), where the direct convolution runs at
+    half the product's rate or less. ``None`` turns either off."""
 
     winograd_min_pixels: int | None = 2048
+    product_pixels_per_channel: float | None = 0.5
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 3, padding=1)
         self.workspace: winograd.Workspace | None = None  # the ControlNet gives its convs one
 
     def forward(self, x):
-        n, _, h, w = x.shape
-        if (
-            self.winograd_min_pixels is not None
-            and n * h * w >= self.winograd_min_pixels
-            and _onednn.cpu_float32_inference(x, self.weight)
-        ):
-            return winograd.conv3x3(x, self.weight, self.bias, self.workspace)
+        n, c_in, h, w = x.shape
+        if _onednn.cpu_float32_inference(x, self.weight):
+            pixels = n * h * w
+            if self.winograd_min_pixels is not None and pixels >= self.winograd_min_pixels:
+                return winograd.conv3x3(x, self.weight, self.bias, self.workspace)
+            if (
+                self.product_pixels_per_channel is not None
+                and pixels <= self.product_pixels_per_channel * c_in
+                and self.weight.is_contiguous(memory_format=torch.channels_last)
+            ):
+                return winograd.conv3x3_product(x, self.weight, self.bias, self.workspace,
+                                                _onednn.linear)  # fmt: skip
         return super().forward(x)
 
 

@@ -4,7 +4,7 @@
     lora.merge(unet, weight=0.8)         # into the weights: no cost per step
     lora.merge(text_encoder, weight=0.5)
     lora.unmerge(unet)                   # the original weights back, bit for bit
-    lora.attach(unet, weight=0.8)        # or: forward hooks, the weights untouched
+    lora.attach(unet, weight=0.8)        # or on the fly, the weights untouched
     lora.detach(unet)
 
 ``merge`` keeps a reference to each weight it replaces (it writes a new tensor into the
@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from sd_lora import _onednn, names
+from sd_lora import attached, names
 from sd_lora.layers import ALIASES, PARAMS, Layer, LoRAError, Scratch
 
 logger = logging.getLogger(__name__)
@@ -272,20 +271,22 @@ class LoRA:
             _rebuild(module, state)
 
     def attach(self, module: nn.Module, weight: float = 1.0) -> None:
-        """Apply it on the fly: forward hooks add its output to each adapted layer's, the
-        weights untouched (switch LoRAs between images without touching the weights).
-        Attaching it again changes its weight."""
+        """Apply it on the fly, the weights untouched (switch LoRAs between images without
+        touching the weights): each adapted layer adds its update at every call, beside the
+        layer or folded into the weight it computes with, whichever costs less at that call's
+        size (see ``sd_lora.attached``). Attaching it again changes its weight."""
         weight = _check_weight(weight)
-        hooks = [(target, _hook(layer, target, weight)) for layer, target in self.targets(module)]
+        key = id(self)
+        applies = [attached.attach(layer, target, weight, (key, layer.name))
+                   for layer, target in self.targets(module)]  # fmt: skip
         state = _state(module)
-        if id(self) in state.attached:
+        if key in state.attached:
             self.detach(module)
-        if hooks:
-            handles = [target.register_forward_hook(hook) for target, hook in hooks]
-            state.attached[id(self)] = (self, weight, handles)
+        if applies:
+            state.attached[key] = (self, weight, [apply() for apply in applies])
 
     def detach(self, module: nn.Module) -> None:
-        """Remove the hooks ``attach`` put on ``module``."""
+        """Take it off ``module`` again: the hooks and folded forwards ``attach`` put there."""
         state = _state(module)
         if id(self) not in state.attached:
             raise LoRAError(f"{self.name}: not attached to this {type(module).__name__}")
@@ -309,11 +310,12 @@ def remove_all(module: nn.Module) -> None:
         return
     for lora, _, _ in list(state.attached.values()):
         lora.detach(module)
-    for lora, _ in reversed(state.merged):
-        if id(lora) in state.in_place:
-            lora.unmerge(module)
-    state.merged = []
+    # the kept-copy merges out first (the kept originals back: they hold the in-place updates),
+    # so that subtracting each in-place one has no kept-copy merge to make again on top
+    state.merged = [(lora, w) for lora, w in state.merged if id(lora) in state.in_place]
     _rebuild(module, state)
+    for lora, _ in reversed(state.merged):
+        lora.unmerge(module)
     state.spare.clear()
 
 
@@ -370,7 +372,7 @@ def _add_in_place(root: nn.Module, pairs: list[tuple[Layer, nn.Module]], weight:
     and the kept-copy merges are made again on it. A layer that does not fit (a LoRA of
     another model) raises after the ones before it are taken out again."""
     for layer, target in pairs:  # what can be checked without arithmetic, before any change
-        tensors = [target.weight] + ([target.bias] if layer.bias_delta() is not None else [])
+        tensors = [target.weight] + ([target.bias] if "diff_b" in layer.tensors else [])
         if any(t is None or t.dtype != torch.float32 for t in tensors):
             dtype = target.weight.dtype
             raise LoRAError(
@@ -404,83 +406,6 @@ def _add_in_place(root: nn.Module, pairs: list[tuple[Layer, nn.Module]], weight:
         raise
     if any(id(target.weight) in state.originals for _, target in pairs):
         _rebuild(root, state)
-
-
-# ---------------------------------------------------------------------------------------------
-# Applying on the fly
-
-
-@torch.no_grad()  # what the hooks hold is computed once, outside any graph
-def _hook(layer: Layer, target: nn.Module, weight: float):
-    """A forward hook adding ``weight`` times the layer's update to the module's output."""
-    w = target.weight
-    if layer.kind == "lora" and "dora_scale" not in layer.tensors:
-        return _low_rank_hook(layer, target, weight)
-    delta = (layer.delta(w) * weight).to(w.dtype)  # computed once, from the current weight
-    bias = layer.bias_delta()
-    bias = None if bias is None else (bias * weight).to(w.device, w.dtype)
-    conv = isinstance(target, nn.Conv2d)
-
-    def hook(module, inputs, output):
-        x = inputs[0]
-        if conv:
-            extra = F.conv2d(x, delta.to(x.dtype), bias, module.stride, module.padding,
-                             module.dilation, module.groups)  # fmt: skip
-        else:
-            extra = F.linear(x, delta.to(x.dtype), bias)
-        return _add(output, extra)
-
-    return hook
-
-
-def _add(output: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-    """``output + extra``, in place where nothing can need ``output`` as it was: without
-    autograd the module's output is a fresh tensor that only the caller will read."""
-    if torch.is_grad_enabled() or output.dtype != extra.dtype:
-        return output + extra.to(output.dtype)
-    return output.add_(extra)
-
-
-@torch.no_grad()
-def _low_rank_hook(layer: Layer, target: nn.Module, weight: float):
-    """``up(mid(down(x)))``: two (or three) thin products instead of a full-size one."""
-    w = target.weight
-    layer._fit(layer._lora(), w)  # a wrong shape fails here, not at the first step
-    tensors = layer.tensors
-    down = tensors["lora_down.weight"].to(w.device, w.dtype)
-    up = (tensors["lora_up.weight"].float() * (layer.scale * weight)).to(w.device, w.dtype)
-    mid = tensors.get("lora_mid.weight")
-    mid = None if mid is None else mid.to(w.device, w.dtype)
-    if isinstance(target, nn.Conv2d):
-        if down.dim() == 2:
-            down, up = down[:, :, None, None], up[:, :, None, None]
-        stride, padding, dilation = target.stride, target.padding, target.dilation
-
-        def hook(module, inputs, output):
-            x = inputs[0]
-            if mid is None:
-                h = F.conv2d(x, down.to(x.dtype), None, stride, padding, dilation)
-            else:
-                h = F.conv2d(F.conv2d(x, down.to(x.dtype)), mid.to(x.dtype), None, stride,
-                             padding, dilation)  # fmt: skip
-            return _add(output, F.conv2d(h, up.to(x.dtype)))
-
-        return hook
-    down, up_t = down.flatten(1), up.flatten(1).t().contiguous()  # (rank, in), (rank, out)
-
-    def hook(module, inputs, output):
-        x = inputs[0]
-        if _onednn.LINEAR is not None and _onednn.cpu_float32_inference(x, down):
-            h = _onednn.LINEAR(x, down, None, "none", [], "")  # the thin product, faster here
-        else:
-            h = F.linear(x, down.to(x.dtype))
-        if torch.is_grad_enabled() or not output.is_contiguous() or output.dtype != x.dtype:
-            return output + (h @ up_t.to(x.dtype)).to(output.dtype)
-        flat = output.view(-1, output.shape[-1])  # out += h @ up^T, one fused multiply-add
-        flat.addmm_(h.reshape(-1, h.shape[-1]), up_t.to(x.dtype))
-        return output
-
-    return hook
 
 
 # ---------------------------------------------------------------------------------------------

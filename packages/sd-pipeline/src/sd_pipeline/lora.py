@@ -53,7 +53,7 @@ def apply_loras(
 ) -> None:
     """Apply each (LoRA, UNet weight, text encoder weight) to the part(s) it adapts: merged
     into the weights (``in_place``: added into their memory, sd-lora's ``merge(in_place=)``),
-    or with ``merge=False`` attached as forward hooks (weights untouched).
+    or with ``merge=False`` attached on the fly (weights untouched).
     A text encoder weight of None means the UNet weight. ``text_encoder``: the model's one, or
     SDXL's (CLIP-L, bigG), each taking its own layers (sd-lora's ``names.sdxl_part``). All or
     nothing: when one does not fit, those this call applied are removed again before the
