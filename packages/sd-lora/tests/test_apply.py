@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TinyTextEncoder, TinyUNet, adaptable, kohya_lora, randomize
 from safetensors.torch import save_file
+from torch import nn
 
 from sd_lora import LoRA, LoRAError, applied, attached, remove_all
 
@@ -355,6 +356,49 @@ def test_folded_layers_choose_by_size_and_copy_with_the_model():
     lora.detach(half)
     lora.merge(half, 0.9)
     torch.testing.assert_close(attached_out, hq(x.half()), rtol=2e-3, atol=2e-3)
+
+
+class _WithForward(nn.Conv2d):
+    """A conv layer whose class offers ``forward_with`` (as sd-unet's Conv3x3): folding calls
+    it with the folded weight, in the weight's own layout."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def forward(self, x):
+        return self.forward_with(x, self.weight, self.bias)
+
+    def forward_with(self, x, weight, bias):
+        self.seen.append(weight.stride())
+        return self._conv_forward(x, weight, bias)
+
+
+@torch.no_grad()
+def test_folded_convs_keep_the_weights_layout_and_use_forward_with():
+    model = _model("unet").to(memory_format=torch.channels_last)
+    path = "input_blocks.0.0"  # conv_in, a 3x3 conv
+    conv = dict(model.named_modules())[path]
+    special = _WithForward(conv.in_channels, conv.out_channels, 3, padding=1)
+    special = special.to(memory_format=torch.channels_last)
+    special.weight.copy_(conv.weight)
+    special.bias.copy_(conv.bias)
+    model.input_blocks[0][0] = special
+    lora = _lora(model, "unet")
+    x = torch.randn(1, conv.in_channels, 8, 8).contiguous(memory_format=torch.channels_last)
+    inputs = _inputs(model, 64)
+    inputs[path] = x
+    lora.attach(model, 0.6)
+    special.seen.clear()
+    attached_out = {p: m(inputs[p]) for p, m in adaptable(model).items()}
+    assert special.seen == [special.weight.stride()]  # folded, channels_last like the weight
+    model.to(memory_format=torch.contiguous_format)  # the layout changes after attach
+    torch.testing.assert_close(special(x), attached_out[path], rtol=1e-5, atol=1e-5)
+    assert special.seen[-1] == special.weight.stride() != special.seen[0]
+    lora.detach(model)
+    lora.merge(model, 0.6)
+    for p, m in adaptable(model).items():
+        torch.testing.assert_close(attached_out[p], m(inputs[p]), rtol=1e-4, atol=1e-4)
 
 
 def test_attach_full_kind_and_weight_zero():

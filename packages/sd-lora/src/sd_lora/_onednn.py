@@ -54,11 +54,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 class Linear(nn.Linear):
     """An ``nn.Linear`` through oneDNN's kernel for float32 CPU inference (``F.linear``
-    everywhere else); ``Linear.onednn = None`` turns it off."""
+    everywhere else); ``Linear.onednn = None`` turns it off. ``forward_with`` is its forward
+    with another weight and bias (what sd-lora folds an attached LoRA's update into)."""
 
     onednn = LINEAR
 
     def forward(self, x):
-        if self.onednn is not None and cpu_float32_inference(x, self.weight):
-            return self.onednn(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
+        return self.forward_with(x, self.weight, self.bias)
+
+    def forward_with(self, x, weight, bias):
+        if self.onednn is not None and cpu_float32_inference(x, weight):
+            return self.onednn(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)

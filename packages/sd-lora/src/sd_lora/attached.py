@@ -13,8 +13,10 @@ Folding wins wherever a call has more tokens than about ``in * out / (in + out)`
 that is most of SD's UNet (4096 tokens per image at 512 px, where the products beside the
 layers would be 9% of the step's arithmetic), while the text encoder's 77 tokens and the
 cross-attention keys and values stay beside. Only layers whose forward is known to be one
-plain product are folded (``nn.Linear``, a 1x1 ``nn.Conv2d``, this project's oneDNN
-``Linear``), and only without autograd; everything else takes the hooks.
+plain product with their weight are folded, and only without autograd: ``nn.Linear``,
+``nn.Conv2d``, and any layer with a ``forward_with(x, weight, bias)`` method (its forward with
+another weight: this project's oneDNN ``Linear`` and Winograd ``Conv3x3``, so that a folded
+layer keeps its fast path); everything else takes the hooks.
 
 The folded layers get a forward of their own (an instance attribute, removed again when their
 last LoRA is detached); forward hooks and pre-hooks on them still run around it.
@@ -22,6 +24,7 @@ last LoRA is detached); forward hooks and pre-hooks on them still run around it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +45,22 @@ class _Update:
     device, ``weight`` times the file's scale applied): ``up @ down`` or a full ``delta``."""
 
     hook: object  # the beside-the-layer forward hook, for the calls that do not fold
+    shape: tuple[int, ...]  # the weight's
     up: torch.Tensor | None = None  # (out, rank)
-    down: torch.Tensor | None = None  # (rank, in)
-    delta: torch.Tensor | None = None  # (out, in)
+    down: torch.Tensor | None = None  # (rank, in [* kh * kw]), the columns in ``order``
+    delta: torch.Tensor | None = None  # (out, in [* kh * kw]), the columns in ``order``
     bias: torch.Tensor | None = None  # a full layer's bias update
+    order: tuple[int, ...] = ()  # the weight's dimensions in memory order (see _order)
+
+    def reorder(self, order: tuple[int, ...]) -> None:
+        """``down`` / ``delta`` with their columns in another order."""
+        for name in ("down", "delta"):
+            t = getattr(self, name)
+            if t is not None:
+                full = t.view([t.shape[0], *(self.shape[i] for i in self.order[1:])])
+                inverse = sorted(range(len(self.order)), key=self.order.__getitem__)
+                setattr(self, name, _flat(full.permute(inverse), order).contiguous())
+        self.order = order
 
     def folds(self, tokens: int) -> bool:
         if self.delta is not None:  # one addition of the weight's size against a product
@@ -70,7 +85,10 @@ class _Folded:
         if torch.is_grad_enabled() or args or kwargs:  # autograd: the hooks' plain products
             beside = list(self.updates.values())
         else:
-            tokens = x.numel() // max(x.shape[-1 if isinstance(m, nn.Linear) else 1], 1)
+            if isinstance(m, nn.Conv2d):  # output pixels
+                tokens = x.numel() // max(x.shape[1], 1) // math.prod(m.stride)
+            else:
+                tokens = x.numel() // max(x.shape[-1], 1)
             for u in self.updates.values():
                 (folded if u.folds(tokens) else beside).append(u)
         if folded:
@@ -83,8 +101,10 @@ class _Folded:
 
     def _product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         m = self.module
+        if hasattr(type(m), "forward_with"):
+            return m.forward_with(x, weight, bias)
         if isinstance(m, nn.Conv2d):
-            return F.conv2d(x, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+            return m._conv_forward(x, weight, bias)  # nn.Conv2d's forward with these
         return _onednn.linear(x, weight, bias)
 
     def remove(self, key: int) -> None:
@@ -103,12 +123,28 @@ class _Handle:
         self.folded.remove(self.key)
 
 
+def _order(t: torch.Tensor) -> tuple[int, ...]:
+    """The order of ``t``'s dimensions in memory: (0, 2, 3, 1) for a ``channels_last`` conv
+    weight (a 1x1 one is the same either way), else as they are."""
+    last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    return (0, 2, 3, 1) if last and not t.is_contiguous() else tuple(range(t.dim()))
+
+
+def _flat(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """(rows, -1) with the columns in ``order``: a view of a weight laid out that way."""
+    return t.permute(order).reshape(t.shape[0], -1)
+
+
 def _fold(weight: torch.Tensor, bias: torch.Tensor | None, updates: list[_Update]):
-    """``weight + sum of updates`` (and the bias) in new memory: computed in float32, rounded
-    once to the weight's dtype."""
-    flat = weight.reshape(weight.shape[0], -1)
+    """``weight + sum of updates`` (and the bias) in new memory laid out as the weight is (a
+    ``channels_last`` conv weight stays one, for the layer's fast path): computed in float32,
+    rounded once to the weight's dtype."""
+    order = _order(weight)
+    flat = _flat(weight, order)
     acc = None
     for u in updates:
+        if u.order != order:  # the model's layout changed since attach
+            u.reorder(order)
         if u.delta is not None:
             acc = flat.float() + u.delta if acc is None else acc.add_(u.delta)
         elif acc is None:
@@ -119,28 +155,24 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor | None, updates: list[_Update
             bias = u.bias if bias is None else bias.float() + u.bias
     if bias is not None:
         bias = bias.to(weight.dtype)
-    return acc.to(weight.dtype).view(weight.shape), bias
+    shape = [weight.shape[i] for i in order]
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return acc.to(weight.dtype).view(shape).permute(inverse), bias
 
 
 def foldable(module: nn.Module) -> bool:
     """Whether ``module``'s forward is one plain product with its weight and bias, to be made
-    with a folded weight instead: ``nn.Linear``, a 1x1 ``nn.Conv2d`` (stride 1, no groups), and
-    this project's oneDNN ``Linear`` (the checked ``_onednn`` copies: ``F.linear`` by contract).
-    Not a layer that something else has given a forward of its own."""
+    with a folded weight instead: ``nn.Linear``, ``nn.Conv2d`` (their forwards as torch has
+    them), or a layer with ``forward_with(x, weight, bias)``. Not a layer that something else
+    has given a forward of its own."""
     forward = module.__dict__.get("forward")
     if forward is not None and not isinstance(getattr(forward, "__self__", None), _Folded):
         return False
     cls = type(module)
-    if cls.forward is nn.Linear.forward:
-        return True
-    if isinstance(module, nn.Linear):
-        return cls.__name__ == "Linear" and cls.__module__.endswith("._onednn")
     return (
-        cls.forward is nn.Conv2d.forward
-        and module.kernel_size == (1, 1)
-        and module.stride == (1, 1)
-        and module.groups == 1
-        and module.padding_mode == "zeros"
+        callable(getattr(cls, "forward_with", None))
+        or cls.forward is nn.Linear.forward
+        or cls.forward is nn.Conv2d.forward
     )
 
 
@@ -167,15 +199,17 @@ def attach(layer: Layer, target: nn.Module, weight: float, key: int):
 
 def _update(layer: Layer, target: nn.Module, weight: float, hook) -> _Update:
     w = target.weight
+    order, shape = _order(w), tuple(w.shape)
     if layer.kind == "lora" and not {"lora_mid.weight", "dora_scale"} & layer.tensors.keys():
         t = layer.tensors
         up = t["lora_up.weight"].to(w.device, torch.float32).flatten(1) * (layer.scale * weight)
-        down = t["lora_down.weight"].to(w.device, torch.float32).flatten(1)
-        return _Update(hook, up=up, down=down)
-    delta = (layer.delta(w) * weight).reshape(w.shape[0], -1)
+        down = t["lora_down.weight"].to(w.device, torch.float32)
+        down = down.reshape(down.shape[0], *shape[1:])  # a linear LoRA on a 1x1 conv too
+        return _Update(hook, shape, up=up, down=_flat(down, order).contiguous(), order=order)
+    delta = layer.delta(w) * weight
     bias = layer.bias_delta()
     bias = None if bias is None else (bias * weight).to(w.device)
-    return _Update(hook, delta=delta, bias=bias)
+    return _Update(hook, shape, delta=_flat(delta, order).contiguous(), bias=bias, order=order)
 
 
 def _hook(layer: Layer, target: nn.Module, weight: float):

@@ -37,19 +37,23 @@ class Conv3x3(nn.Conv2d):
         self.workspace: winograd.Workspace | None = None  # the UNet gives its convs one
 
     def forward(self, x):
+        return self.forward_with(x, self.weight, self.bias)
+
+    def forward_with(self, x, weight, bias):
+        """The forward with another weight and bias of the same shapes (what sd-lora folds an
+        attached LoRA's update into): the same fast paths."""
         n, c_in, h, w = x.shape
-        if _onednn.cpu_float32_inference(x, self.weight):
+        if _onednn.cpu_float32_inference(x, weight):
             pixels = n * h * w
             if self.winograd_min_pixels is not None and pixels >= self.winograd_min_pixels:
-                return winograd.conv3x3(x, self.weight, self.bias, self.workspace)
+                return winograd.conv3x3(x, weight, bias, self.workspace)
             if (
                 self.product_pixels_per_channel is not None
                 and pixels <= self.product_pixels_per_channel * c_in
-                and self.weight.is_contiguous(memory_format=torch.channels_last)
+                and weight.is_contiguous(memory_format=torch.channels_last)
             ):
-                return winograd.conv3x3_product(x, self.weight, self.bias, self.workspace,
-                                                _onednn.linear)  # fmt: skip
-        return super().forward(x)
+                return winograd.conv3x3_product(x, weight, bias, self.workspace, _onednn.linear)
+        return self._conv_forward(x, weight, bias)
 
 
 Linear = _onednn.Linear  # the linear layers: oneDNN's kernel for float32 CPU inference
