@@ -199,7 +199,7 @@ class GuidedModel:
 
     def _note_finite(self, out: torch.Tensor) -> None:
         finite = torch.isfinite(out).all()
-        if out.device.type == "cpu":
+        if _read_at_once(out):
             if not finite:
                 raise self._error(f"at model call {self.calls}")
             return
@@ -216,6 +216,13 @@ class GuidedModel:
             "nothing was written. Likely causes: weights with NaN/inf in them, a guidance_scale "
             "far too large, or float16 overflow (try dtype float32 or bfloat16)"
         )
+
+
+def _read_at_once(t: torch.Tensor) -> bool:
+    """Whether to read a prediction's finiteness at each call (the error then names the call):
+    on the CPU, where reading costs nothing. On a GPU it would wait for the queued kernels at
+    every step, so there it is gathered on the device and read once, after sampling."""
+    return t.device.type == "cpu"
 
 
 def _y(y: torch.Tensor | None) -> dict:
