@@ -24,45 +24,52 @@ ends in ``. < | endoftext | >`` here and in OpenAI's tokenizer, in an end token 
 Everywhere else the ids are those of transformers' slow ``CLIPTokenizer`` (checked on a corpus
 in the tests).
 
-The vocabulary is derived from OpenAI's merges file, shipped in ``sd_clip/data`` (MIT licence,
-see ``data/LICENSE``): the 256 byte symbols, the same with ``</w>``, the concatenation of each
-of the first 48,894 merges, then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407).
+The vocabulary, its byte symbols and its files are in :mod:`sd_clip.vocabulary`; a prompt cut
+into 77-token chunks (:meth:`CLIPTokenizer.chunks`) in :mod:`sd_clip.chunks`.
 """
 
 from __future__ import annotations
 
-import gzip
 import html
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
 from itertools import pairwise
 from pathlib import Path
-from typing import NamedTuple
 
 import ftfy
 import regex
 import torch
 
+# The names imported from sd_clip.chunks and sd_clip.vocabulary were defined in this module
+# before those had modules of their own, and stay importable from here; those this module does
+# not use are imported ``as`` themselves, as re-exports.
+from sd_clip.chunks import EMBEDDING_PLACEHOLDER as EMBEDDING_PLACEHOLDER
+from sd_clip.chunks import Chunk, EmbeddingSlot, _Chunker
 from sd_clip.embeddings import Embedding
 from sd_clip.prompt import parse_attention
+from sd_clip.vocabulary import (
+    _TO_SYMBOLS,
+    END_TOKEN,
+    NUM_MERGES,
+    START_TOKEN,
+    WORD_END,
+    _bundled_merges,
+    _check_vocabulary,
+    _has_tokenizer_files,
+    _pad_id_beside,
+    _symbols_to_text,
+    clip_vocabulary,
+)
+from sd_clip.vocabulary import BUNDLED_MERGES as BUNDLED_MERGES
+from sd_clip.vocabulary import BYTE_ALPHABET as BYTE_ALPHABET
 
 __all__ = ["CLIPTokenizer", "Chunk", "EmbeddingSlot"]
 
 logger = logging.getLogger(__name__)
 
-START_TOKEN = "<|startoftext|>"
-END_TOKEN = "<|endoftext|>"
-WORD_END = "</w>"
-# CLIP keeps the first 49152 - 256 - 2 merges of its merges file (so that, with the 512 byte
-# symbols and the two special tokens, the vocabulary has 49,408 entries); transformers too.
-NUM_MERGES = 49152 - 256 - 2
 # The text encoder of SD 1.x and 2.x has 77 positions: start token, 75 tokens, end token.
 MAX_LENGTH = 77
-BUNDLED_MERGES = "bpe_simple_vocab_16e6.txt.gz"
 _CACHE_LIMIT = 100_000  # pieces remembered before the BPE cache is emptied and starts again
 
 # CLIP's pre-tokenisation pattern: special tokens, contractions, letter runs, single digits,
@@ -74,54 +81,10 @@ _PIECE = regex.compile(
 _WHITESPACE = regex.compile(r"\s+")
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters.
-
-    A byte that is a printable Latin-1 character stands for itself; the 68 others (controls,
-    space, no-break space, soft hyphen) take chr(256), chr(257), ... in byte order, so that no
-    BPE symbol is whitespace. The dict's order is CLIP's order of the first 256 ids.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += range(ord("®"), ord("ÿ") + 1)
-    alphabet = {b: chr(b) for b in printable}
-    others = [b for b in range(256) if b not in alphabet]
-    alphabet.update({b: chr(256 + k) for k, b in enumerate(others)})
-    return alphabet
-
-
-BYTE_ALPHABET = _byte_alphabet()
-# As a str.translate table, it turns a text decoded as Latin-1 (one char per byte) into symbols.
-_TO_SYMBOLS = BYTE_ALPHABET
-_FROM_SYMBOLS = {c: b for b, c in BYTE_ALPHABET.items()}
-
-
 def clean_text(text: str) -> str:
     """CLIP's text clean-up: ftfy, HTML unescape (twice), one space between words, lower case."""
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
     return _WHITESPACE.sub(" ", text).strip().lower()
-
-
-@lru_cache(maxsize=1)
-def _bundled_merges() -> tuple[tuple[str, str], ...]:
-    """The first 48,894 merges of OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` (header skipped)."""
-    source = resources.files("sd_clip").joinpath("data", BUNDLED_MERGES)
-    with source.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
-        next(lines)  # the header: '"bpe_simple_vocab_16e6.txt#version: 0.2'
-        merges = []
-        for line in lines:
-            if len(merges) == NUM_MERGES:
-                break
-            first, second = line.split()
-            merges.append((first, second))
-    return tuple(merges)
-
-
-def clip_vocabulary(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
-    """CLIP's token -> id table, built from its merges as OpenAI's tokenizer builds it."""
-    symbols = list(BYTE_ALPHABET.values())
-    tokens = symbols + [s + WORD_END for s in symbols] + [a + b for a, b in merges]
-    tokens += [START_TOKEN, END_TOKEN]
-    return {token: i for i, token in enumerate(tokens)}
 
 
 class CLIPTokenizer:
@@ -455,175 +418,3 @@ class CLIPTokenizer:
             f"CLIPTokenizer(vocab_size={self.vocab_size}, max_length={self.max_length}, "
             f"pad_id={self.pad_id})"
         )
-
-
-@dataclass
-class Chunk:
-    """One ``max_length`` (77) window of a prompt: what the text encoder runs on at once.
-
-    ``ids``: start token, up to 75 tokens, end token, then padding as the tokenizer pads (at an
-    embedding's positions a placeholder, 0). ``weights``: each position's emphasis, 1.0 at
-    the start, end and padding. ``embedding_slots``: where each embedding's vectors go.
-    """
-
-    ids: list[int]
-    weights: list[float]
-    embedding_slots: list[EmbeddingSlot] = field(default_factory=list)
-
-
-class EmbeddingSlot(NamedTuple):
-    """Positions ``position`` to ``position + embedding.num_vectors - 1`` of a chunk take the
-    embedding's vectors in place of token embeddings."""
-
-    position: int
-    embedding: Embedding
-
-
-EMBEDDING_PLACEHOLDER = 0  # the id at an embedding's positions (AUTOMATIC1111's choice)
-
-
-class _Chunker:
-    """AUTOMATIC1111's ``tokenize_line``: fills chunks token by token, closing them as it goes."""
-
-    def __init__(self, tokenizer: CLIPTokenizer, lookup: dict, backtrack: int):
-        self.tokenizer, self.lookup, self.backtrack = tokenizer, lookup, backtrack
-        self.size = tokenizer.max_length - 2
-        self.comma = tokenizer.vocab.get("," + WORD_END)
-        self.done: list[Chunk] = []
-        self.ids: list[int] = []
-        self.weights: list[float] = []
-        self.slots: list[EmbeddingSlot] = []  # positions counted without the start token
-        self.last_comma = -1
-
-    def run(self, runs: list[tuple[str, float]]) -> list[Chunk]:
-        for text, weight in runs:
-            if text == "BREAK" and weight == -1:
-                self.close()
-            else:
-                self.add(self.tokenizer._text_ids(text), weight)
-        if self.ids or not self.done:
-            self.close()
-        return self.done
-
-    def add(self, tokens: list[int], weight: float) -> None:
-        position = 0
-        while position < len(tokens):
-            token = tokens[position]
-            if token == self.comma:
-                self.last_comma = len(self.ids)
-            elif (
-                self.backtrack
-                and len(self.ids) == self.size
-                and self.last_comma != -1
-                and self.size - self.last_comma <= self.backtrack
-            ):
-                self.move_after_comma()
-            if len(self.ids) == self.size:
-                self.close()
-            embedding, length = self.find_embedding(tokens, position)
-            if embedding is None:
-                self.ids.append(token)
-                self.weights.append(weight)
-                position += 1
-                continue
-            n = embedding.num_vectors
-            if n > self.size:
-                raise ValueError(
-                    f"embedding {embedding.name!r} has {n} vectors, more than the {self.size} "
-                    "tokens of a chunk"
-                )
-            if len(self.ids) + n > self.size:
-                self.close()
-            self.slots.append(EmbeddingSlot(len(self.ids), embedding))
-            self.ids += [EMBEDDING_PLACEHOLDER] * n
-            self.weights += [weight] * n
-            position += length
-
-    def find_embedding(self, tokens: list[int], position: int) -> tuple[Embedding | None, int]:
-        for ids, embedding in self.lookup.get(tokens[position], ()):
-            if tokens[position : position + len(ids)] == ids:
-                return embedding, len(ids)
-        return None, 0
-
-    def move_after_comma(self) -> None:
-        """Close the chunk after its last comma; what followed the comma starts the next one.
-
-        An embedding after the comma moves with its positions (AUTOMATIC1111 leaves its vectors
-        behind in the closed chunk, on padding, and the moved positions as the token "!").
-        """
-        cut = self.last_comma + 1
-        ids, weights = self.ids[cut:], self.weights[cut:]
-        moved = [
-            EmbeddingSlot(s.position - cut, s.embedding) for s in self.slots if s.position >= cut
-        ]
-        self.ids, self.weights = self.ids[:cut], self.weights[:cut]
-        self.slots = [s for s in self.slots if s.position < cut]
-        self.close()
-        self.ids, self.weights, self.slots = ids, weights, moved
-
-    def close(self) -> None:
-        tok = self.tokenizer
-        padding = self.size - len(self.ids)
-        ids = [tok.start_id, *self.ids, tok.end_id] + [tok.pad_id] * padding
-        weights = [1.0, *self.weights] + [1.0] * (padding + 1)
-        slots = [EmbeddingSlot(s.position + 1, s.embedding) for s in self.slots]
-        self.done.append(Chunk(ids, weights, slots))
-        self.ids, self.weights, self.slots = [], [], []
-        self.last_comma = -1
-
-
-def _has_tokenizer_files(folder: Path) -> bool:
-    """Whether ``folder`` holds a tokenizer :meth:`CLIPTokenizer.from_folder` reads."""
-    return (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
-
-
-def _pad_id_beside(folder: Path, vocab: dict[str, int]) -> int | None:
-    """The id of the pad token that a transformers tokenizer folder names, or None (no file says:
-    pad with the end token). transformers writes it as a string or as an AddedToken object."""
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            settings = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        token = settings.get("pad_token") if isinstance(settings, dict) else None
-        if isinstance(token, dict):
-            token = token.get("content")
-        if token is None:
-            continue
-        if not isinstance(token, str) or token not in vocab:
-            raise ValueError(
-                f"{path}: pad_token {token!r} is not a token of the vocabulary; SD 1.x pads "
-                f"with {END_TOKEN!r}, SD 2.x with '!'"
-            )
-        return vocab[token]
-    return None
-
-
-def _symbols_to_text(symbols: list[str]) -> str:
-    """Byte symbols back to text: bytes decoded as UTF-8 (bad bytes as U+FFFD), </w> a space."""
-    text = "".join(symbols).replace(WORD_END, " ")
-    data = bytes(_FROM_SYMBOLS[c] if c != " " else 32 for c in text)
-    return data.decode("utf-8", errors="replace")
-
-
-def _check_vocabulary(vocab: dict[str, int], merges: Sequence[tuple[str, str]]) -> None:
-    """Refuse a vocabulary that BPE could leave without an id for a symbol it produces."""
-    for special in (START_TOKEN, END_TOKEN):
-        if special not in vocab:
-            raise ValueError(f"the vocabulary has no {special} token; is it a CLIP vocabulary?")
-    for symbol in BYTE_ALPHABET.values():
-        for token in (symbol, symbol + WORD_END):
-            if token not in vocab:
-                raise ValueError(
-                    f"the vocabulary has no id for the byte symbol {token!r}: a CLIP vocabulary "
-                    f"holds all 256 byte symbols, with and without {WORD_END}"
-                )
-    for rank, (first, second) in enumerate(merges):
-        if first + second not in vocab:
-            raise ValueError(
-                f"merge {rank} ({first!r} + {second!r}) makes {first + second!r}, which is not in "
-                f"the vocabulary: the merges and the vocabulary do not belong together"
-            )
