@@ -36,13 +36,6 @@ import torch
 
 from sd_server.models import ModelInfo, ModelSpec
 from sd_server.pool_process import GONE, INTERRUPT, SKIP, _serve, _Signals
-
-# not used here: the rest of the worker process's side, importable from here as before
-from sd_server.pool_process import _answer as _answer
-from sd_server.pool_process import _portable as _portable
-from sd_server.pool_process import _RemoteJob as _RemoteJob
-from sd_server.pool_process import _sendable as _sendable
-from sd_server.pool_process import _thread_lock_for_tqdm as _thread_lock_for_tqdm
 from sd_server.worker import Job, JobQueue
 
 __all__ = ["MAX_ATTEMPTS", "WorkerDied", "WorkerPool", "pool_devices"]
