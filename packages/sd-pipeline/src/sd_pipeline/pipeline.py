@@ -5,7 +5,8 @@
 
 Each part comes from its own package (sd-clip, sd-unet, sd-vae, sd-samplers); this module only
 joins them. A call runs the named steps of :meth:`StableDiffusion.run` in order: check inputs,
-encode prompt, prepare latents, denoise, decode, postprocess.
+encode prompt, prepare latents, denoise, decode, postprocess (the sampling steps,
+``prepare_latents`` and ``denoise``, are :class:`sd_pipeline.sampling.Sampling`'s).
 """
 
 from __future__ import annotations
@@ -24,31 +25,19 @@ from sd_clip import CLIPTextModel, CLIPTokenizer
 from sd_pipeline import allocator, infotext, loading, model_kind, single_file
 from sd_pipeline import lora as lora_glue
 from sd_pipeline.adapters import Adapters, without_lora_tags
-from sd_pipeline.approximate import approximate
 from sd_pipeline.conditioning import Conditioning, encode_conditioning
-from sd_pipeline.controlnet import ControlledUNet, prepare_controls
-from sd_pipeline.guidance import GuidedModel, Inpainting, NonFiniteError, StopSampling
+from sd_pipeline.guidance import NonFiniteError
 from sd_pipeline.hires import hires_request
-from sd_pipeline.images import (
-    latent_mask,
-    mask_to_tensor,
-    pil_to_tensor,
-    tensor_to_pil,
-)
+from sd_pipeline.images import tensor_to_pil
 from sd_pipeline.loading import GENERATION_DEFAULTS, bundled_checkpoint, resolve_dtype
 from sd_pipeline.metadata import GenerationParameters, file_sha256, model_hash
-from sd_pipeline.noise import request_noise, row_noise
 from sd_pipeline.placement import Placement
-from sd_pipeline.request import GenerationRequest, RequestError, random_seed
-from sd_pipeline.sdxl import RefinerStage, RefinerSwitch, text_conditioner
+from sd_pipeline.request import GenerationRequest, RequestError
+from sd_pipeline.sampling import Sampling, Start
 from sd_pipeline.sdxl import infotext_fields as sdxl_fields
+from sd_pipeline.sdxl import text_conditioner
 from sd_pipeline.tasks import Tasks
-from sd_samplers import (
-    SAMPLERS,
-    NoiseSchedule,
-    sample,
-    steps_for_strength,
-)
+from sd_samplers import NoiseSchedule
 from sd_unet import UNet
 from sd_vae import AutoencoderKL
 
@@ -63,22 +52,7 @@ AUTO_TILE_SIZE = 512
 OutputType = str  # "pil" | "tensor" (B, 3, H, W) in [-1, 1] | "latent" (scaled latents)
 
 
-@dataclasses.dataclass
-class Start:
-    """What sampling starts from: the noise (and each image's generator) and, for img2img and
-    inpainting, the image in pixels and latents, and the mask."""
-
-    noise: torch.Tensor
-    generators: list[torch.Generator]
-    image: torch.Tensor | None = None  # (1, 3, H, W) in [-1, 1]
-    mask: torch.Tensor | None = None  # (1, 1, H, W) in [0, 1], 1 = repaint
-    init_latents: torch.Tensor | None = None
-    inpainting: Inpainting | None = None
-    controls: list = dataclasses.field(default_factory=list)  # prepared ControlNet units
-    refiner: RefinerStage | None = None  # the second stage that takes over (SDXL's refiner)
-
-
-class StableDiffusion(Tasks, Adapters, Placement):
+class StableDiffusion(Tasks, Adapters, Sampling, Placement):
     """A text-to-image latent diffusion model: tokenizer, text encoder, UNet, VAE and schedule.
 
     Build it with :meth:`from_checkpoint` (an SD 1.x/2.x or SDXL file or a diffusers model root),
@@ -333,167 +307,6 @@ class StableDiffusion(Tasks, Adapters, Placement):
         with self._on_device(self.conditioner.encoders):
             return encode_conditioning(encode, prompts, request.steps, request.guided)
 
-    def prepare_latents(self, request: GenerationRequest, latents: torch.Tensor | None) -> Start:
-        """The starting noise (drawn on the CPU, one generator per image, so that a seed gives
-        the same picture on any device and image i of a batch equals a run with seed + i) and,
-        for img2img and inpainting, the image's latents and the mask."""
-        seeds = [random_seed() if s is None else s for s in request.seeds]
-        generators = [_generator(seed) for seed in seeds]
-        shape = self._latent_shape(request)[1:]
-        if latents is not None:
-            noise = torch.as_tensor(latents).float().cpu()
-        else:
-            noise = torch.stack([request_noise(request, i, seed, g, shape, self.scale, self.device)
-                                 for i, (seed, g) in enumerate(zip(seeds, generators))])  # fmt: skip
-        start = Start(noise=noise.to(self.device), generators=generators)
-        # the refiner as AUTOMATIC1111 runs it with the hires fix: in the second pass only
-        start.refiner = RefinerStage.of(self, request) if request.hires is None else None
-        if request.controls:
-            start.controls = prepare_controls(request.controls, request.width, request.height,
-                                              unet=self.unet, device=self.device,
-                                              dtype=self.dtype)  # fmt: skip
-        if request.init_latents is not None:
-            start.init_latents = request.init_latents.to(self.device, torch.float32)
-            return start
-        if request.image is None:
-            return start
-        size = (request.width, request.height)
-        picture = request.image
-        if picture.size != size:
-            picture = picture.resize(size, Image.Resampling.LANCZOS)
-        start.image = pil_to_tensor(picture)
-        start.init_latents = self._encode_image(start.image, request.count)
-        if request.mask is not None:
-            self._prepare_mask(request, start, size)
-        return start
-
-    def _prepare_mask(self, request: GenerationRequest, start: Start, size) -> None:
-        mask = request.mask
-        if mask.size != size:
-            mask = mask.resize(size, Image.Resampling.NEAREST)
-        start.mask = mask_to_tensor(mask, blur=request.mask_blur)
-        masked = None
-        if self.is_inpainting_model:
-            masked = self._encode_image(start.image * (start.mask < 0.5), request.count)
-        start.inpainting = Inpainting(
-            mask=latent_mask(start.mask, self.scale, request.count).to(self.device),
-            init=start.init_latents,
-            noise=start.noise,
-            masked=masked,
-        )
-
-    def denoise(
-        self,
-        request: GenerationRequest,
-        conditioning: Conditioning,
-        start: Start,
-        callback: Callable[[dict], None] | None = None,
-        progress: bool = True,
-    ) -> torch.Tensor:
-        """Run the sampler from the starting noise (or the noised image) to clean latents.
-
-        Image i of a batch must equal a single run with seed + i: samplers that take a noise
-        source get one made of one source per image, each on its image's generator; the few
-        that draw noise from the generator directly run one image at a time.
-        """
-        spec = SAMPLERS[request.sampler]
-        options = dict(request.sampler_options)
-        if self.prediction != "epsilon":
-            options.setdefault("prediction", self.prediction)
-        n, groups = request.count, [slice(0, request.count)]
-        if spec.noise is not None:
-            schedule = self.sampling_schedule(request)
-            options.setdefault(
-                "noise_sampler", row_noise(spec.noise, start.noise, start.generators, schedule)
-            )
-        elif spec.draws_noise(options):
-            groups = [slice(i, i + 1) for i in range(n)]
-        self._stopped = False
-        outputs = []
-        with self._on_device(self.unet), RefinerStage.on_device(start.refiner):
-            for rows in groups:
-                if self._stopped:  # stopped while an earlier image ran
-                    outputs.append(self._starting_latents(start, rows))
-                    continue
-                outputs.append(self._sample_rows(request, conditioning, start, rows, options,
-                                                 callback, progress))  # fmt: skip
-        latents = torch.cat(outputs)
-        if start.inpainting is not None and start.inpainting.masked is None:
-            mask = start.inpainting.mask
-            latents = mask * latents + (1 - mask) * start.init_latents
-        return latents
-
-    def _sample_rows(self, request, conditioning, start: Start, rows: slice, options, callback,
-                     progress) -> torch.Tensor:  # fmt: skip
-        model = guided = self._guided_model(request, conditioning, start, rows)
-        if start.refiner is not None:
-            second = start.refiner.pipe._guided_model(  # (the ControlNets fit the base only)
-                request, start.refiner.conditioning, dataclasses.replace(start, controls=[]), rows
-            )
-            model = RefinerSwitch(guided, second, request.refiner_switch, len(self.schedule.sigmas))
-        extra = {}
-        if start.init_latents is not None:
-            extra = dict(init=start.init_latents[rows], strength=request.strength)
-        latest = {}
-
-        def on_step(d: dict) -> None:
-            model.step = d["i"] + 1  # the prompt schedules' step counter
-            if start.controls:
-                guided.unet.callback(d)
-            latest["denoised"] = d["denoised"]
-            if callback is not None:
-                callback(d)
-
-        try:
-            x = sample(request.sampler, model, start.noise[rows], guided.schedule, request.steps,
-                       generator=start.generators[rows.start], callback=on_step,
-                       progress=progress, scheduler=request.scheduler, **extra,
-                       **options)  # fmt: skip
-        except StopSampling:
-            self._stopped = True
-            x = latest.get("denoised", self._starting_latents(start, rows))
-        model.check_finite()
-        return x
-
-    def _guided_model(self, request, conditioning, start: Start, rows: slice) -> GuidedModel:
-        """The UNet (with the ControlNet units, SDXL's added conditioning) as the sampler's
-        guided ``model(x_t, t)`` for some images."""
-        spec = SAMPLERS[request.sampler]
-        unet = self.unet if self._compiled_unet is None else self._compiled_unet
-        unet = approximate(self.unet, unet, request, request.seeds[rows.start])
-        if start.controls:  # the step a unit acts at counts the steps that run
-            run = request.steps
-            if start.init_latents is not None:
-                run = steps_for_strength(request.steps, request.strength)
-            unet = ControlledUNet(unet, start.controls, run)
-        return GuidedModel(
-            unet,
-            conditioning,
-            rows,
-            scale=request.guidance_scale * spec.cfg_scale_multiplier,
-            guided=request.guided,
-            schedule=self.sampling_schedule(request),
-            dtype=self.dtype,
-            multiple=2 ** (len(self.unet.config.channel_mult) - 1),
-            inpainting=_inpainting_rows(start.inpainting, rows),
-            calls_per_step=2 if spec.second_order else 1,
-            warmup_calls=spec.warmup_calls,
-            rescale=request.guidance_rescale,
-            added=self.conditioner.added(request),
-        )
-
-    def _starting_latents(self, start: Start, rows: slice) -> torch.Tensor:
-        """What an image that was never sampled is: its image's latents, or its noise."""
-        if start.init_latents is not None:
-            return start.init_latents[rows]
-        return start.noise[rows]
-
-    def sampling_schedule(self, request: GenerationRequest) -> NoiseSchedule:
-        """The schedule a request samples on: the model's, or (``zero_terminal_snr``) that
-        rescaled to zero terminal SNR (``NoiseSchedule.zero_terminal_snr``: a 1000-entry
-        table, cheap to make per call)."""
-        return self.schedule.zero_terminal_snr() if request.zero_terminal_snr else self.schedule
-
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in about [-1, 1], float32, from scaled latents."""
         with self._on_device(self.vae):
@@ -601,16 +414,3 @@ def random_tiny(
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _generator(seed: int) -> torch.Generator:
-    # CPU generators everywhere: sd-samplers draws on the CPU and copies, so a seed gives the
-    # same noise on every device.
-    return torch.Generator().manual_seed(int(seed) % 2**64)
-
-
-def _inpainting_rows(p: Inpainting | None, rows: slice) -> Inpainting | None:
-    if p is None:
-        return None
-    masked = None if p.masked is None else p.masked[rows]
-    return Inpainting(mask=p.mask[rows], init=p.init[rows], noise=p.noise[rows], masked=masked)
