@@ -5,7 +5,6 @@ linear layers through oneDNN's kernel."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from sd_unet import _onednn, winograd
@@ -42,17 +41,11 @@ class Conv3x3(nn.Conv2d):
     def forward_with(self, x, weight, bias):
         """The forward with another weight and bias of the same shapes (what sd-lora folds an
         attached LoRA's update into): the same fast paths."""
-        n, c_in, h, w = x.shape
         if _onednn.cpu_float32_inference(x, weight):
-            pixels = n * h * w
-            if self.winograd_min_pixels is not None and pixels >= self.winograd_min_pixels:
-                return winograd.conv3x3(x, weight, bias, self.workspace)
-            if (
-                self.product_pixels_per_channel is not None
-                and pixels <= self.product_pixels_per_channel * c_in
-                and weight.is_contiguous(memory_format=torch.channels_last)
-            ):
-                return winograd.conv3x3_product(x, weight, bias, self.workspace, _onednn.linear)
+            out = winograd.fast_conv3x3(x, weight, bias, self.workspace, self.winograd_min_pixels,
+                                        self.product_pixels_per_channel, _onednn.linear)  # fmt: skip
+            if out is not None:
+                return out
         return self._conv_forward(x, weight, bias)
 
 

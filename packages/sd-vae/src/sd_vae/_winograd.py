@@ -163,6 +163,27 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out.permute(0, 3, 1, 2)
 
 
+def fast_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 workspace: Workspace | None, winograd_min_pixels: int | None,
+                 product_pixels_per_channel: float | None, linear=F.linear):  # fmt: skip
+    """A padding-1 3x3 convolution (float32, CPU inference) the fast way for its size, or None
+    where the direct convolution is the one to take: Winograd over at least
+    ``winograd_min_pixels`` output pixels, one matrix product over at most
+    ``product_pixels_per_channel`` pixels per input channel (with a ``channels_last`` weight,
+    which the product reads as it lies). None turns either off."""
+    n, c_in, h, w = x.shape
+    pixels = n * h * w
+    if winograd_min_pixels is not None and pixels >= winograd_min_pixels:
+        return conv3x3(x, weight, bias, workspace)
+    if (
+        product_pixels_per_channel is not None
+        and pixels <= product_pixels_per_channel * c_in
+        and weight.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return conv3x3_product(x, weight, bias, workspace, linear)
+    return None
+
+
 def conv3x3_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     workspace: Workspace | None = None, linear=F.linear) -> torch.Tensor:  # fmt: skip
     """``F.conv2d(x, weight, bias, padding=1)`` as one matrix product (im2col), the way for
