@@ -401,6 +401,39 @@ def test_folded_convs_keep_the_weights_layout_and_use_forward_with():
         torch.testing.assert_close(attached_out[p], m(inputs[p]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@torch.no_grad()
+def test_full_size_updates_attached_equal_merged(layout):
+    """LoHa on a 3x3 conv and DoRA on a linear layer (full-size updates, folded for any size):
+    attached, the same outputs as merged, in either layout of the conv's weight."""
+    model = _model("unet").to(memory_format=layout)
+    g = torch.Generator().manual_seed(5)
+    conv, rank = "lora_unet_input_blocks_0_0", 3
+    q = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    lora = LoRA.from_state_dict({
+        f"{conv}.hada_w1_a": torch.randn(8, rank, generator=g),
+        f"{conv}.hada_w1_b": torch.randn(rank, 36, generator=g),
+        f"{conv}.hada_w2_a": torch.randn(8, rank, generator=g),
+        f"{conv}.hada_w2_b": torch.randn(rank, 36, generator=g),
+        f"{conv}.alpha": torch.tensor(2.0),
+        f"{q}.lora_down.weight": torch.randn(2, 8, generator=g),
+        f"{q}.lora_up.weight": torch.randn(8, 2, generator=g),
+        f"{q}.dora_scale": torch.rand(8, 1, generator=g) + 0.5,
+    })  # fmt: skip
+    modules = dict(model.named_modules())
+    inputs = {
+        "input_blocks.0.0": torch.randn(1, 4, 6, 6, generator=g).contiguous(memory_format=layout),
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_q": torch.randn(2, 16, 8, generator=g),
+    }
+    lora.attach(model, 0.7)
+    attached_out = {p: modules[p](x) for p, x in inputs.items()}
+    assert all("forward" in modules[p].__dict__ for p in inputs)  # folded
+    lora.detach(model)
+    lora.merge(model, 0.7)
+    for p, x in inputs.items():
+        torch.testing.assert_close(attached_out[p], modules[p](x), rtol=1e-5, atol=1e-5)
+
+
 def test_attach_full_kind_and_weight_zero():
     model = _model("te")
     path = "text_model.encoder.layers.1.mlp.fc2"

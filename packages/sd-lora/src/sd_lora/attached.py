@@ -48,7 +48,8 @@ class _Update:
     shape: tuple[int, ...]  # the weight's
     up: torch.Tensor | None = None  # (out, rank)
     down: torch.Tensor | None = None  # (rank, in [* kh * kw]), the columns in ``order``
-    delta: torch.Tensor | None = None  # (out, in [* kh * kw]), the columns in ``order``
+    delta: torch.Tensor | None = None  # (out, in [* kh * kw]), the columns in ``order``; the
+    # weight's dtype (the hook beside the layer computes with it too)
     bias: torch.Tensor | None = None  # a full layer's bias update
     order: tuple[int, ...] = ()  # the weight's dimensions in memory order (see _order)
 
@@ -57,9 +58,8 @@ class _Update:
         for name in ("down", "delta"):
             t = getattr(self, name)
             if t is not None:
-                full = t.view([t.shape[0], *(self.shape[i] for i in self.order[1:])])
-                inverse = sorted(range(len(self.order)), key=self.order.__getitem__)
-                setattr(self, name, _flat(full.permute(inverse), order).contiguous())
+                logical = _unflat(t, (t.shape[0], *self.shape[1:]), self.order)
+                setattr(self, name, _flat(logical, order).contiguous())
         self.order = order
 
     def folds(self, tokens: int) -> bool:
@@ -76,7 +76,7 @@ class _Folded:
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.updates: dict[int, _Update] = {}
+        self.updates: dict[tuple, _Update] = {}  # by (id of the LoRA, its layer's name)
 
     def forward(self, x, *args, **kwargs):
         m = self.module
@@ -107,7 +107,7 @@ class _Folded:
             return m._conv_forward(x, weight, bias)  # nn.Conv2d's forward with these
         return _onednn.linear(x, weight, bias)
 
-    def remove(self, key: int) -> None:
+    def remove(self, key: tuple) -> None:
         self.updates.pop(key, None)
         if not self.updates and self.module.__dict__.get("forward") == self.forward:
             del self.module.forward
@@ -116,7 +116,7 @@ class _Folded:
 class _Handle:
     """What ``attach`` keeps for one folded layer, removed like a hook's handle."""
 
-    def __init__(self, folded: _Folded, key: int):
+    def __init__(self, folded: _Folded, key: tuple):
         self.folded, self.key = folded, key
 
     def remove(self) -> None:
@@ -135,10 +135,16 @@ def _flat(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     return t.permute(order).reshape(t.shape[0], -1)
 
 
+def _unflat(t: torch.Tensor, shape, order: tuple[int, ...]) -> torch.Tensor:
+    """``_flat``'s inverse: (rows, -1) in ``order`` back to ``shape``, a view."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return t.view([shape[i] for i in order]).permute(inverse)
+
+
 def _fold(weight: torch.Tensor, bias: torch.Tensor | None, updates: list[_Update]):
     """``weight + sum of updates`` (and the bias) in new memory laid out as the weight is (a
-    ``channels_last`` conv weight stays one, for the layer's fast path): computed in float32,
-    rounded once to the weight's dtype."""
+    ``channels_last`` conv weight stays one, for the layer's fast path): summed in float32 and
+    rounded once to the weight's dtype (a full-size update is held in that dtype already)."""
     order = _order(weight)
     flat = _flat(weight, order)
     acc = None
@@ -146,18 +152,17 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor | None, updates: list[_Update
         if u.order != order:  # the model's layout changed since attach
             u.reorder(order)
         if u.delta is not None:
-            acc = flat.float() + u.delta if acc is None else acc.add_(u.delta)
+            delta = u.delta.float()
+            acc = flat.float() + delta if acc is None else acc.add_(delta)
         elif acc is None:
             acc = torch.addmm(flat.float(), u.up, u.down)
         else:
             acc.addmm_(u.up, u.down)
         if u.bias is not None:
-            bias = u.bias if bias is None else bias.float() + u.bias
+            bias = u.bias if bias is None else bias.float() + u.bias.float()
     if bias is not None:
         bias = bias.to(weight.dtype)
-    shape = [weight.shape[i] for i in order]
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return acc.to(weight.dtype).view(shape).permute(inverse), bias
+    return _unflat(acc.to(weight.dtype), weight.shape, order), bias
 
 
 def foldable(module: nn.Module) -> bool:
@@ -177,14 +182,27 @@ def foldable(module: nn.Module) -> bool:
 
 
 @torch.no_grad()  # what the hooks hold is computed once, outside any graph
-def attach(layer: Layer, target: nn.Module, weight: float, key: int):
+def attach(layer: Layer, target: nn.Module, weight: float, key: tuple):
     """Put ``weight`` times the layer's update on ``target``: folded where it can be (a handle
     with ``remove()``), else as a forward hook. Returns (apply, for once every layer's update
     is made: a wrong shape anywhere fails before any layer is touched)."""
-    hook = _hook(layer, target, weight)
+    w = target.weight
+    order, shape = _order(w), tuple(w.shape)
+    if layer.kind == "lora" and "dora_scale" not in layer.tensors:
+        hook, update = _low_rank_hook(layer, target, weight), None
+        if "lora_mid.weight" not in layer.tensors:
+            update = _low_rank_update(layer, target, weight, hook, order)
+    else:  # one full-size update, laid out as the weight, for the hook and the fold alike
+        delta = _flat((layer.delta(w) * weight).to(w.dtype), order).contiguous()
+        bias = layer.bias_delta()
+        bias = None if bias is None else (bias * weight).to(w.device, w.dtype)
+        hook = _full_hook(_unflat(delta, shape, order), bias)
+        update = _Update(hook, shape, delta=delta, bias=bias, order=order)
     if not foldable(target):
         return lambda: target.register_forward_hook(hook)
-    update = _update(layer, target, weight, hook)
+    if update is None:  # conv Tucker: its full update, for folding only
+        delta = _flat(layer.delta(w) * weight, order).contiguous()
+        update = _Update(hook, shape, delta=delta, order=order)
 
     def apply():
         folded = getattr(target.__dict__.get("forward"), "__self__", None)
@@ -197,34 +215,20 @@ def attach(layer: Layer, target: nn.Module, weight: float, key: int):
     return apply
 
 
-def _update(layer: Layer, target: nn.Module, weight: float, hook) -> _Update:
-    w = target.weight
-    order, shape = _order(w), tuple(w.shape)
-    if layer.kind == "lora" and not {"lora_mid.weight", "dora_scale"} & layer.tensors.keys():
-        t = layer.tensors
-        up = t["lora_up.weight"].to(w.device, torch.float32).flatten(1) * (layer.scale * weight)
-        down = t["lora_down.weight"].to(w.device, torch.float32)
-        down = down.reshape(down.shape[0], *shape[1:])  # a linear LoRA on a 1x1 conv too
-        return _Update(hook, shape, up=up, down=_flat(down, order).contiguous(), order=order)
-    delta = layer.delta(w) * weight
-    bias = layer.bias_delta()
-    bias = None if bias is None else (bias * weight).to(w.device)
-    return _Update(hook, shape, delta=_flat(delta, order).contiguous(), bias=bias, order=order)
+def _low_rank_update(layer: Layer, target: nn.Module, weight: float, hook, order) -> _Update:
+    w, t = target.weight, layer.tensors
+    up = t["lora_up.weight"].to(w.device, torch.float32).flatten(1) * (layer.scale * weight)
+    down = t["lora_down.weight"].to(w.device, torch.float32)
+    down = down.reshape(down.shape[0], *w.shape[1:])  # a linear LoRA on a 1x1 conv too
+    return _Update(hook, tuple(w.shape), up=up, down=_flat(down, order).contiguous(), order=order)
 
 
-def _hook(layer: Layer, target: nn.Module, weight: float):
-    """A forward hook adding ``weight`` times the layer's update to the module's output."""
-    w = target.weight
-    if layer.kind == "lora" and "dora_scale" not in layer.tensors:
-        return _low_rank_hook(layer, target, weight)
-    delta = (layer.delta(w) * weight).to(w.dtype)  # computed once, from the current weight
-    bias = layer.bias_delta()
-    bias = None if bias is None else (bias * weight).to(w.device, w.dtype)
-    conv = isinstance(target, nn.Conv2d)
+def _full_hook(delta: torch.Tensor, bias: torch.Tensor | None):
+    """A forward hook adding ``x`` through a full-size update (and its bias) to the output."""
 
     def hook(module, inputs, output):
         x = inputs[0]
-        if conv:
+        if isinstance(module, nn.Conv2d):
             extra = F.conv2d(x, delta.to(x.dtype), bias, module.stride, module.padding,
                              module.dilation, module.groups)  # fmt: skip
         else:
