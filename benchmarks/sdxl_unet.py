@@ -1,11 +1,13 @@
-"""One SDXL UNet step on the CPU, ours against diffusers' UNet2DConditionModel on the same random
-weights (not a test): 1024 x 1024 pixels (128 x 128 latents), float32, two rows of context
-and added conditioning, as one classifier-free-guided image or a batch of two.
+"""One SDXL UNet step, ours against diffusers' UNet2DConditionModel on the same random weights
+(not a test): 1024 x 1024 pixels (128 x 128 latents), float32 on the CPU (or ``--device cuda
+--dtype float16``), two rows of context and added conditioning, as one classifier-free-guided
+image or a batch of two.
 
     python benchmarks/sdxl_unet.py                     full size: 2.6 B parameters, ~10 GB a side
     python benchmarks/sdxl_unet.py --rounds 5 --threads 16
     python benchmarks/sdxl_unet.py --small             the tiny SDXL-shaped UNet: a smoke check
     python benchmarks/sdxl_unet.py --one-at-a-time     one side's process after the other's
+    python benchmarks/sdxl_unet.py --device cuda --dtype float16 --rounds 10
 
 Each side runs in its own worker process, so that its peak memory (the process's maximum
 resident set) is its own; the main process alternates the rounds between them, so that the
@@ -61,20 +63,25 @@ def inputs(unet_config, latent: int, mode: str):
     return x, t, context, pooled
 
 
-def build(side: str, small: bool, latent: int, mode: str):
+def build(side: str, small: bool, latent: int, mode: str, device: str = "cpu",
+          dtype: torch.dtype = torch.float32):  # fmt: skip
     """The side's step function, with its model and inputs made in this process."""
     from sd_unet import UNet, sdxl_conditioning
 
     c = config(small)
     state = random_state(c)
-    x, t, context, pooled = inputs(c, latent, mode)
+    x, t, context, pooled = (v.to(device, dtype if v.is_floating_point() else None)
+                             for v in inputs(c, latent, mode))  # fmt: skip
+    t = t.float()
     size = (latent * 8, latent * 8)
     if side == "ours":
         with torch.device("meta"):
             model = UNet(c)
         model.load_state_dict(state, assign=True)
-        model = model.eval().to(memory_format=torch.channels_last)  # as from_checkpoint does
-        y = sdxl_conditioning(pooled, size, (0, 0), size)
+        model = model.eval().to(device, dtype)
+        if device == "cpu":
+            model = model.to(memory_format=torch.channels_last)  # as from_checkpoint does
+        y = sdxl_conditioning(pooled, size, (0, 0), size).to(device, dtype)
         return lambda: model(x, t, context, y=y)
     import diffusers
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
@@ -88,9 +95,10 @@ def build(side: str, small: bool, latent: int, mode: str):
     with torch.device("meta"):
         model = diffusers.UNet2DConditionModel(**d)
     model.load_state_dict(converted, assign=True)
-    model.eval()
+    model = model.eval().to(device, dtype)
     x2, t2 = (torch.cat([x, x]), torch.cat([t, t])) if mode == "guided" else (x, t)
-    added = {"text_embeds": pooled, "time_ids": torch.tensor([[*size, 0.0, 0.0, *size]] * 2)}
+    time_ids = torch.tensor([[*size, 0.0, 0.0, *size]] * 2).to(device, dtype)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
     return lambda: model(x2, t2, context, added_cond_kwargs=added)
 
 
@@ -125,14 +133,22 @@ def worker(side: str, opts: dict, conn) -> None:
 
     torch.set_num_threads(opts["threads"])
     baseline = rss_mib()
-    step = build(side, opts["small"], opts["latent"], opts["mode"])
+    device, dtype = opts["device"], getattr(torch, opts["dtype"])
+    build_step = build(side, opts["small"], opts["latent"], opts["mode"], device, dtype)
+
+    def step():
+        out = build_step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
     loaded = rss_mib() - baseline
     before = rss_mib()
     watch = RssWatch()  # what the steps add above the model: activations, workspaces
     with torch.inference_mode():
         out = step()  # warm-up: allocations, oneDNN's kernel choices
         out = out if isinstance(out, torch.Tensor) else out.sample
-        conn.send(("ready", out[-2:].contiguous()))
+        conn.send(("ready", out[-2:].float().cpu().contiguous()))
         while conn.recv() == "step":
             start = time.perf_counter()
             step()
@@ -149,11 +165,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mode", choices=["guided", "batch"], default="guided")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--one-at-a-time", action="store_true",
                         help="each side's rounds in turn, one model in memory at a time")  # fmt: skip
     args = parser.parse_args()
     opts = dict(small=args.small, latent=args.latent or (32 if args.small else 128),
-                threads=args.threads, mode=args.mode)  # fmt: skip
+                threads=args.threads, mode=args.mode, device=args.device,
+                dtype=args.dtype)  # fmt: skip
     ctx = mp.get_context("spawn")
     sides, outputs = {}, {}
     times = {side: [] for side in ("ours", "diffusers")}
@@ -190,7 +209,8 @@ def main() -> None:
     same = ((ours - theirs).abs().max() / theirs.abs().max()).item()
     size = opts["latent"] * 8
     print(f"SDXL UNet ({'tiny' if args.small else 'full size'}) at {size}x{size} "
-          f"({opts['latent']}^2 latents), {args.mode}, float32, {args.threads} threads, "
+          f"({opts['latent']}^2 latents), {args.mode}, {args.dtype} on {args.device}, "
+          f"{args.threads} threads, "
           f"{args.rounds} {'rounds a side in turn' if args.one_at_a_time else 'alternated rounds'}"
           f"; outputs differ by {same:.1e} (relative)")  # fmt: skip
     for side, ts in times.items():
