@@ -19,7 +19,9 @@ exec > >(tee -a "$OUT/log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -m pip install --no-deps --no-index -q .whl/*.whl || echo "no diffusers wheel in .whl/"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-for part in "${@:-checks sdxl timings}"; do
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(checks sdxl timings)
+for part in "${parts[@]}"; do
     case "$part" in
     checks) timeout 170 python3 benchmarks/gpu_checks.py --device cuda --out "$OUT/gpu_checks.md" ;;
     sdxl) timeout 300 python3 benchmarks/sdxl_unet.py --device cuda --dtype float16 --rounds 10 \
