@@ -72,8 +72,8 @@ def arithmetic_floor(lora: LoRA, unet: UNet):
     pairs = [(layer.tensors, m.weight) for layer, m in lora.targets(unet)]
     factors = [(t["lora_up.weight"].flatten(1).float().to(w.device),
                 t["lora_down.weight"].flatten(1).float().to(w.device),
-                w.detach().reshape(w.shape[0], -1)) for t, w in pairs]  # fmt: skip
-    outs = [torch.zeros_like(w) for _, _, w in factors]
+                w.detach().reshape(w.shape[0], -1).contiguous()) for t, w in pairs]  # fmt: skip
+    outs = [torch.zeros_like(w) for _, _, w in factors]  # (out, in * kh * kw) matrices
 
     def run():
         for (up, down, w), out in zip(factors, outs):

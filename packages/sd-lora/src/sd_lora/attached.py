@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd_lora import _onednn
-from sd_lora.layers import Layer
+from sd_lora.layers import Layer, matrix, memory_order, unmatrix
 
 # What making the folded weight costs beyond its product, in multiply-adds per weight element:
 # reading the weight and writing the new one (fresh memory, faulted in on its first write).
@@ -51,15 +51,15 @@ class _Update:
     delta: torch.Tensor | None = None  # (out, in [* kh * kw]), the columns in ``order``; the
     # weight's dtype (the hook beside the layer computes with it too)
     bias: torch.Tensor | None = None  # a full layer's bias update
-    order: tuple[int, ...] = ()  # the weight's dimensions in memory order (see _order)
+    order: tuple[int, ...] = ()  # the weight's dimensions in memory order (layers.memory_order)
 
     def reorder(self, order: tuple[int, ...]) -> None:
         """``down`` / ``delta`` with their columns in another order."""
         for name in ("down", "delta"):
             t = getattr(self, name)
             if t is not None:
-                logical = _unflat(t, (t.shape[0], *self.shape[1:]), self.order)
-                setattr(self, name, _flat(logical, order).contiguous())
+                logical = unmatrix(t, (t.shape[0], *self.shape[1:]), self.order)
+                setattr(self, name, matrix(logical, order).contiguous())
         self.order = order
 
     def folds(self, tokens: int) -> bool:
@@ -123,30 +123,12 @@ class _Handle:
         self.folded.remove(self.key)
 
 
-def _order(t: torch.Tensor) -> tuple[int, ...]:
-    """The order of ``t``'s dimensions in memory: (0, 2, 3, 1) for a ``channels_last`` conv
-    weight (a 1x1 one is the same either way), else as they are."""
-    last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-    return (0, 2, 3, 1) if last and not t.is_contiguous() else tuple(range(t.dim()))
-
-
-def _flat(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
-    """(rows, -1) with the columns in ``order``: a view of a weight laid out that way."""
-    return t.permute(order).reshape(t.shape[0], -1)
-
-
-def _unflat(t: torch.Tensor, shape, order: tuple[int, ...]) -> torch.Tensor:
-    """``_flat``'s inverse: (rows, -1) in ``order`` back to ``shape``, a view."""
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return t.view([shape[i] for i in order]).permute(inverse)
-
-
 def _fold(weight: torch.Tensor, bias: torch.Tensor | None, updates: list[_Update]):
     """``weight + sum of updates`` (and the bias) in new memory laid out as the weight is (a
     ``channels_last`` conv weight stays one, for the layer's fast path): summed in float32 and
     rounded once to the weight's dtype (a full-size update is held in that dtype already)."""
-    order = _order(weight)
-    flat = _flat(weight, order)
+    order = memory_order(weight)
+    flat = matrix(weight, order)
     acc = None
     for u in updates:
         if u.order != order:  # the model's layout changed since attach
@@ -162,7 +144,7 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor | None, updates: list[_Update
             bias = u.bias if bias is None else bias.float() + u.bias.float()
     if bias is not None:
         bias = bias.to(weight.dtype)
-    return _unflat(acc.to(weight.dtype), weight.shape, order), bias
+    return unmatrix(acc.to(weight.dtype), weight.shape, order), bias
 
 
 def foldable(module: nn.Module) -> bool:
@@ -187,21 +169,21 @@ def attach(layer: Layer, target: nn.Module, weight: float, key: tuple):
     with ``remove()``), else as a forward hook. Returns (apply, for once every layer's update
     is made: a wrong shape anywhere fails before any layer is touched)."""
     w = target.weight
-    order, shape = _order(w), tuple(w.shape)
+    order, shape = memory_order(w), tuple(w.shape)
     if layer.kind == "lora" and "dora_scale" not in layer.tensors:
         hook, update = _low_rank_hook(layer, target, weight), None
         if "lora_mid.weight" not in layer.tensors:
             update = _low_rank_update(layer, target, weight, hook, order)
     else:  # one full-size update, laid out as the weight, for the hook and the fold alike
-        delta = _flat((layer.delta(w) * weight).to(w.dtype), order).contiguous()
+        delta = matrix((layer.delta(w) * weight).to(w.dtype), order).contiguous()
         bias = layer.bias_delta()
         bias = None if bias is None else (bias * weight).to(w.device, w.dtype)
-        hook = _full_hook(_unflat(delta, shape, order), bias)
+        hook = _full_hook(unmatrix(delta, shape, order), bias)
         update = _Update(hook, shape, delta=delta, bias=bias, order=order)
     if not foldable(target):
         return lambda: target.register_forward_hook(hook)
     if update is None:  # conv Tucker: its full update, for folding only
-        delta = _flat(layer.delta(w) * weight, order).contiguous()
+        delta = matrix(layer.delta(w) * weight, order).contiguous()
         update = _Update(hook, shape, delta=delta, order=order)
 
     def apply():
@@ -220,7 +202,7 @@ def _low_rank_update(layer: Layer, target: nn.Module, weight: float, hook, order
     up = t["lora_up.weight"].to(w.device, torch.float32).flatten(1) * (layer.scale * weight)
     down = t["lora_down.weight"].to(w.device, torch.float32)
     down = down.reshape(down.shape[0], *w.shape[1:])  # a linear LoRA on a 1x1 conv too
-    return _Update(hook, tuple(w.shape), up=up, down=_flat(down, order).contiguous(), order=order)
+    return _Update(hook, tuple(w.shape), up=up, down=matrix(down, order).contiguous(), order=order)
 
 
 def _full_hook(delta: torch.Tensor, bias: torch.Tensor | None):

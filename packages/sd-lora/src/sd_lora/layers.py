@@ -170,17 +170,19 @@ class Layer:
                 if up.shape[1] != down.shape[0]:
                     self._lora()  # raises the error that names the shapes
                 alpha = self.scale * multiplier
-                target = None if out is None else _rows(out, rows)
-                base = _rows(weight, rows)
+                order = memory_order(weight)
+                down = in_order(down, weight, order)
+                target = None if out is None else _rows(out, order)
+                base = _rows(weight, order)
                 if target is not None and base is not None and weight.dtype == torch.float32:
                     torch.addmm(base, up, down, alpha=alpha, out=target)
                     return out
-                base = weight.float().reshape(rows, -1)  # a view where the layout allows
+                base = matrix(weight.float(), order)  # a view where the layout allows
                 new = torch.addmm(base, up, down, alpha=alpha).to(weight.dtype)
                 if target is not None:
                     target.copy_(new)
                     return out
-                return _layout(new.reshape(weight.shape), weight)
+                return _layout(unmatrix(new, weight.shape, order), weight)
         new = weight.float() + self.delta(weight) * multiplier
         return _layout(new.to(weight.dtype), weight)
 
@@ -203,9 +205,10 @@ class Layer:
             down = scratch.float32(t["lora_down.weight"], weight.device, 1).flatten(1)
             rows = weight.shape[0]
             fits = up.shape == (rows, down.shape[0]) and rows * down.shape[1] == weight.numel()
-            target = _rows(weight, rows) if fits else None
+            order = memory_order(weight)
+            target = _rows(weight, order) if fits else None
             if target is not None:
-                target.addmm_(up, down, alpha=self.scale * multiplier)
+                target.addmm_(up, in_order(down, weight, order), alpha=self.scale * multiplier)
                 return
         weight.add_(self.delta(weight), alpha=multiplier)  # (delta names a shape that misfits)
 
@@ -330,11 +333,38 @@ class Scratch:
         return buf[: t.numel()].view(t.shape).copy_(t)
 
 
-def _rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
-    """``t`` as a (rows, -1) matrix without copying, or None where its layout does not allow
-    (a channels_last 3x3 conv weight; a 1x1 one is row-major already)."""
+def memory_order(t: torch.Tensor) -> tuple[int, ...]:
+    """The order of ``t``'s dimensions in memory: (0, 2, 3, 1) for a ``channels_last`` conv
+    weight (a 1x1 one is the same either way), else as they are."""
+    last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    return (0, 2, 3, 1) if last and not t.is_contiguous() else tuple(range(t.dim()))
+
+
+def matrix(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """``t`` as (rows, -1) with its columns in ``order``: a view of a tensor laid out that way
+    (a ``channels_last`` 3x3 conv weight is (out, 3 * 3 * in) in memory), else a copy."""
+    return t.permute(order).reshape(t.shape[0], -1)
+
+
+def unmatrix(t: torch.Tensor, shape, order: tuple[int, ...]) -> torch.Tensor:
+    """``matrix``'s inverse: (rows, -1) in ``order`` back to ``shape``, a view."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return t.view([shape[i] for i in order]).permute(inverse)
+
+
+def in_order(down: torch.Tensor, weight: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """A (rank, in * kh * kw) factor with its columns in the weight's memory ``order`` (a small
+    copy where that is not the factor's own)."""
+    if order == tuple(range(weight.dim())):
+        return down
+    return matrix(down.reshape(down.shape[0], *weight.shape[1:]), order)
+
+
+def _rows(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor | None:
+    """``t`` as a (rows, -1) matrix in ``order`` without copying, or None where its layout
+    does not allow (a spare tensor laid out otherwise)."""
     try:
-        return t.view(rows, -1)
+        return t.permute(order).view(t.shape[0], -1)
     except RuntimeError:
         return None
 
