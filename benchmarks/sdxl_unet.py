@@ -70,9 +70,9 @@ def build(side: str, small: bool, latent: int, mode: str, device: str = "cpu",
 
     c = config(small)
     state = random_state(c)
-    x, t, context, pooled = (v.to(device, dtype if v.is_floating_point() else None)
-                             for v in inputs(c, latent, mode))  # fmt: skip
-    t = t.float()
+    x, t, context, pooled = inputs(c, latent, mode)
+    x, context, pooled = (v.to(device, dtype) for v in (x, context, pooled))
+    t = t.to(device)  # timesteps stay float32
     size = (latent * 8, latent * 8)
     if side == "ours":
         with torch.device("meta"):

@@ -44,10 +44,11 @@ LINEAR = (
 )  # (x, weight, bias, "none", [], "") -> F.linear(x, weight, bias), or None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """``F.linear(x, weight, bias)``, through oneDNN's kernel where ``Linear`` would take it."""
-    if LINEAR is not None and cpu_float32_inference(x, weight):
-        return LINEAR(x, weight, bias, "none", [], "")
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, op=LINEAR):
+    """``F.linear(x, weight, bias)``, through oneDNN's kernel ``op`` (None: never) where the
+    fast path applies."""
+    if op is not None and cpu_float32_inference(x, weight):
+        return op(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
@@ -62,6 +63,4 @@ class Linear(nn.Linear):
         return self.forward_with(x, self.weight, self.bias)
 
     def forward_with(self, x, weight, bias):
-        if self.onednn is not None and cpu_float32_inference(x, weight):
-            return self.onednn(x, weight, bias, "none", [], "")
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias, self.onednn)

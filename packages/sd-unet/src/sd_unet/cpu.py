@@ -20,10 +20,9 @@ class Conv3x3(nn.Conv2d):
       next to the weights (SD's 64x64 and 32x32 levels), slower below that;
     - over at most ``product_pixels_per_channel`` output pixels per input channel (SD 1.x's
       1280-channel convolutions at 16x16 and 8x8), ``winograd.conv3x3_product``: one matrix
-      product,
-      which runs there at the product's full rate where the direct convolution, blocked for
-      large images, runs at half of it or less. Equal to float32 rounding (the same sums in
-      another order).
+      product, which runs there at the product's full rate where the direct convolution,
+      blocked for large images, runs at half of it or less. Equal to float32 rounding (the
+      same sums in another order).
 
     Figures: benchmarks/README.md. ``None`` turns either off.
     """
