@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from test_pipeline import FAST
 
 from sd_pipeline import StableDiffusion, allocator
@@ -17,6 +18,10 @@ class FakeLibc:
     def mallopt(self, param: int, value: int) -> int:
         self.calls.append((param, value))
         return int(self.refuse_above is None or value <= self.refuse_above)
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(("trim", pad))
+        return 1
 
 
 @pytest.fixture
@@ -48,6 +53,25 @@ def test_nothing_changes_without_glibc(monkeypatch):
     monkeypatch.setattr(allocator, "_in_effect", False)
     monkeypatch.setattr(allocator, "_glibc", lambda: None)
     assert allocator.keep_freed_memory() is False
+
+
+def test_release_free_memory_trims_the_heap(fake_libc, monkeypatch):
+    assert allocator.release_free_memory() is True
+    assert fake_libc.calls == [("trim", 0)]
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
+    assert allocator.release_free_memory() is False
+
+
+def test_the_steps_scratch_is_let_go_before_the_decode(tiny_checkpoint, fake_libc):
+    """Between the steps and the VAE decode: the UNet's workspace emptied, the heap trimmed;
+    not for latents, which are not decoded."""
+    pipe = StableDiffusion.from_checkpoint(tiny_checkpoint, device="cpu", native_size=32)
+    for output_type, trims in (("latent", 0), ("pil", 1)):
+        fake_libc.calls.clear()
+        pipe.unet.workspace.get("a", (1024,), torch.empty(0))  # as a Winograd call leaves it
+        pipe.txt2img("x", seed=0, output_type=output_type, **FAST)
+        assert fake_libc.calls.count(("trim", 0)) == trims
+        assert bool(pipe.unet.workspace._buffers) == (trims == 0)
 
 
 def test_the_pipeline_sets_it_on_the_cpu_unless_told_not_to(tiny_checkpoint, fake_libc):
@@ -99,3 +123,28 @@ def test_freed_blocks_stay_with_the_process():
     assert mapped >= block and free < block
     mapped, free = heap("keep")
     assert mapped < block and free >= block
+
+
+TRIM = """
+import torch
+from sd_pipeline import allocator
+
+def resident():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) << 10 for line in status if line.startswith("VmRSS"))
+
+assert allocator.keep_freed_memory()
+t = torch.empty(16 << 20).fill_(1.0)  # 64 MiB, from the heap
+del t  # kept by the heap, still resident
+before = resident()
+allocator.release_free_memory()
+print(before - resident())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_released_memory_leaves_the_process():
+    """With the thresholds raised, a freed 64 MiB block stays resident until the trim."""
+    run = subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) >= 48 << 20

@@ -68,7 +68,7 @@ def test_the_workspace_is_reused_and_never_aliased_by_a_result(monkeypatch):
     for y, copy in results:  # later calls wrote into the workspace, not into earlier results
         assert torch.equal(y, copy)
     sizes = {name: b.numel() for name, b in workspace._buffers.items()}
-    assert set(sizes) == {"a", "b", "y", "filters"}
+    assert set(sizes) == {"pixels", "a", "b", "y", "filters"}
     assert sizes["filters"] <= 36 * 10 * 3  # one slice of output channels at a time
     assert sizes["b"] <= 36 * 10 * 4 * 2  # one block of tile rows at a time
     workspace.clear()

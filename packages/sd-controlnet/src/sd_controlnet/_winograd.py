@@ -100,6 +100,21 @@ def scratch(workspace: Workspace | None, name: str, shape, like: torch.Tensor) -
     return workspace.get(name, shape, like)
 
 
+def padded(x: torch.Tensor, workspace: Workspace | None, top: int, bottom: int, left: int,
+           right: int) -> torch.Tensor:  # fmt: skip
+    """(N, C, H, W) -> (N, top + H + bottom, left + W + right, C) with zeros around:
+    ``F.pad`` of the ``channels_last`` view, into the workspace's "pixels" when given, where
+    only the border is zeroed (``F.pad`` fills its whole fresh output first)."""
+    n, c, h, w = x.shape
+    out = scratch(workspace, "pixels", (n, top + h + bottom, left + w + right, c), x)
+    out[:, :top].zero_()
+    out[:, top + h :].zero_()
+    out[:, top : top + h, :left].zero_()
+    out[:, top : top + h, left + w :].zero_()
+    out[:, top : top + h, left : left + w].copy_(x.permute(0, 2, 3, 1))
+    return out
+
+
 def transform_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(C_out, C_in, 3, 3) -> (36, C_in, C_out): G g G^T of every filter, as 36 matrices (a
     view of a (C_out, 36, C_in) product, which the matrix products read as it lies)."""
@@ -115,9 +130,9 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     on the CPU; ``padding`` (rows, columns), each 0 or 1 (0 for rows: a band of an image that
     carries its own row of context above and below). x: (N, C_in, H, W) in any layout; returns
     (N, C_out, H + 2 * rows - 2, W + 2 * columns - 2) in ``channels_last``.
-    The temporaries come from ``workspace`` when given: "a" (the input tiles, then the
-    products), "b" (the transformed tiles), "y" (the transformed outputs) and "filters" (a
-    slice of the transformed filters)."""
+    The temporaries come from ``workspace`` when given: "pixels" (the padded input), "a" (the
+    input tiles, then the products), "b" (the transformed tiles), "y" (the transformed
+    outputs) and "filters" (a slice of the transformed filters)."""
     n, c_in, h_in, w_in = x.shape
     pad_h, pad_w = padding
     if pad_h not in (0, 1) or pad_w not in (0, 1):
@@ -127,7 +142,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     tiles_h, tiles_w = -(-h // 4), -(-w // 4)
     # Zero padding: the convolution's, and up to whole 4x4 output tiles (6x6 input tiles).
     right, bottom = 4 * tiles_w + 2 - w_in - pad_w, 4 * tiles_h + 2 - h_in - pad_h
-    pixels = F.pad(x.permute(0, 2, 3, 1), (0, 0, pad_w, right, pad_h, bottom))
+    pixels = padded(x, workspace, pad_h, bottom, pad_w, right)
     out = torch.empty((n, tiles_h, 4, tiles_w, 4, c_out), dtype=x.dtype)
     # A slice of output channels at a time, and in it a block of tile rows at a time, so that
     # the temporaries stay small (the module docstring).
@@ -195,8 +210,8 @@ def conv3x3_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     (the tiles' buffer, between Winograd's calls): 47 MB at SD 1.5's largest use, 2560
     channels at 16x16, batch 2."""
     n, c_in, h, w = x.shape
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (N, H + 2, W + 2, C_in)
-    shifted = [padded[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+    pixels = padded(x, workspace, 1, 1, 1, 1)  # (N, H + 2, W + 2, C_in)
+    shifted = [pixels[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
     columns = scratch(workspace, "a", (n, h, w, 9 * c_in), x)
     torch.cat(shifted, dim=-1, out=columns)
     taps = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)  # (C_out, 3 * 3 * C_in)

@@ -7,8 +7,9 @@ step allocates and frees gigabytes of activations in such blocks, so every step 
 hands out freshly zeroed pages again, one page fault per 4 KiB, and the system time of those
 faults is a large share of a step on a small CPU (figures: benchmarks/README.md). With both
 thresholds raised, freed blocks stay in the heap and the next step reuses them, as torch's caching allocator
-does on a GPU. The peak is the same; memory freed after a generation stays with the process for
-the next one instead of going back to the system.
+does on a GPU. Freed blocks the decoder's larger activations do not fit would then stay resident
+beside them, so the pipeline hands the heap's free memory back between the steps and the decode
+(``release_free_memory``); what the decode frees stays with the process for the next one.
 
 The setting is process-wide (glibc has one allocator per process), so the pipeline makes it once,
 on its first generation on the CPU, unless ``StableDiffusion.keep_freed_memory`` is False.
@@ -44,6 +45,16 @@ def keep_freed_memory() -> bool:
             _in_effect = True
             break
     return _in_effect
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free memory back to the kernel now (glibc's ``malloc_trim``); True when
+    some was. With the thresholds raised, a generation's freed step activations stay in the
+    heap, in blocks the VAE decoder's larger activations do not fit: handed back between the
+    steps and the decode, they are not resident beside it. False where the C library is not
+    glibc."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False
 
 
 def _glibc():

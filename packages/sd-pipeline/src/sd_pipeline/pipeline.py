@@ -265,7 +265,25 @@ class StableDiffusion(Tasks, Adapters, Sampling, Placement):
             result = self.denoise(second, self.encode_prompt(second), start, callback, progress)
         if request.output_type == "latent":
             return result
+        self._release_scratch(start)
         return self.postprocess(request, self.decode(result), start)
+
+    def _release_scratch(self, start: Start) -> None:
+        """Between the steps and the decode on the CPU: the step models' Winograd workspaces
+        emptied and the heap's free memory handed back (``allocator.release_free_memory``), so
+        that what the steps used is not resident beside the decoder's activations, the peak of
+        a generation. The next generation's first step allocates them again."""
+        if self.device.type != "cpu":
+            return
+        models = [self.unet, *(control.model for control in start.controls)]
+        if start.refiner is not None:
+            models.append(start.refiner.pipe.unet)
+        for model in models:
+            for module in model.modules():
+                workspace = getattr(module, "workspace", None)
+                if workspace is not None:
+                    workspace.clear()
+        allocator.release_free_memory()
 
     def check_inputs(
         self, request: GenerationRequest, latents: torch.Tensor | None = None
