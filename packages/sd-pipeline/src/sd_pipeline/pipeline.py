@@ -278,11 +278,10 @@ class StableDiffusion(Tasks, Adapters, Sampling, Placement):
         models = [self.unet, *(control.model for control in start.controls)]
         if start.refiner is not None:
             models.append(start.refiner.pipe.unet)
-        for model in models:
-            for module in model.modules():
-                workspace = getattr(module, "workspace", None)
-                if workspace is not None:
-                    workspace.clear()
+        for model in models:  # a UNet or ControlNet holds the one its convolutions share
+            workspace = getattr(model, "workspace", None)
+            if workspace is not None:
+                workspace.clear()
         allocator.release_free_memory()
 
     def check_inputs(

@@ -206,9 +206,9 @@ def conv3x3_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     runs far below the product's rate: the image's nine shifted copies side by side, (N*H*W,
     9*C_in), times the weight read as (C_out, 9*C_in), which is how a ``channels_last`` weight
     lies in memory (no copy of it then). ``linear``: ``F.linear`` or a kernel that computes
-    it. Float32 on the CPU; returns ``channels_last``. The copies go into the workspace's "a"
-    (the tiles' buffer, between Winograd's calls): 47 MB at SD 1.5's largest use, 2560
-    channels at 16x16, batch 2."""
+    it. Float32 on the CPU; returns ``channels_last``. The padded image goes into the
+    workspace's "pixels", the copies into its "a" (the tiles' buffer, between Winograd's
+    calls): 47 MB at SD 1.5's largest use, 2560 channels at 16x16, batch 2."""
     n, c_in, h, w = x.shape
     pixels = padded(x, workspace, 1, 1, 1, 1)  # (N, H + 2, W + 2, C_in)
     shifted = [pixels[:, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
